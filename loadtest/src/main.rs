@@ -1,0 +1,109 @@
+//! `loadtest`: ringside's load-test harness.
+//!
+//! Four scenarios (`connect`, `echo`, `fanout`, `churn`) run open-loop on a
+//! schedule in W worker processes (this binary re-executed as `__worker`), whose
+//! HDR histograms and counters are merged exactly into one report directory
+//! (`summary.json`, `.hgrm` files, `percentiles.svg`, `README.md`).
+//! `loadtest index results/` rebuilds `results/README.md` from every summary.
+
+mod clock;
+mod fake_rooms;
+mod net;
+mod params;
+mod report;
+mod run;
+mod scenario;
+mod schedule;
+mod stats;
+mod sysinfo;
+mod worker;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use params::{Scenario, ScenarioArgs};
+use run::RunOpts;
+
+/// Command line of the harness.
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadtest",
+    version,
+    about = "Load-test harness for ringside (and any WebSocket echo server)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Open --conns connections at --rate/s, hold them --hold s, check each answers a
+    /// ping, close cleanly. Records connect and upgrade time.
+    Connect(ScenarioCmd),
+    /// --conns connections echo --size-byte messages for --duration s, --in-flight per
+    /// connection (closed loop) or --msg-rate in total (open loop); checks every byte.
+    Echo(ScenarioCmd),
+    /// --conns subscribers join --rooms rooms on /ws; --publishers publish --msg-rate/s;
+    /// counts expected, received, lost, duplicated, reordered; records delivery latency.
+    Fanout(ScenarioCmd),
+    /// Connect/upgrade/close cycles at --rate/s for --duration s.
+    Churn(ScenarioCmd),
+    /// Rebuild DIR/README.md from every summary.json below DIR.
+    Index {
+        /// Results directory.
+        #[arg(default_value = "results")]
+        dir: PathBuf,
+    },
+    /// Internal: one worker process of a run.
+    #[command(name = "__worker", hide = true)]
+    Worker {
+        /// The task as JSON.
+        #[arg(long)]
+        task: String,
+    },
+    /// Internal: a minimal in-memory rooms server speaking ringside's /ws protocol,
+    /// for tests of the fanout scenario without a ringside build.
+    #[command(name = "__fake-rooms", hide = true)]
+    FakeRooms {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+}
+
+/// Flags of a scenario subcommand.
+#[derive(Debug, clap::Args)]
+struct ScenarioCmd {
+    #[command(flatten)]
+    load: ScenarioArgs,
+    #[command(flatten)]
+    run: RunOpts,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Connect(c) => run::main(Scenario::Connect, &c.load, &c.run),
+        Cmd::Echo(c) => run::main(Scenario::Echo, &c.load, &c.run),
+        Cmd::Fanout(c) => run::main(Scenario::Fanout, &c.load, &c.run),
+        Cmd::Churn(c) => run::main(Scenario::Churn, &c.load, &c.run),
+        Cmd::Index { dir } => match report::index::rebuild(&dir) {
+            Ok(n) => {
+                eprintln!(
+                    "loadtest: indexed {n} runs in {}",
+                    dir.join("README.md").display()
+                );
+                0
+            }
+            Err(e) => {
+                eprintln!("loadtest index: {e}");
+                1
+            }
+        },
+        Cmd::Worker { task } => worker::main(&task),
+        Cmd::FakeRooms { listen } => fake_rooms::main(&listen),
+    };
+    std::process::exit(code);
+}

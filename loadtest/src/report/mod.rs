@@ -1,0 +1,397 @@
+//! Run reports: `summary.json` with the fixed key set, one `.hgrm` per
+//! histogram, a percentile plot (`percentiles.svg`) and a `README.md` with the
+//! command and a short table, in `<out>/<UTC date>-<scenario>-<label>/`.
+
+pub mod hgrm;
+pub mod index;
+pub mod svg;
+
+use std::path::{Path, PathBuf};
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Map, Value};
+
+use crate::net::Target;
+use crate::params::{Params, Scenario};
+use crate::run::{RunOpts, ServerSamples};
+use crate::stats::{new_hist, Stats, FAILURE_REASONS, HIST_NAMES};
+use crate::sysinfo::Machine;
+
+/// Everything about a run except the merged stats.
+#[derive(Debug, Clone)]
+pub struct RunMeta {
+    /// Resolved parameters.
+    pub params: Params,
+    /// Run options (out dir, label, server pid/info).
+    pub opts: RunOpts,
+    /// Start time, RFC 3339 UTC.
+    pub started_utc: String,
+    /// Wall-clock seconds of the whole run.
+    pub wall_seconds: f64,
+    /// CPU seconds of the harness (parent and all workers).
+    pub client_cpu_seconds: f64,
+    /// The command that produced the run.
+    pub command: String,
+    /// Machine description.
+    pub machine: Machine,
+    /// Server samples, if `--server-pid` was given.
+    pub server: ServerSamples,
+    /// Workers that exited abnormally.
+    pub workers_crashed: u64,
+}
+
+impl RunMeta {
+    /// The run-directory label: `--label` or the host of the first URL.
+    pub fn label(&self) -> String {
+        let raw = self
+            .opts
+            .label
+            .clone()
+            .unwrap_or_else(|| Target::host(&self.params.urls[0]));
+        raw.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    }
+}
+
+fn quantiles(h: &Histogram<u64>) -> Value {
+    let q = |x: f64| {
+        if h.is_empty() {
+            0
+        } else {
+            h.value_at_quantile(x)
+        }
+    };
+    json!({
+        "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999),
+        "max": h.max(), "count": h.len(),
+        "mean": (h.mean() * 10.0).round() / 10.0,
+    })
+}
+
+/// Fanout: deliveries expected, from per-room subscriber and publish counts.
+pub fn fanout_expected(stats: &Stats, rooms: u64) -> u64 {
+    (0..rooms)
+        .map(|r| {
+            stats.get(&format!("fanout.room.{r}.subs"))
+                * stats.get(&format!("fanout.room.{r}.sent"))
+        })
+        .sum()
+}
+
+/// Builds summary.json from the run's metadata and merged stats.
+pub fn summarize(meta: &RunMeta, stats: &Stats) -> Value {
+    let p = &meta.params;
+    let g = |k: &str| stats.get(k);
+    let empty = new_hist();
+    let mut latency = Map::new();
+    for name in HIST_NAMES {
+        latency.insert(
+            name.into(),
+            quantiles(stats.hists.get(name).unwrap_or(&empty)),
+        );
+    }
+    for (name, h) in &stats.hists {
+        latency.entry(name.clone()).or_insert_with(|| quantiles(h));
+    }
+    let mut failures = Map::new();
+    for r in FAILURE_REASONS {
+        failures.insert(r.into(), json!(0));
+    }
+    for (k, v) in &stats.counters {
+        if let Some(r) = k.strip_prefix("failures.") {
+            failures.insert(r.into(), json!(v));
+        }
+    }
+    let received = g("messages.received");
+    let (lost, expected) = match p.scenario {
+        Scenario::Fanout => {
+            let e = fanout_expected(stats, p.rooms);
+            (e.saturating_sub(received), Some(e))
+        }
+        _ => (g("messages.lost"), None),
+    };
+    let msg_secs = match p.scenario {
+        Scenario::Echo | Scenario::Fanout => p.duration,
+        _ => 0.0,
+    };
+    let per_second = if msg_secs > 0.0 {
+        received as f64 / msg_secs
+    } else {
+        0.0
+    };
+    let alive = match p.scenario {
+        Scenario::Connect => g("connections.alive_at_end"),
+        _ => g("connections.closed_clean"),
+    };
+    let client_cpu = meta.client_cpu_seconds;
+    let mut v = json!({
+        "scenario": p.scenario.name(),
+        "label": meta.label(),
+        "started_utc": meta.started_utc,
+        "command": meta.command,
+        "parameters": p,
+        "target": { "urls": p.urls },
+        "machine": meta.machine,
+        "server_config": meta.opts.server_info,
+        "wall_seconds": round3(meta.wall_seconds),
+        "connections": {
+            "attempted": g("connections.attempted"),
+            "established": g("connections.established"),
+            "failed": g("connections.failed"),
+            "alive_at_end": alive,
+            "closed_clean": g("connections.closed_clean"),
+        },
+        "latency_us": latency,
+        "messages": {
+            "sent": g("messages.sent"),
+            "received": received,
+            "lost": lost,
+            "mismatched": g("messages.mismatched"),
+            "per_second": round3(per_second),
+            "expected": expected,
+            "duplicates": g("messages.duplicates"),
+            "out_of_order": g("messages.out_of_order"),
+        },
+        "failures": failures,
+        "client": {
+            "cpu_seconds": round3(client_cpu),
+            "cpu_percent_of_one_core": round3(100.0 * client_cpu / meta.wall_seconds.max(1e-9)),
+            "workers": p.workers,
+            "workers_crashed": meta.workers_crashed,
+            "messages_per_cpu_second": if client_cpu > 0.0 { round3(received as f64 / client_cpu) } else { 0.0 },
+        },
+    });
+    if let Some(s) = server_json(meta, stats, received) {
+        v["server"] = s;
+    }
+    v["checks"] = checks(&v);
+    v
+}
+
+fn server_json(meta: &RunMeta, stats: &Stats, received: u64) -> Option<Value> {
+    let (b, a) = (meta.server.before?, meta.server.after?);
+    let held = meta.server.held;
+    let cpu = a.cpu_seconds - b.cpu_seconds;
+    let alive = stats.get("connections.established").max(1);
+    let per_conn = held.map(|h| (h.rss_bytes as f64 - b.rss_bytes as f64) / alive as f64);
+    Some(json!({
+        "pid": meta.opts.server_pid,
+        "rss_bytes_before": b.rss_bytes,
+        "rss_bytes_held": held.map(|h| h.rss_bytes),
+        "rss_bytes_after": a.rss_bytes,
+        "rss_delta_per_connection_bytes": per_conn.map(round3),
+        "cpu_seconds": round3(cpu),
+        "cpu_percent_of_one_core": round3(100.0 * cpu / meta.wall_seconds.max(1e-9)),
+        "messages_per_cpu_second": if cpu > 0.0 { round3(received as f64 / cpu) } else { 0.0 },
+        "fds_before": b.fds,
+        "fds_held": held.map(|h| h.fds),
+        "fds_after": a.fds,
+    }))
+}
+
+/// The scenario's own invariants, evaluated on a summary.
+pub fn checks(v: &Value) -> Value {
+    let n = |path: &str| v.pointer(path).and_then(Value::as_u64).unwrap_or(0);
+    let scenario = v["scenario"].as_str().unwrap_or_default();
+    let mut c = Map::new();
+    let attempted = n("/connections/attempted");
+    c.insert(
+        "all_established".into(),
+        json!(attempted > 0 && n("/connections/established") == attempted),
+    );
+    c.insert(
+        "all_alive_at_end".into(),
+        json!(n("/connections/alive_at_end") == n("/connections/established")),
+    );
+    if scenario == "echo" || scenario == "fanout" {
+        c.insert(
+            "nothing_lost".into(),
+            json!(n("/messages/lost") == 0 && n("/messages/received") > 0),
+        );
+        c.insert(
+            "nothing_mismatched".into(),
+            json!(n("/messages/mismatched") == 0),
+        );
+    }
+    if scenario == "fanout" {
+        c.insert(
+            "no_duplicates_or_reordering".into(),
+            json!(n("/messages/duplicates") == 0 && n("/messages/out_of_order") == 0),
+        );
+    }
+    let failures: u64 = v["failures"]
+        .as_object()
+        .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+    c.insert("no_failures".into(), json!(failures == 0));
+    Value::Object(c)
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Creates a fresh run directory `<out>/<date>-<scenario>-<label>[-N]`.
+pub fn run_dir(out: &Path, scenario: &str, label: &str) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(out)?;
+    let base = format!("{}-{scenario}-{label}", crate::clock::utc_date());
+    for n in 1.. {
+        let name = if n == 1 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        };
+        let dir = out.join(name);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("an unbounded range always yields a fresh name")
+}
+
+/// Writes a full run report and returns its directory.
+pub fn write_run(meta: &RunMeta, stats: Stats) -> std::io::Result<PathBuf> {
+    let summary = summarize(meta, &stats);
+    let dir = run_dir(&meta.opts.out, meta.params.scenario.name(), &meta.label())?;
+    write_files(&dir, &summary, &stats)?;
+    print_checks(&summary);
+    Ok(dir)
+}
+
+/// Writes summary.json, the .hgrm files, the SVG and README.md into `dir`.
+pub fn write_files(dir: &Path, summary: &Value, stats: &Stats) -> std::io::Result<()> {
+    let pretty = serde_json::to_string_pretty(summary).expect("summary serializes");
+    std::fs::write(dir.join("summary.json"), pretty + "\n")?;
+    let mut plotted = Vec::new();
+    for (name, h) in &stats.hists {
+        if !h.is_empty() {
+            std::fs::write(dir.join(format!("{name}.hgrm")), hgrm::render(name, h))?;
+            plotted.push((name.as_str(), h));
+        }
+    }
+    let title = format!(
+        "{} {} ({})",
+        summary["scenario"].as_str().unwrap_or_default(),
+        summary["label"].as_str().unwrap_or_default(),
+        summary["started_utc"].as_str().unwrap_or_default()
+    );
+    std::fs::write(dir.join("percentiles.svg"), svg::render(&title, &plotted))?;
+    std::fs::write(dir.join("README.md"), readme(summary))?;
+    Ok(())
+}
+
+fn print_checks(summary: &Value) {
+    if let Some(m) = summary["checks"].as_object() {
+        let bad: Vec<&String> = m
+            .iter()
+            .filter(|(_, v)| v != &&json!(true))
+            .map(|(k, _)| k)
+            .collect();
+        if bad.is_empty() {
+            eprintln!("loadtest: all checks passed");
+        } else {
+            eprintln!("loadtest: checks FAILED: {bad:?}");
+        }
+    }
+}
+
+/// The per-run README: command, machine, and a short table.
+pub fn readme(v: &Value) -> String {
+    let mut s = format!(
+        "# {} run `{}`\n\nStarted {} on {} ({} cores, kernel {}), ringside {}.\n\n```sh\n{}\n```\n\n",
+        v["scenario"].as_str().unwrap_or_default(),
+        v["label"].as_str().unwrap_or_default(),
+        v["started_utc"].as_str().unwrap_or_default(),
+        v["machine"]["cpu_model"].as_str().unwrap_or_default(),
+        v["machine"]["cores"],
+        v["machine"]["kernel"].as_str().unwrap_or_default(),
+        v["machine"]["ringside_rev"].as_str().unwrap_or_default(),
+        v["command"].as_str().unwrap_or_default(),
+    );
+    if let Some(info) = v["server_config"].as_str() {
+        s += &format!("Server: {info}\n\n");
+    }
+    s += "| metric | value |\n|---|---|\n";
+    for (label, path) in [
+        (
+            "connections attempted / established / failed",
+            "/connections/attempted",
+        ),
+        ("alive at end", "/connections/alive_at_end"),
+        (
+            "messages sent / received / lost / mismatched",
+            "/messages/sent",
+        ),
+        ("messages per second", "/messages/per_second"),
+        ("client CPU s (% of one core)", "/client/cpu_seconds"),
+    ] {
+        let val = match path {
+            "/connections/attempted" => format!(
+                "{} / {} / {}",
+                v["connections"]["attempted"],
+                v["connections"]["established"],
+                v["connections"]["failed"]
+            ),
+            "/messages/sent" => format!(
+                "{} / {} / {} / {}",
+                v["messages"]["sent"],
+                v["messages"]["received"],
+                v["messages"]["lost"],
+                v["messages"]["mismatched"]
+            ),
+            "/client/cpu_seconds" => format!(
+                "{} ({}%)",
+                v["client"]["cpu_seconds"], v["client"]["cpu_percent_of_one_core"]
+            ),
+            _ => v.pointer(path).map(Value::to_string).unwrap_or_default(),
+        };
+        s += &format!("| {label} | {val} |\n");
+    }
+    if let Some(srv) = v.get("server") {
+        s += &format!(
+            "| server RSS before / held / after (bytes) | {} / {} / {} |\n| server RSS delta per connection (bytes) | {} |\n| server CPU s (% of one core) | {} ({}%) |\n| server fds before / held / after | {} / {} / {} |\n",
+            srv["rss_bytes_before"], srv["rss_bytes_held"], srv["rss_bytes_after"],
+            srv["rss_delta_per_connection_bytes"], srv["cpu_seconds"], srv["cpu_percent_of_one_core"],
+            srv["fds_before"], srv["fds_held"], srv["fds_after"]
+        );
+    }
+    if let Some(f) = v["failures"].as_object() {
+        let nz: Vec<String> = f
+            .iter()
+            .filter(|(_, n)| n.as_u64() != Some(0))
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        s += &format!(
+            "| failures | {} |\n",
+            if nz.is_empty() {
+                "none".into()
+            } else {
+                nz.join(", ")
+            }
+        );
+    }
+    s += "\nLatency, microseconds (`_from_intended`: measured from the scheduled start, coordinated-omission corrected):\n\n| histogram | count | p50 | p90 | p99 | p99.9 | max |\n|---|---|---|---|---|---|---|\n";
+    if let Some(m) = v["latency_us"].as_object() {
+        for (name, q) in m.iter().filter(|(_, q)| q["count"].as_u64() != Some(0)) {
+            s += &format!(
+                "| {name} | {} | {} | {} | {} | {} | {} |\n",
+                q["count"], q["p50"], q["p90"], q["p99"], q["p999"], q["max"]
+            );
+        }
+    }
+    s += "\nChecks: ";
+    s += &v["checks"].to_string();
+    s += "\n\n![percentiles](percentiles.svg)\n";
+    s
+}
+
+#[cfg(test)]
+mod tests;
