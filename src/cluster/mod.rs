@@ -1,0 +1,257 @@
+//! Cluster awareness through Redis, on its own thread.
+//!
+//! Shards never wait on Redis: they hand events to [`ClusterHandle`] (a
+//! bounded, non-blocking queue; a full queue drops the event and counts it)
+//! and the cluster thread does the Redis work. What comes back from other
+//! nodes reaches shards through their ordinary mailboxes
+//! ([`crate::shard::mailbox::ShardMsg`]). The Redis side is in [`worker`].
+
+pub mod worker;
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::shard::table::ConnId;
+use crate::shard::NodeShared;
+
+/// Events from shards to the cluster thread.
+#[derive(Debug)]
+pub enum ClusterCmd {
+    /// A `/ws` client connected on `shard` as `conn`.
+    ConnOpened {
+        /// Client id.
+        client_id: Arc<str>,
+        /// Its connection.
+        conn: ConnId,
+    },
+    /// A `/ws` client disconnected.
+    ConnClosed {
+        /// Client id.
+        client_id: Arc<str>,
+    },
+    /// The first local member joined `room` on `shard` (`on`), or the last left.
+    RoomInterest {
+        /// Shard.
+        shard: usize,
+        /// Room.
+        room: Arc<str>,
+        /// Joined (true) or emptied (false).
+        on: bool,
+    },
+    /// A local client published: forward to other nodes.
+    Publish {
+        /// Room.
+        room: Arc<str>,
+        /// The `{"type":"message",...}` JSON text.
+        payload: String,
+    },
+    /// A direct message whose target is not on this node.
+    Direct {
+        /// Target client id.
+        to: Arc<str>,
+        /// The ready frame for the target.
+        frame: Bytes,
+        /// The sender (told `unknown_client` if nobody has `to`).
+        from: ConnId,
+    },
+    /// A shard's periodic sample of its connections.
+    Sample {
+        /// Shard.
+        shard: usize,
+        /// Sampled connections.
+        entries: Vec<SampleEntry>,
+    },
+    /// Stop: deregister and exit.
+    Shutdown,
+}
+
+/// One sampled connection.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SampleEntry {
+    /// Client id (or `echo` for /echo connections).
+    pub client_id: String,
+    /// Shard.
+    pub shard: usize,
+    /// Connection age, ms.
+    pub age_ms: u64,
+    /// Bytes queued for sending.
+    pub queued_bytes: usize,
+    /// Last measured ping round trip, µs (0 = not measured yet).
+    pub rtt_us: u64,
+}
+
+/// Circuit-breaker state, as shown in /metrics and /ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BreakerState {
+    /// Redis answers; cross-node operations flow.
+    Closed = 0,
+    /// Redis failed; cross-node operations fail fast until the next probe.
+    Open = 1,
+    /// Probing whether Redis is back.
+    HalfOpen = 2,
+}
+
+impl BreakerState {
+    /// Label.
+    pub fn name(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+
+    /// From the stored byte.
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            1 => BreakerState::Open,
+            2 => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
+        }
+    }
+}
+
+/// What the cluster thread publishes for the rest of the node to read.
+#[derive(Debug, Default)]
+pub struct ClusterStatus {
+    /// [`BreakerState`] as u8.
+    pub breaker: AtomicU8,
+    /// Events dropped because the queue to the cluster thread was full.
+    pub dropped_events: AtomicU64,
+    /// Redis commands issued.
+    pub redis_commands: AtomicU64,
+    /// Redis errors seen.
+    pub redis_errors: AtomicU64,
+    /// Times the node re-registered after Redis came back.
+    pub reregistrations: AtomicU64,
+    /// Room messages received from other nodes.
+    pub remote_room_messages: AtomicU64,
+    /// Direct messages received from other nodes.
+    pub remote_direct_messages: AtomicU64,
+    /// Messages published to other nodes.
+    pub published: AtomicU64,
+    /// The last `/cluster` view: live nodes from the registry (JSON).
+    pub nodes_json: Mutex<serde_json::Value>,
+}
+
+/// The shards' side of the cluster thread.
+pub struct ClusterHandle {
+    tx: mpsc::Sender<ClusterCmd>,
+    /// Shared status.
+    pub status: Arc<ClusterStatus>,
+}
+
+/// Queue depth between shards and the cluster thread.
+const QUEUE: usize = 65536;
+
+/// A handle (and the receiver for [`spawn`]) when `cluster.redis_url` is set.
+pub fn handle(config: &Config) -> (Option<ClusterHandle>, Option<mpsc::Receiver<ClusterCmd>>) {
+    if config.cluster.redis_url.is_empty() {
+        return (None, None);
+    }
+    let (tx, rx) = mpsc::channel(QUEUE);
+    (Some(ClusterHandle { tx, status: Arc::new(ClusterStatus::default()) }), Some(rx))
+}
+
+/// Starts the cluster thread.
+pub fn spawn(shared: Arc<NodeShared>, rx: mpsc::Receiver<ClusterCmd>) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("ringside-cluster".into()).spawn(move || worker::run(shared, rx))
+}
+
+impl ClusterHandle {
+    fn send(&self, cmd: ClusterCmd) {
+        if self.tx.try_send(cmd).is_err() {
+            self.status.dropped_events.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A `/ws` client connected.
+    pub fn conn_opened(&self, client_id: &Arc<str>, conn: ConnId) {
+        self.send(ClusterCmd::ConnOpened { client_id: client_id.clone(), conn });
+    }
+
+    /// A `/ws` client left.
+    pub fn conn_closed(&self, client_id: &Arc<str>) {
+        self.send(ClusterCmd::ConnClosed { client_id: client_id.clone() });
+    }
+
+    /// First member joined / last member left `room` on `shard`.
+    pub fn room_interest(&self, shard: usize, room: &str, on: bool) {
+        self.send(ClusterCmd::RoomInterest { shard, room: Arc::from(room), on });
+    }
+
+    /// Forward a local publish to other nodes.
+    pub fn publish(&self, room: Arc<str>, payload: &str) {
+        self.send(ClusterCmd::Publish { room, payload: payload.to_string() });
+    }
+
+    /// Route a direct message to another node.
+    pub fn direct(&self, to: Arc<str>, frame: Bytes, from: ConnId) {
+        self.send(ClusterCmd::Direct { to, frame, from });
+    }
+
+    /// A shard's sample.
+    pub fn sample(&self, shard: usize, entries: Vec<SampleEntry>) {
+        self.send(ClusterCmd::Sample { shard, entries });
+    }
+
+    /// Ask the thread to deregister and stop.
+    pub fn shutdown(&self) {
+        let _ = self.tx.try_send(ClusterCmd::Shutdown);
+    }
+
+    /// The breaker state.
+    pub fn breaker(&self) -> BreakerState {
+        BreakerState::from_u8(self.status.breaker.load(Ordering::Relaxed))
+    }
+
+    /// For `/ready`.
+    pub fn status_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "redis": self.breaker().name(),
+            "dropped_events": self.status.dropped_events.load(Ordering::Relaxed),
+        })
+    }
+
+    /// For `/cluster`.
+    pub fn cluster_json(&self) -> serde_json::Value {
+        self.status.nodes_json.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Extra Prometheus lines.
+    pub fn metrics_text(&self) -> String {
+        let s = &self.status;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::new();
+        out.push_str("# HELP ringside_cluster_breaker_state Redis circuit breaker: 0 closed, 1 open, 2 half-open.\n# TYPE ringside_cluster_breaker_state gauge\n");
+        out.push_str(&format!(
+            "ringside_cluster_breaker_state{{state=\"{}\"}} {}\n",
+            self.breaker().name(),
+            self.breaker() as u8
+        ));
+        for (name, help, v) in [
+            (
+                "cluster_dropped_events_total",
+                "Events not sent to the cluster thread (queue full).",
+                g(&s.dropped_events),
+            ),
+            ("cluster_redis_commands_total", "Redis commands issued.", g(&s.redis_commands)),
+            ("cluster_redis_errors_total", "Redis errors.", g(&s.redis_errors)),
+            ("cluster_reregistrations_total", "Re-registrations after Redis returned.", g(&s.reregistrations)),
+            ("cluster_remote_room_messages_total", "Room messages from other nodes.", g(&s.remote_room_messages)),
+            ("cluster_remote_direct_messages_total", "Direct messages from other nodes.", g(&s.remote_direct_messages)),
+            ("cluster_published_total", "Room messages published to other nodes.", g(&s.published)),
+        ] {
+            out.push_str(&format!(
+                "# HELP ringside_{name} {help}\n# TYPE ringside_{name} counter\nringside_{name} {v}\n"
+            ));
+        }
+        out
+    }
+}

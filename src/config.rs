@@ -1,0 +1,439 @@
+//! Every knob of a ringside node: its unit, its default, and why.
+//!
+//! One [`Config`] struct, filled from four sources, each overriding the one
+//! before: built-in defaults ([`Default`]), a TOML file (`--config FILE`),
+//! environment variables (`RINGSIDE_<SECTION>_<KEY>`, e.g.
+//! `RINGSIDE_SERVER_LISTEN=0.0.0.0:9000`), then command-line flags.
+//! [`Config::validate`] refuses nonsense with an error that names the key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// The whole node configuration. Sections map to TOML tables.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listener, shards, capacity and HTTP limits.
+    pub server: ServerConfig,
+    /// WebSocket session limits, timers and backpressure.
+    pub websocket: WebSocketConfig,
+    /// The rooms protocol on `/ws`.
+    pub rooms: RoomsConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+    /// Cluster state in Redis (optional).
+    pub cluster: ClusterConfig,
+}
+
+/// Which io driver a shard runs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverChoice {
+    /// io_uring, falling back to epoll (logged, and shown in /metrics) only
+    /// when the ring cannot be created.
+    Auto,
+    /// io_uring or fail to start.
+    IoUring,
+    /// epoll only (for kernels or sandboxes without io_uring, and for tests).
+    Epoll,
+}
+
+/// What happens when a connection's send queue is full.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumerPolicy {
+    /// Close the connection with 1008 (the client learns it lost messages).
+    Close,
+    /// Drop the message for that connection and count it; keep the connection.
+    Drop,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address every shard listens on with SO_REUSEPORT. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Number of shards (threads, runtimes, listeners). `0` = one per core. Default 0.
+    pub shards: usize,
+    /// Pin shard N to core N with core_affinity. Default true.
+    pub pin_cores: bool,
+    /// Listen backlog per shard; the kernel caps it at `net.core.somaxconn`. Default 1024.
+    pub backlog: u32,
+    /// io driver: `auto`, `io_uring` or `epoll`. Default `auto`.
+    pub driver: DriverChoice,
+    /// io_uring submission queue entries per shard. Default 1024.
+    pub ring_entries: u32,
+    /// Node identity in metrics, welcome messages and Redis. Empty = generated.
+    pub node_id: String,
+    /// URL clients should use to reach this node (affinity hints, `/cluster`).
+    /// Empty = `ws://<listen>/ws`.
+    pub advertise_url: String,
+    /// WebSocket slots per shard (the seeds' "pool slots"). A full shard hands a
+    /// new socket to the least-loaded shard with room; when all are full the
+    /// upgrade gets 503. Capped at start-up below RLIMIT_NOFILE. Default 16384.
+    pub max_connections_per_shard: usize,
+    /// Extra sockets per shard, beyond the slots, kept only long enough to
+    /// answer HTTP (503 for upgrades, /health, /metrics) when every shard is
+    /// full. Past this the socket is closed at once. Default 256.
+    pub overflow_per_shard: usize,
+    /// Largest HTTP request head accepted, in bytes; larger gets 431. Default 8192.
+    pub max_request_bytes: usize,
+    /// A client that has not completed the upgrade within this is dropped. Default 5000 ms.
+    pub handshake_timeout_ms: u64,
+    /// Capacity of each shard's mailbox (cross-shard messages). A full mailbox
+    /// drops the message and counts it. Default 65536.
+    pub mailbox_capacity: usize,
+    /// `Retry-After` seconds sent with 503 when the node is full or draining. Default 5.
+    pub retry_after_secs: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shards: 0,
+            pin_cores: true,
+            backlog: 1024,
+            driver: DriverChoice::Auto,
+            ring_entries: 1024,
+            node_id: String::new(),
+            advertise_url: String::new(),
+            max_connections_per_shard: 16384,
+            overflow_per_shard: 64,
+            max_request_bytes: 8192,
+            handshake_timeout_ms: 5000,
+            mailbox_capacity: 65536,
+            retry_after_secs: 5,
+        }
+    }
+}
+
+/// `[websocket]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Largest message (after reassembly); larger closes with 1009. Default 65536.
+    pub max_message_bytes: usize,
+    /// Largest single frame; larger closes with 1009. Default 65536.
+    pub max_frame_bytes: usize,
+    /// tungstenite's read chunk per connection, allocated on the first
+    /// inbound frame (never for a connection that only listens). Small keeps
+    /// idle connections cheap; it is a memcpy size, not a syscall size.
+    /// Default 1024 (tungstenite's own default is 128 KiB).
+    pub read_buffer_bytes: usize,
+    /// Bytes a connection may have queued for sending (including the write in
+    /// flight) before `slow_consumer` applies. Default 262144.
+    pub send_queue_bytes: usize,
+    /// `close` (1008) or `drop` when the send queue is full. Default `close`.
+    pub slow_consumer: SlowConsumerPolicy,
+    /// Server ping after this much silence from the client. Default 25000 ms.
+    pub ping_interval_ms: u64,
+    /// Close (4001) after this much silence, pings unanswered. Default 60000 ms.
+    pub idle_timeout_ms: u64,
+    /// After sending a close frame, wait this long for the peer's close
+    /// before dropping the socket. Default 2000 ms.
+    pub close_timeout_ms: u64,
+    /// How often each shard sweeps its table for timers. Default 1000 ms.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 * 1024,
+            max_frame_bytes: 64 * 1024,
+            read_buffer_bytes: 1024,
+            send_queue_bytes: 256 * 1024,
+            slow_consumer: SlowConsumerPolicy::Close,
+            ping_interval_ms: 25_000,
+            idle_timeout_ms: 60_000,
+            close_timeout_ms: 2_000,
+            sweep_interval_ms: 1_000,
+        }
+    }
+}
+
+/// `[rooms]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomsConfig {
+    /// Rooms one connection may be in at once; more answers `too_many_rooms`. Default 64.
+    pub max_rooms_per_connection: usize,
+    /// Largest `data` in a publish or direct message; larger answers
+    /// `too_large` and the connection stays open. Default 16384.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self { max_rooms_per_connection: 64, max_payload_bytes: 16 * 1024 }
+    }
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// On SIGTERM/SIGINT: stop accepting, close every connection with 1001,
+    /// and exit within this. Default 10000 ms.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { drain_timeout_ms: 10_000 }
+    }
+}
+
+/// `[cluster]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `redis://host:port` (or several, comma-separated, for Redis Cluster).
+    /// Empty = the node runs alone. Default empty.
+    pub redis_url: String,
+    /// How often registry, pools and connections are written. Default 1000 ms.
+    pub sync_interval_ms: u64,
+    /// Session affinity TTL in Redis. Default 1800 s (30 minutes).
+    pub affinity_ttl_secs: u64,
+    /// Connections each shard samples per interval for `ringside:sample:*`. Default 16.
+    pub sample_size: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self { redis_url: String::new(), sync_interval_ms: 1000, affinity_ttl_secs: 1800, sample_size: 16 }
+    }
+}
+
+/// Environment variables are read with this prefix.
+pub const ENV_PREFIX: &str = "RINGSIDE_";
+
+impl Config {
+    /// Loads defaults, then `file`, then `RINGSIDE_*` from `env`.
+    /// Flags are applied by the caller with [`Config::set`].
+    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let mut tree = toml::Value::try_from(Config::default()).map_err(ConfigError::internal)?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::new("--config", format!("{}: {e}", path.display())))?;
+            let file_tree: toml::Value =
+                toml::from_str(&text).map_err(|e| ConfigError::new(&path.display().to_string(), e.to_string()))?;
+            merge(&mut tree, file_tree, "")?;
+        }
+        let vars: BTreeMap<String, String> = env.into_iter().collect();
+        for (name, value) in vars {
+            if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+                let key = env_key(&tree, rest)
+                    .ok_or_else(|| ConfigError::new(&name, "no such setting (expected RINGSIDE_<SECTION>_<KEY>)"))?;
+                set_key(&mut tree, &key, &value)?;
+            }
+        }
+        from_tree(tree)
+    }
+
+    /// Sets one `section.key` from a string, as flags and env vars do.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        let mut tree = toml::Value::try_from(&*self).map_err(ConfigError::internal)?;
+        set_key(&mut tree, key, value)?;
+        *self = from_tree(tree)?;
+        Ok(())
+    }
+
+    /// Refuses values that cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        let w = &self.websocket;
+        check(s.backlog >= 1, "server.backlog", "must be at least 1")?;
+        check(s.shards <= 1024, "server.shards", "at most 1024 shards")?;
+        check(s.max_connections_per_shard >= 1, "server.max_connections_per_shard", "must be at least 1")?;
+        check(
+            s.max_connections_per_shard < (1 << crate::shard::table::SLOT_BITS),
+            "server.max_connections_per_shard",
+            "exceeds the connection-id slot space (4M)",
+        )?;
+        check(s.ring_entries.is_power_of_two() && s.ring_entries >= 8, "server.ring_entries", "power of two >= 8")?;
+        check(s.max_request_bytes >= 512, "server.max_request_bytes", "must be at least 512")?;
+        check(s.handshake_timeout_ms >= 10, "server.handshake_timeout_ms", "must be at least 10")?;
+        check(s.mailbox_capacity >= 16, "server.mailbox_capacity", "must be at least 16")?;
+        check(valid_id(&s.node_id) || s.node_id.is_empty(), "server.node_id", "1-64 of [A-Za-z0-9_-]")?;
+        check(w.max_frame_bytes >= 125, "websocket.max_frame_bytes", "must be at least 125")?;
+        check(
+            w.max_message_bytes >= w.max_frame_bytes,
+            "websocket.max_message_bytes",
+            "must be >= websocket.max_frame_bytes",
+        )?;
+        check(w.read_buffer_bytes >= 64, "websocket.read_buffer_bytes", "must be at least 64")?;
+        check(w.send_queue_bytes >= 1024, "websocket.send_queue_bytes", "must be at least 1024")?;
+        check(w.ping_interval_ms >= 100, "websocket.ping_interval_ms", "must be at least 100")?;
+        check(
+            w.idle_timeout_ms > w.ping_interval_ms,
+            "websocket.idle_timeout_ms",
+            "must be greater than websocket.ping_interval_ms",
+        )?;
+        check(w.sweep_interval_ms >= 10, "websocket.sweep_interval_ms", "must be at least 10")?;
+        check(
+            w.sweep_interval_ms <= w.ping_interval_ms,
+            "websocket.sweep_interval_ms",
+            "must be <= websocket.ping_interval_ms",
+        )?;
+        check(self.rooms.max_rooms_per_connection >= 1, "rooms.max_rooms_per_connection", "at least 1")?;
+        check(
+            self.rooms.max_payload_bytes + 512 <= w.max_message_bytes,
+            "rooms.max_payload_bytes",
+            "must leave 512 bytes of envelope under websocket.max_message_bytes",
+        )?;
+        check(self.shutdown.drain_timeout_ms >= 10, "shutdown.drain_timeout_ms", "at least 10")?;
+        check(self.cluster.sync_interval_ms >= 50, "cluster.sync_interval_ms", "at least 50")?;
+        let url = &self.cluster.redis_url;
+        check(
+            url.is_empty() || url.split(',').all(|u| u.starts_with("redis://") || u.starts_with("rediss://")),
+            "cluster.redis_url",
+            "expected redis://host:port[,redis://...]",
+        )?;
+        Ok(())
+    }
+
+    /// The effective configuration as TOML (for `--print-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// Client ids and node ids: 1-64 of `[A-Za-z0-9_-]`.
+pub fn valid_id(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn check(ok: bool, key: &str, why: &str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(key, why))
+    }
+}
+
+fn from_tree(tree: toml::Value) -> Result<Config, ConfigError> {
+    Config::deserialize(tree).map_err(|e| ConfigError::new("config", e.to_string()))
+}
+
+/// Deep-merges `src` into `dst`, refusing keys the defaults do not have.
+fn merge(dst: &mut toml::Value, src: toml::Value, path: &str) -> Result<(), ConfigError> {
+    match (dst, src) {
+        (toml::Value::Table(d), toml::Value::Table(s)) => {
+            for (k, v) in s {
+                let key = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let slot = d.get_mut(&k).ok_or_else(|| ConfigError::new(&key, "unknown setting"))?;
+                merge(slot, v, &key)?;
+            }
+            Ok(())
+        }
+        (d, s) => {
+            if std::mem::discriminant(d) != std::mem::discriminant(&s) {
+                return Err(ConfigError::new(path, format!("expected {}, got {}", d.type_str(), s.type_str())));
+            }
+            *d = s;
+            Ok(())
+        }
+    }
+}
+
+/// Maps `SERVER_MAX_CONNECTIONS_PER_SHARD` to `server.max_connections_per_shard`.
+fn env_key(tree: &toml::Value, rest: &str) -> Option<String> {
+    let lower = rest.to_ascii_lowercase();
+    let table = tree.as_table()?;
+    for (section, inner) in table {
+        if let Some(key) = lower.strip_prefix(&format!("{section}_")) {
+            if inner.as_table()?.contains_key(key) {
+                return Some(format!("{section}.{key}"));
+            }
+        }
+    }
+    None
+}
+
+/// Sets `section.key` to `raw`, parsed as the type the default has.
+fn set_key(tree: &mut toml::Value, key: &str, raw: &str) -> Result<(), ConfigError> {
+    let (section, name) = key.split_once('.').ok_or_else(|| ConfigError::new(key, "expected section.key"))?;
+    let slot =
+        tree.get_mut(section).and_then(|t| t.get_mut(name)).ok_or_else(|| ConfigError::new(key, "unknown setting"))?;
+    let value = match slot {
+        toml::Value::Integer(_) => toml::Value::Integer(
+            raw.trim().parse().map_err(|_| ConfigError::new(key, format!("not an integer: {raw:?}")))?,
+        ),
+        toml::Value::Boolean(_) => toml::Value::Boolean(
+            raw.trim().parse().map_err(|_| ConfigError::new(key, format!("not true/false: {raw:?}")))?,
+        ),
+        toml::Value::Float(_) => {
+            toml::Value::Float(raw.trim().parse().map_err(|_| ConfigError::new(key, format!("not a number: {raw:?}")))?)
+        }
+        _ => toml::Value::String(raw.to_string()),
+    };
+    *slot = value;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn env_overrides_and_names_bad_keys() {
+        let env = vec![
+            ("RINGSIDE_SERVER_MAX_CONNECTIONS_PER_SHARD".to_string(), "77".to_string()),
+            ("RINGSIDE_WEBSOCKET_SLOW_CONSUMER".to_string(), "drop".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let c = Config::load(None, env).unwrap();
+        assert_eq!(c.server.max_connections_per_shard, 77);
+        assert_eq!(c.websocket.slow_consumer, SlowConsumerPolicy::Drop);
+        let bad = Config::load(None, vec![("RINGSIDE_SERVER_NOPE".into(), "1".into())]).unwrap_err();
+        assert!(bad.to_string().contains("RINGSIDE_SERVER_NOPE"), "{bad}");
+        let bad = Config::load(None, vec![("RINGSIDE_SERVER_SHARDS".into(), "two".into())]).unwrap_err();
+        assert!(bad.to_string().contains("server.shards"), "{bad}");
+    }
+
+    #[test]
+    fn file_merge_rejects_unknown_and_wrong_types() {
+        let dir = std::env::temp_dir().join(format!("ringside-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("a.toml");
+        std::fs::write(&f, "[server]\nshards = 3\n[websocket]\nmax_message_bytes = 99999\n").unwrap();
+        let c = Config::load(Some(&f), vec![]).unwrap();
+        assert_eq!(c.server.shards, 3);
+        assert_eq!(c.websocket.max_message_bytes, 99999);
+        std::fs::write(&f, "[server]\nshard = 3\n").unwrap();
+        assert!(Config::load(Some(&f), vec![]).unwrap_err().to_string().contains("server.shard"));
+        std::fs::write(&f, "[server]\nshards = \"3\"\n").unwrap();
+        assert!(Config::load(Some(&f), vec![]).unwrap_err().to_string().contains("server.shards"));
+    }
+
+    #[test]
+    fn validate_names_the_key() {
+        let mut c = Config::default();
+        c.websocket.idle_timeout_ms = 10;
+        assert!(c.validate().unwrap_err().to_string().contains("websocket.idle_timeout_ms"));
+        let mut c = Config::default();
+        c.set("cluster.redis_url", "http://x").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("cluster.redis_url"));
+    }
+
+    #[test]
+    fn ids() {
+        assert!(valid_id("abc_DEF-09"));
+        assert!(!valid_id(""));
+        assert!(!valid_id("a b"));
+        assert!(!valid_id(&"a".repeat(65)));
+    }
+}

@@ -1,0 +1,265 @@
+//! The JSON rooms protocol on `/ws`: parsing client messages and building
+//! server messages as ready-to-send WebSocket frames.
+//!
+//! `data` is never re-serialized: it is kept as the client's raw JSON and
+//! spliced into the outgoing envelope. Room names and client ids are checked
+//! against charsets that need no JSON escaping, so envelopes are built with
+//! plain string pushes. A message fanned out to many members is framed once
+//! and shared as [`Bytes`].
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tungstenite::protocol::frame::{CloseFrame, Frame, FrameHeader};
+
+use crate::error::ClientError;
+
+/// A parsed client message. Borrowed from the frame's text.
+#[derive(Debug, PartialEq)]
+pub enum Request<'a> {
+    /// `{"type":"join","room":R}`
+    Join(Cow<'a, str>),
+    /// `{"type":"leave","room":R}`
+    Leave(Cow<'a, str>),
+    /// `{"type":"publish","room":R,"data":ANY}`
+    Publish {
+        /// Room.
+        room: Cow<'a, str>,
+        /// Raw JSON.
+        data: &'a str,
+    },
+    /// `{"type":"direct","to":ID,"data":ANY}`
+    Direct {
+        /// Target client id.
+        to: Cow<'a, str>,
+        /// Raw JSON.
+        data: &'a str,
+    },
+    /// `{"type":"echo","data":ANY}`
+    Echo(&'a str),
+    /// `{"type":"ping","id":X}`
+    Ping(&'a str),
+}
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(rename = "type", borrow, default)]
+    ty: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    room: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    to: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+}
+
+/// Parses one client text message. Unknown fields are ignored (forward
+/// compatibility); `data` and `id` default to `null`.
+pub fn parse(text: &str, max_payload: usize) -> Result<Request<'_>, ClientError> {
+    let w: Wire = serde_json::from_str(text).map_err(|_| ClientError::BadJson)?;
+    let ty = w.ty.ok_or(ClientError::UnknownType)?;
+    let data = || -> Result<&str, ClientError> {
+        let d = w.data.map(RawValue::get).unwrap_or("null");
+        if d.len() > max_payload {
+            Err(ClientError::TooLarge)
+        } else {
+            Ok(d)
+        }
+    };
+    Ok(match ty.as_ref() {
+        "join" => Request::Join(room_of(w.room)?),
+        "leave" => Request::Leave(room_of(w.room)?),
+        "publish" => Request::Publish { room: room_of(w.room)?, data: data()? },
+        "direct" => {
+            let to = w.to.ok_or(ClientError::MissingField)?;
+            if !crate::config::valid_id(&to) {
+                return Err(ClientError::BadClientId);
+            }
+            Request::Direct { to, data: data()? }
+        }
+        "echo" => Request::Echo(data()?),
+        "ping" => Request::Ping(w.id.map(RawValue::get).unwrap_or("null")),
+        _ => return Err(ClientError::UnknownType),
+    })
+}
+
+fn room_of<'a>(r: Option<Cow<'a, str>>) -> Result<Cow<'a, str>, ClientError> {
+    let r = r.ok_or(ClientError::MissingField)?;
+    if valid_room(&r) {
+        Ok(r)
+    } else {
+        Err(ClientError::BadRoom)
+    }
+}
+
+/// Room names: 1-128 of `[A-Za-z0-9_.:-]`.
+pub fn valid_room(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// Appends an unmasked, final text frame holding `payload` to `out`.
+pub fn push_text_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    let header = FrameHeader { opcode: OpCode::Data(Data::Text), ..FrameHeader::default() };
+    out.reserve(payload.len() + 10);
+    header.format(payload.len() as u64, out).expect("writing to a Vec cannot fail");
+    out.extend_from_slice(payload);
+}
+
+/// An unmasked ping frame with an empty payload.
+pub fn ping_frame(out: &mut Vec<u8>) {
+    let _ = Frame::ping(Bytes::new()).format(out);
+}
+
+/// A close frame with `code` and `reason` (reason trimmed to fit 123 bytes).
+pub fn push_close_frame(out: &mut Vec<u8>, code: u16, reason: &str) {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let frame = Frame::close(Some(CloseFrame { code: CloseCode::from(code), reason: reason[..end].to_owned().into() }));
+    let _ = frame.format(out);
+}
+
+/// A text frame as shareable bytes.
+pub fn text_frame(payload: &str) -> Bytes {
+    let mut out = Vec::with_capacity(payload.len() + 10);
+    push_text_frame(&mut out, payload.as_bytes());
+    Bytes::from(out)
+}
+
+/// `{"type":"welcome","client_id":ID,"node":NODE,"shard":N}`
+pub fn welcome(client_id: &str, node: &str, shard: usize) -> String {
+    format!(r#"{{"type":"welcome","client_id":"{client_id}","node":"{node}","shard":{shard}}}"#)
+}
+
+/// `{"type":"joined","room":R}` / `{"type":"left","room":R}`
+pub fn room_ack(kind: &str, room: &str) -> String {
+    format!(r#"{{"type":"{kind}","room":"{room}"}}"#)
+}
+
+/// `{"type":"message","room":R,"from":ID,"data":ANY}`
+pub fn room_message(room: &str, from: &str, data: &str) -> String {
+    let mut s = String::with_capacity(48 + room.len() + from.len() + data.len());
+    s.push_str(r#"{"type":"message","room":""#);
+    s.push_str(room);
+    s.push_str(r#"","from":""#);
+    s.push_str(from);
+    s.push_str(r#"","data":"#);
+    s.push_str(data);
+    s.push('}');
+    s
+}
+
+/// `{"type":"direct","from":ID,"data":ANY}`
+pub fn direct_message(from: &str, data: &str) -> String {
+    format!(r#"{{"type":"direct","from":"{from}","data":{data}}}"#)
+}
+
+/// `{"type":"echo","data":ANY}`
+pub fn echo(data: &str) -> String {
+    format!(r#"{{"type":"echo","data":{data}}}"#)
+}
+
+/// `{"type":"pong","id":X}`
+pub fn pong(id: &str) -> String {
+    format!(r#"{{"type":"pong","id":{id}}}"#)
+}
+
+/// `{"type":"affinity","node":N,"url":U}`: this client's affinity node is another one.
+pub fn affinity(node: &str, url: &str) -> String {
+    serde_json::json!({"type": "affinity", "node": node, "url": url}).to_string()
+}
+
+/// `{"type":"error","code":CODE,"message":TEXT}`
+pub fn error(e: ClientError, message: &str) -> String {
+    serde_json::json!({"type": "error", "code": e.code(), "message": message}).to_string()
+}
+
+/// The human text for each error code.
+pub fn error_text(e: ClientError) -> &'static str {
+    match e {
+        ClientError::BadJson => "message is not a JSON object of the expected shape",
+        ClientError::UnknownType => "missing or unknown \"type\"",
+        ClientError::MissingField => "a required field is missing",
+        ClientError::BadRoom => "room must be 1-128 of [A-Za-z0-9_.:-]",
+        ClientError::BadClientId => "client id must be 1-64 of [A-Za-z0-9_-]",
+        ClientError::UnknownClient => "no such client is connected",
+        ClientError::TooLarge => "data is larger than rooms.max_payload_bytes",
+        ClientError::TooManyRooms => "joined too many rooms (rooms.max_rooms_per_connection)",
+        ClientError::BinaryNotSupported => "binary frames are not part of the /ws protocol; send JSON text",
+        ClientError::Overloaded => "the node is overloaded; message not delivered",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_type() {
+        assert_eq!(parse(r#"{"type":"join","room":"a.b:c-d_e"}"#, 100), Ok(Request::Join("a.b:c-d_e".into())));
+        assert_eq!(parse(r#"{"room":"r","type":"leave","x":1}"#, 100), Ok(Request::Leave("r".into())));
+        assert_eq!(
+            parse(r#"{"type":"publish","room":"r","data":{"k":[1,2]}}"#, 100),
+            Ok(Request::Publish { room: "r".into(), data: r#"{"k":[1,2]}"# })
+        );
+        assert_eq!(
+            parse(r#"{"type":"direct","to":"u1","data":"hi"}"#, 100),
+            Ok(Request::Direct { to: "u1".into(), data: "\"hi\"" })
+        );
+        assert_eq!(parse(r#"{"type":"echo"}"#, 100), Ok(Request::Echo("null")));
+        assert_eq!(parse(r#"{"type":"ping","id":7}"#, 100), Ok(Request::Ping("7")));
+    }
+
+    #[test]
+    fn errors_have_stable_codes() {
+        assert_eq!(parse("nope", 100), Err(ClientError::BadJson));
+        assert_eq!(parse("[1]", 100), Err(ClientError::BadJson));
+        assert_eq!(parse(r#"{"type":5}"#, 100), Err(ClientError::BadJson));
+        assert_eq!(parse(r#"{"room":"x"}"#, 100), Err(ClientError::UnknownType));
+        assert_eq!(parse(r#"{"type":"dance"}"#, 100), Err(ClientError::UnknownType));
+        assert_eq!(parse(r#"{"type":"join"}"#, 100), Err(ClientError::MissingField));
+        assert_eq!(parse(r#"{"type":"join","room":"a b"}"#, 100), Err(ClientError::BadRoom));
+        assert_eq!(
+            parse(&format!(r#"{{"type":"join","room":"{}"}}"#, "r".repeat(129)), 100),
+            Err(ClientError::BadRoom)
+        );
+        assert_eq!(parse(r#"{"type":"direct","to":"a b"}"#, 100), Err(ClientError::BadClientId));
+        assert_eq!(parse(r#"{"type":"publish","room":"r","data":"0123456789"}"#, 5), Err(ClientError::TooLarge));
+    }
+
+    #[test]
+    fn envelopes_are_valid_json() {
+        for s in [
+            welcome("c1", "n1", 3),
+            room_ack("joined", "r"),
+            room_message("r", "c1", r#"{"a":[1,"x"]}"#),
+            direct_message("c1", "null"),
+            echo("\"x\""),
+            pong("{\"n\":1}"),
+            error(ClientError::BadJson, "quote \" and \\ ok"),
+            affinity("n2", "ws://127.0.0.1:1/ws"),
+        ] {
+            let v: serde_json::Value = serde_json::from_str(&s).unwrap_or_else(|e| panic!("{s}: {e}"));
+            assert!(v["type"].is_string());
+        }
+    }
+
+    #[test]
+    fn frames_match_tungstenite() {
+        for len in [0usize, 1, 125, 126, 65535, 65536, 70000] {
+            let payload = "x".repeat(len);
+            let mut ours = Vec::new();
+            push_text_frame(&mut ours, payload.as_bytes());
+            let mut theirs = Vec::new();
+            Frame::message(payload.clone(), OpCode::Data(Data::Text), true).format(&mut theirs).unwrap();
+            assert_eq!(ours, theirs, "len {len}");
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! The shard's slab connection table and the connection id that indexes it.
+//!
+//! Only the owning shard thread touches its table. A [`ConnId`] packs shard,
+//! slot and a generation: the generation is a per-table counter stamped on
+//! every insert, so an id kept after its connection closed can never reach a
+//! newer connection that reuses the slot.
+
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::task::Waker;
+use std::time::Instant;
+
+use slab::Slab;
+use tungstenite::protocol::WebSocketContext;
+
+use crate::ws::stream::SharedStream;
+
+/// Bits of a [`ConnId`] for the slot (4M connections per shard).
+pub const SLOT_BITS: u32 = 22;
+/// Bits of a [`ConnId`] for the shard (1024 shards).
+pub const SHARD_BITS: u32 = 10;
+const GEN_BITS: u32 = 32;
+
+/// Shard (10 bits) | slot (22 bits) | generation (32 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(u64);
+
+impl ConnId {
+    /// Packs the three parts. `shard` and `slot` must fit their bits.
+    pub fn new(shard: usize, slot: usize, generation: u32) -> Self {
+        debug_assert!(shard < (1 << SHARD_BITS) && slot < (1 << SLOT_BITS));
+        ConnId(((shard as u64) << (SLOT_BITS + GEN_BITS)) | ((slot as u64) << GEN_BITS) | generation as u64)
+    }
+
+    /// The owning shard.
+    pub fn shard(self) -> usize {
+        (self.0 >> (SLOT_BITS + GEN_BITS)) as usize
+    }
+
+    /// The slab slot.
+    pub fn slot(self) -> usize {
+        ((self.0 >> GEN_BITS) & ((1 << SLOT_BITS) - 1)) as usize
+    }
+
+    /// The generation stamped at insert.
+    pub fn generation(self) -> u32 {
+        self.0 as u32
+    }
+}
+
+/// What a connection is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the HTTP request.
+    Http,
+    /// Upgraded; messages flow.
+    Open,
+    /// We sent a close frame (or are about to); waiting for the peer's or the deadline.
+    Closing,
+}
+
+/// Which WebSocket endpoint a connection upgraded on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/echo`: every message back unchanged.
+    Echo,
+    /// `/ws`: the JSON rooms protocol.
+    Rooms,
+}
+
+/// One connection's state. Kept small: an idle connection costs this entry
+/// plus its reader task, and nothing else (no read buffer, no context).
+pub struct Conn {
+    /// Generation stamped at insert.
+    pub generation: u32,
+    /// The socket, for `shutdown(2)` from the sweeper or a kick.
+    pub fd: RawFd,
+    /// Current phase.
+    pub phase: Phase,
+    /// Endpoint, once upgraded.
+    pub route: Route,
+    /// Counted against the shard's slots (false for overflow sockets that
+    /// only get an HTTP answer).
+    pub slotted: bool,
+    /// When accepted (handshake latency, handshake timeout, lifetime).
+    pub accepted_at: Instant,
+    /// Last time anything arrived from the peer (ms since shard epoch).
+    pub last_rx_ms: u64,
+    /// A server ping is outstanding.
+    pub ping_sent: bool,
+    /// Deadline for the peer's close reply (ms since shard epoch), in `Closing`.
+    pub close_deadline_ms: u64,
+    /// Client id on `/ws`.
+    pub client_id: Option<Rc<str>>,
+    /// Rooms joined on `/ws`.
+    pub rooms: Vec<Rc<str>>,
+    /// Frame reader, created on the first inbound byte after the upgrade.
+    pub ctx: Option<Box<WebSocketContext>>,
+    /// Bytes queued for the socket, not yet handed to the kernel.
+    pub out: Vec<u8>,
+    /// Bytes in the write currently in flight.
+    pub inflight: usize,
+    /// A writer is running (inline in the reader or as its own task).
+    pub writing: bool,
+    /// The reader waiting for the writer to finish (before lingering close).
+    pub flush_waker: Option<Waker>,
+    /// The socket, shared with the writer task.
+    pub stream: Option<Rc<SharedStream>>,
+    /// Counted as an open WebSocket (for gauges and close metrics).
+    pub upgraded: bool,
+    /// Close code we sent or will send (for metrics), 0 = none.
+    pub close_code: u16,
+}
+
+impl Conn {
+    /// A freshly accepted socket.
+    pub fn new(fd: RawFd, slotted: bool, now_ms: u64, accepted_at: Instant) -> Self {
+        Conn {
+            generation: 0,
+            fd,
+            phase: Phase::Http,
+            route: Route::Echo,
+            slotted,
+            accepted_at,
+            last_rx_ms: now_ms,
+            ping_sent: false,
+            close_deadline_ms: 0,
+            client_id: None,
+            rooms: Vec::new(),
+            ctx: None,
+            out: Vec::new(),
+            inflight: 0,
+            writing: false,
+            flush_waker: None,
+            stream: None,
+            upgraded: false,
+            close_code: 0,
+        }
+    }
+
+    /// Bytes queued or in flight.
+    pub fn queued(&self) -> usize {
+        self.out.len() + self.inflight
+    }
+}
+
+/// The slab of one shard.
+pub struct Table {
+    shard: usize,
+    slab: Slab<Conn>,
+    next_generation: u32,
+    slotted: usize,
+}
+
+impl Table {
+    /// An empty table for `shard`.
+    pub fn new(shard: usize) -> Self {
+        Table { shard, slab: Slab::new(), next_generation: 1, slotted: 0 }
+    }
+
+    /// Inserts and returns the new id.
+    pub fn insert(&mut self, mut conn: Conn) -> ConnId {
+        conn.generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        if conn.slotted {
+            self.slotted += 1;
+        }
+        let generation = conn.generation;
+        let slot = self.slab.insert(conn);
+        ConnId::new(self.shard, slot, generation)
+    }
+
+    /// The connection if `id` is still current.
+    pub fn get(&self, id: ConnId) -> Option<&Conn> {
+        self.slab.get(id.slot()).filter(|c| c.generation == id.generation())
+    }
+
+    /// Mutable access if `id` is still current.
+    pub fn get_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.slab.get_mut(id.slot()).filter(|c| c.generation == id.generation())
+    }
+
+    /// Removes if `id` is still current.
+    pub fn remove(&mut self, id: ConnId) -> Option<Conn> {
+        self.get(id)?;
+        let conn = self.slab.remove(id.slot());
+        if conn.slotted {
+            self.slotted -= 1;
+        }
+        Some(conn)
+    }
+
+    /// Connections holding a slot.
+    pub fn slotted(&self) -> usize {
+        self.slotted
+    }
+
+    /// All entries, including overflow sockets.
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    /// True when nothing is open.
+    pub fn is_empty(&self) -> bool {
+        self.slab.is_empty()
+    }
+
+    /// Ids of every connection (for sweeps and shutdown).
+    pub fn ids(&self) -> Vec<ConnId> {
+        self.slab.iter().map(|(slot, c)| ConnId::new(self.shard, slot, c.generation)).collect()
+    }
+
+    /// Iterates with ids.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (ConnId, &mut Conn)> {
+        let shard = self.shard;
+        self.slab.iter_mut().map(move |(slot, c)| (ConnId::new(shard, slot, c.generation), c))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_round_trips() {
+        let id = ConnId::new(1023, (1 << SLOT_BITS) - 1, u32::MAX);
+        assert_eq!((id.shard(), id.slot(), id.generation()), (1023, (1 << SLOT_BITS) - 1, u32::MAX));
+        let id = ConnId::new(3, 17, 9);
+        assert_eq!((id.shard(), id.slot(), id.generation()), (3, 17, 9));
+    }
+
+    #[test]
+    fn stale_id_cannot_reach_new_connection_in_same_slot() {
+        let mut t = Table::new(2);
+        let a = t.insert(Conn::new(10, true, 0, Instant::now()));
+        assert!(t.remove(a).is_some());
+        let b = t.insert(Conn::new(11, true, 0, Instant::now()));
+        assert_eq!(a.slot(), b.slot(), "slab reuses the slot");
+        assert!(t.get(a).is_none());
+        assert!(t.get_mut(a).is_none());
+        assert!(t.remove(a).is_none());
+        assert_eq!(t.get(b).unwrap().fd, 11);
+        assert_eq!(t.slotted(), 1);
+    }
+
+    #[test]
+    fn overflow_entries_do_not_take_slots() {
+        let mut t = Table::new(0);
+        let a = t.insert(Conn::new(1, false, 0, Instant::now()));
+        t.insert(Conn::new(2, true, 0, Instant::now()));
+        assert_eq!((t.len(), t.slotted()), (2, 1));
+        t.remove(a);
+        assert_eq!((t.len(), t.slotted()), (1, 1));
+    }
+}
