@@ -80,7 +80,7 @@ pub struct ServerConfig {
     pub max_connections_per_shard: usize,
     /// Extra sockets per shard, beyond the slots, kept only long enough to
     /// answer HTTP (503 for upgrades, /health, /metrics) when every shard is
-    /// full. Past this the socket is closed at once. Default 256.
+    /// full. Past this the socket is closed at once. Default 64.
     pub overflow_per_shard: usize,
     /// Largest HTTP request head accepted, in bytes; larger gets 431. Default 8192.
     pub max_request_bytes: usize,

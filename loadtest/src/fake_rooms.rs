@@ -20,10 +20,7 @@ type Clients = Rc<RefCell<HashMap<u64, mpsc::UnboundedSender<String>>>>;
 /// Entry point of the hidden `__fake-rooms` subcommand.
 pub fn main(listen: &str) -> i32 {
     crate::net::raise_nofile();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     tokio::task::LocalSet::new().block_on(&rt, async {
         let l = match tokio::net::TcpListener::bind(listen).await {
             Ok(l) => l,
@@ -52,8 +49,7 @@ async fn serve(s: tokio::net::TcpStream, id: u64, rooms: Rooms, clients: Clients
     let (mut tx, mut rx) = ws.split();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
     clients.borrow_mut().insert(id, out_tx.clone());
-    let _ =
-        out_tx.send(json!({"type":"welcome","client_id":id,"node":"fake","shard":0}).to_string());
+    let _ = out_tx.send(json!({"type":"welcome","client_id":id,"node":"fake","shard":0}).to_string());
     let writer = tokio::task::spawn_local(async move {
         while let Some(m) = out_rx.recv().await {
             if tx.send(Message::text(m)).await.is_err() {
@@ -77,26 +73,15 @@ async fn serve(s: tokio::net::TcpStream, id: u64, rooms: Rooms, clients: Clients
     let _ = writer.await;
 }
 
-fn handle(
-    id: u64,
-    text: &str,
-    rooms: &Rooms,
-    clients: &Clients,
-    out: &mpsc::UnboundedSender<String>,
-) {
+fn handle(id: u64, text: &str, rooms: &Rooms, clients: &Clients, out: &mpsc::UnboundedSender<String>) {
     let Ok(v) = serde_json::from_str::<Value>(text) else {
-        let _ =
-            out.send(json!({"type":"error","code":"bad_json","message":"bad json"}).to_string());
+        let _ = out.send(json!({"type":"error","code":"bad_json","message":"bad json"}).to_string());
         return;
     };
     let room = v["room"].as_str().unwrap_or_default().to_string();
     let reply = match v["type"].as_str().unwrap_or_default() {
         "join" => {
-            rooms
-                .borrow_mut()
-                .entry(room.clone())
-                .or_default()
-                .insert(id);
+            rooms.borrow_mut().entry(room.clone()).or_default().insert(id);
             json!({"type":"joined","room":room})
         }
         "leave" => {

@@ -27,11 +27,7 @@ use run::RunOpts;
 
 /// Command line of the harness.
 #[derive(Debug, Parser)]
-#[command(
-    name = "loadtest",
-    version,
-    about = "Load-test harness for ringside (and any WebSocket echo server)"
-)]
+#[command(name = "loadtest", version, about = "Load-test harness for ringside (and any WebSocket echo server)")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -91,10 +87,7 @@ fn main() {
         Cmd::Churn(c) => run::main(Scenario::Churn, &c.load, &c.run),
         Cmd::Index { dir } => match report::index::rebuild(&dir) {
             Ok(n) => {
-                eprintln!(
-                    "loadtest: indexed {n} runs in {}",
-                    dir.join("README.md").display()
-                );
+                eprintln!("loadtest: indexed {n} runs in {}", dir.join("README.md").display());
                 0
             }
             Err(e) => {

@@ -23,10 +23,7 @@ pub type Ws = WebSocketStream<TcpStream>;
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
 pub fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `lim` is a valid rlimit struct for getrlimit/setrlimit to read and write.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
@@ -51,14 +48,9 @@ pub struct Target {
 impl Target {
     /// Parses and resolves `url`; only `ws://` is supported (loopback benchmarks).
     pub fn parse(url: &str) -> Result<Target, String> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("--url {url}: only ws:// URLs are supported"))?;
+        let rest = url.strip_prefix("ws://").ok_or_else(|| format!("--url {url}: only ws:// URLs are supported"))?;
         let hostport = rest.split('/').next().unwrap_or_default();
-        let with_port = if hostport
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        {
+        let with_port = if hostport.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
             hostport.to_string()
         } else {
             format!("{hostport}:80")
@@ -68,10 +60,7 @@ impl Target {
             .map_err(|e| format!("--url {url}: cannot resolve {with_port}: {e}"))?
             .find(SocketAddr::is_ipv4)
             .ok_or_else(|| format!("--url {url}: no IPv4 address"))?;
-        Ok(Target {
-            url: url.to_string(),
-            addr,
-        })
+        Ok(Target { url: url.to_string(), addr })
     }
 
     /// The host part of the URL (default report label).
@@ -133,19 +122,9 @@ pub async fn establish(
     let tcp_us = mono_us();
     let _ = tcp.set_nodelay(true);
     let hs = tokio_tungstenite::client_async_with_config(target.url.as_str(), tcp, Some(config));
-    let (ws, _resp) = tokio::time::timeout(timeout, hs)
-        .await
-        .map_err(|_| "timeout")?
-        .map_err(|e| ws_reason(&e))?;
+    let (ws, _resp) = tokio::time::timeout(timeout, hs).await.map_err(|_| "timeout")?.map_err(|e| ws_reason(&e))?;
     let upgraded_us = mono_us();
-    Ok((
-        ws,
-        Established {
-            started_us,
-            tcp_us,
-            upgraded_us,
-        },
-    ))
+    Ok((ws, Established { started_us, tcp_us, upgraded_us }))
 }
 
 /// TCP connect, binding the source address first with `IP_BIND_ADDRESS_NO_PORT`.
@@ -235,10 +214,7 @@ mod tests {
     fn classifies_errors() {
         let e = io::Error::from(io::ErrorKind::ConnectionRefused);
         assert_eq!(io_reason(&e), "refused");
-        assert_eq!(
-            io_reason(&io::Error::from_raw_os_error(libc::EMFILE)),
-            "fd_limit"
-        );
+        assert_eq!(io_reason(&io::Error::from_raw_os_error(libc::EMFILE)), "fd_limit");
         assert_eq!(ws_reason(&WsError::ConnectionClosed), "closed_early");
     }
 }

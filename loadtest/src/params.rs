@@ -142,34 +142,18 @@ const FD_HEADROOM: u64 = 200;
 impl Params {
     /// The defaults of `scenario`.
     pub fn defaults(scenario: Scenario) -> Params {
-        let path = if scenario == Scenario::Fanout {
-            "ws"
-        } else {
-            "echo"
-        };
+        let path = if scenario == Scenario::Fanout { "ws" } else { "echo" };
         Params {
             scenario,
             urls: vec![format!("ws://127.0.0.1:8080/{path}")],
-            conns: if scenario == Scenario::Echo {
-                100
-            } else {
-                1000
-            },
-            rate: if scenario == Scenario::Churn {
-                500.0
-            } else {
-                1000.0
-            },
+            conns: if scenario == Scenario::Echo { 100 } else { 1000 },
+            rate: if scenario == Scenario::Churn { 500.0 } else { 1000.0 },
             hold: 5.0,
             duration: 10.0,
             size: 64,
             workers: 2,
             in_flight: 1,
-            msg_rate: if scenario == Scenario::Fanout {
-                20.0
-            } else {
-                0.0
-            },
+            msg_rate: if scenario == Scenario::Fanout { 20.0 } else { 0.0 },
             text: false,
             publishers: 1,
             rooms: 1,
@@ -184,11 +168,7 @@ impl Params {
         let d = Params::defaults(scenario);
         Params {
             scenario,
-            urls: if a.url.is_empty() {
-                d.urls
-            } else {
-                a.url.clone()
-            },
+            urls: if a.url.is_empty() { d.urls } else { a.url.clone() },
             conns: a.conns.unwrap_or(d.conns),
             rate: a.rate.unwrap_or(d.rate),
             hold: a.hold.unwrap_or(d.hold),
@@ -277,11 +257,7 @@ mod tests {
         let p = Params::resolve(Scenario::Fanout, &ScenarioArgs::default());
         assert_eq!(p.urls, vec!["ws://127.0.0.1:8080/ws".to_string()]);
         assert_eq!(p.msg_rate, 20.0);
-        let a = ScenarioArgs {
-            conns: Some(5),
-            url: vec!["ws://127.0.0.1:1/x".into()],
-            ..Default::default()
-        };
+        let a = ScenarioArgs { conns: Some(5), url: vec!["ws://127.0.0.1:1/x".into()], ..Default::default() };
         let e = Params::resolve(Scenario::Echo, &a);
         assert_eq!((e.conns, e.in_flight, e.size), (5, 1, 64));
     }

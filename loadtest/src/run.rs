@@ -68,22 +68,12 @@ pub fn main(scenario: Scenario, args: &ScenarioArgs, opts: &RunOpts) -> i32 {
         return 2;
     }
     let sample = || opts.server_pid.and_then(sysinfo::sample_server);
-    let mut server = ServerSamples {
-        before: sample(),
-        ..Default::default()
-    };
+    let mut server = ServerSamples { before: sample(), ..Default::default() };
     if opts.server_pid.is_some() && server.before.is_none() {
-        eprintln!(
-            "loadtest: --server-pid: cannot read /proc/{}",
-            opts.server_pid.unwrap_or(0)
-        );
+        eprintln!("loadtest: --server-pid: cannot read /proc/{}", opts.server_pid.unwrap_or(0));
         return 2;
     }
-    let (cpu0, wall0, started_utc) = (
-        sysinfo::own_cpu_seconds(),
-        Instant::now(),
-        crate::clock::utc_timestamp(),
-    );
+    let (cpu0, wall0, started_utc) = (sysinfo::own_cpu_seconds(), Instant::now(), crate::clock::utc_timestamp());
     let (stats, crashed) = match drive_workers(&params, || {
         server.held = server.held.or_else(sample);
     }) {
@@ -136,12 +126,7 @@ fn drive_workers(p: &Params, mut on_barrier: impl FnMut()) -> Result<(Stats, u64
     let mut children: Vec<Child> = Vec::new();
     let mut stdins: Vec<Option<ChildStdin>> = Vec::new();
     for index in 0..p.workers {
-        let task = serde_json::to_string(&Task {
-            params: p.clone(),
-            index,
-            start_us,
-        })
-        .expect("task serializes");
+        let task = serde_json::to_string(&Task { params: p.clone(), index, start_us }).expect("task serializes");
         let mut child = Command::new(&exe)
             .args(["__worker", "--task", &task])
             .stdin(Stdio::piped())
@@ -211,7 +196,10 @@ impl EventLoop {
         let n = stdins.len();
         Self {
             scenario: p.scenario,
-            total_conns: p.total_sockets(),
+            total_conns: match p.scenario {
+                Scenario::Churn => crate::schedule::Schedule::events_in(p.rate, p.duration),
+                _ => p.total_sockets(),
+            },
             stdins,
             exited: vec![false; n],
             done: vec![false; n],
@@ -246,11 +234,7 @@ impl EventLoop {
 
     fn on_line(&mut self, i: usize, m: FromWorker) {
         match m {
-            FromWorker::Progress {
-                open,
-                counters,
-                hist,
-            } => {
+            FromWorker::Progress { open, counters, hist } => {
                 let h = hist.and_then(|b| decode_hist(&b).ok());
                 self.latest[i] = (open, counters, h);
             }
@@ -274,10 +258,7 @@ impl EventLoop {
         }
         on_barrier();
         // A short lead so every worker sees the go line before the go time.
-        let line = serde_json::to_string(&Go {
-            go_us: mono_us() + 200_000,
-        })
-        .expect("go serializes");
+        let line = serde_json::to_string(&Go { go_us: mono_us() + 200_000 }).expect("go serializes");
         for (i, stdin) in self.stdins.iter_mut().enumerate() {
             if let (true, Some(s)) = (self.at_barrier[i], stdin.as_mut()) {
                 let _ = writeln!(s, "{line}").and_then(|_| s.flush());
@@ -290,12 +271,7 @@ impl EventLoop {
     fn print_progress(&mut self) {
         let dt = self.last_print.elapsed().as_secs_f64().max(0.001);
         self.last_print = Instant::now();
-        let sum = |k: &str| {
-            self.latest
-                .iter()
-                .map(|l| l.1.get(k).copied().unwrap_or(0))
-                .sum::<u64>()
-        };
+        let sum = |k: &str| self.latest.iter().map(|l| l.1.get(k).copied().unwrap_or(0)).sum::<u64>();
         let open: i64 = self.latest.iter().map(|l| l.0).sum();
         let (est, recv) = (sum("connections.established"), sum("messages.received"));
         let fails: u64 = self
@@ -311,11 +287,8 @@ impl EventLoop {
                 let _ = h.add(x);
             }
         }
-        let p99 = if h.is_empty() {
-            "-".to_string()
-        } else {
-            format!("{:.2}ms", h.value_at_quantile(0.99) as f64 / 1000.0)
-        };
+        let p99 =
+            if h.is_empty() { "-".to_string() } else { format!("{:.2}ms", h.value_at_quantile(0.99) as f64 / 1000.0) };
         eprintln!(
             "[{:>4}s] open {open} | est {est}/{} ({:.0}/s) | sent {} recv {recv} ({:.0}/s) | errors {fails} | p99 {} {p99}",
             self.started.elapsed().as_secs(),
@@ -334,10 +307,7 @@ impl EventLoop {
 pub fn command_line() -> String {
     std::env::args()
         .map(|a| {
-            if !a.is_empty()
-                && a.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@".contains(c))
-            {
+            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@".contains(c)) {
                 a
             } else {
                 format!("'{}'", a.replace('\'', "'\\''"))

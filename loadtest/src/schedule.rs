@@ -25,13 +25,7 @@ pub struct Schedule {
 impl Schedule {
     /// The share `offset` of `stride` shares of `total` events at `rate` per second.
     pub fn new(start_us: u64, rate: f64, offset: u64, stride: u64, total: u64) -> Self {
-        Self {
-            start_us,
-            rate,
-            offset,
-            stride: stride.max(1),
-            total,
-        }
+        Self { start_us, rate, offset, stride: stride.max(1), total }
     }
 
     /// Number of events this share owns.
@@ -79,13 +73,8 @@ mod tests {
     #[test]
     fn shares_cover_global_schedule_exactly_once() {
         let total = 1_003;
-        let shares: Vec<Schedule> = (0..4)
-            .map(|i| Schedule::new(1_000, 2_000.0, i, 4, total))
-            .collect();
-        let mut all: Vec<u64> = shares
-            .iter()
-            .flat_map(|s| (0..s.len()).map(|n| s.global_index(n)))
-            .collect();
+        let shares: Vec<Schedule> = (0..4).map(|i| Schedule::new(1_000, 2_000.0, i, 4, total)).collect();
+        let mut all: Vec<u64> = shares.iter().flat_map(|s| (0..s.len()).map(|n| s.global_index(n))).collect();
         all.sort_unstable();
         assert_eq!(all, (0..total).collect::<Vec<_>>());
         assert_eq!(shares.iter().map(Schedule::len).sum::<u64>(), total);

@@ -25,13 +25,7 @@ pub const HIST_NAMES: [&str; 8] = [
 ];
 
 /// Failure reasons every report lists, even at zero.
-pub const FAILURE_REASONS: [&str; 5] = [
-    "refused",
-    "timeout",
-    "bad_status",
-    "closed_early",
-    "mismatch",
-];
+pub const FAILURE_REASONS: [&str; 5] = ["refused", "timeout", "bad_status", "closed_early", "mismatch"];
 
 /// Highest recordable latency: one hour in microseconds (larger values saturate).
 const HIST_HIGH_US: u64 = 3_600_000_000;
@@ -109,11 +103,7 @@ impl Stats {
     pub fn to_wire(&self) -> WireStats {
         WireStats {
             counters: self.counters.clone(),
-            hists: self
-                .hists
-                .iter()
-                .map(|(k, h)| (k.clone(), encode_hist(h)))
-                .collect(),
+            hists: self.hists.iter().map(|(k, h)| (k.clone(), encode_hist(h))).collect(),
         }
     }
 
@@ -123,34 +113,25 @@ impl Stats {
         for (k, b) in &w.hists {
             hists.insert(k.clone(), decode_hist(b)?);
         }
-        Ok(Stats {
-            counters: w.counters.clone(),
-            hists,
-        })
+        Ok(Stats { counters: w.counters.clone(), hists })
     }
 }
 
 /// V2-serializes a histogram and base64-encodes it.
 pub fn encode_hist(h: &Histogram<u64>) -> String {
     let mut buf = Vec::new();
-    V2Serializer::new()
-        .serialize(h, &mut buf)
-        .expect("serializing to a Vec cannot fail");
+    V2Serializer::new().serialize(h, &mut buf).expect("serializing to a Vec cannot fail");
     base64::engine::general_purpose::STANDARD.encode(buf)
 }
 
 /// Decodes a base64 V2 histogram.
 pub fn decode_hist(b64: &str) -> Result<Histogram<u64>, String> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .map_err(|e| format!("histogram base64: {e}"))?;
-    let h: Histogram<u64> = Deserializer::new()
-        .deserialize(&mut bytes.as_slice())
-        .map_err(|e| format!("histogram V2: {e:?}"))?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| format!("histogram base64: {e}"))?;
+    let h: Histogram<u64> =
+        Deserializer::new().deserialize(&mut bytes.as_slice()).map_err(|e| format!("histogram V2: {e:?}"))?;
     // Deserialized histograms may have a different (smaller) high bound; normalise.
     let mut out = new_hist();
-    out.add(&h)
-        .map_err(|e| format!("histogram bounds: {e:?}"))?;
+    out.add(&h).map_err(|e| format!("histogram bounds: {e:?}"))?;
     Ok(out)
 }
 

@@ -25,14 +25,8 @@ pub fn sample_server(pid: u32) -> Option<ServerSample> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let cpu_seconds = stat_cpu_seconds(&stat)?;
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count() as u64)
-        .unwrap_or(0);
-    Some(ServerSample {
-        rss_bytes: rss_kb * 1024,
-        cpu_seconds,
-        fds,
-    })
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as u64).unwrap_or(0);
+    Some(ServerSample { rss_bytes: rss_kb * 1024, cpu_seconds, fds })
 }
 
 /// utime + stime (fields 14 and 15) of a `/proc/PID/stat` line, in seconds.

@@ -101,15 +101,8 @@ impl Ctx {
     /// Emits one progress line.
     fn progress(&self) {
         let st = self.stats.borrow();
-        let hist = st
-            .hists
-            .get(self.p().scenario.headline_hist())
-            .map(encode_hist);
-        emit(&FromWorker::Progress {
-            open: self.open.get(),
-            counters: st.counters.clone(),
-            hist,
-        });
+        let hist = st.hists.get(self.p().scenario.headline_hist()).map(encode_hist);
+        emit(&FromWorker::Progress { open: self.open.get(), counters: st.counters.clone(), hist });
     }
 }
 
@@ -147,10 +140,7 @@ pub fn main(task_json: &str) -> i32 {
         open: Cell::new(0),
         go_rx: tokio::sync::Mutex::new(rx),
     });
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
         let ticker = tokio::task::spawn_local(progress_ticker(ctx.clone()));
@@ -158,9 +148,7 @@ pub fn main(task_json: &str) -> i32 {
         ticker.abort();
     });
     ctx.progress();
-    emit(&FromWorker::Done {
-        stats: ctx.stats.borrow().to_wire(),
-    });
+    emit(&FromWorker::Done { stats: ctx.stats.borrow().to_wire() });
     0
 }
 

@@ -23,10 +23,8 @@ struct Opts {
 }
 
 fn parse_args() -> Result<Opts, String> {
-    let mut o = Opts {
-        listen: "127.0.0.1:9001".into(),
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-    };
+    let mut o =
+        Opts { listen: "127.0.0.1:9001".into(), threads: std::thread::available_parallelism().map_or(1, |n| n.get()) };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -39,9 +37,7 @@ fn parse_args() -> Result<Opts, String> {
                 }
             }
             "-h" | "--help" => {
-                println!(
-                    "peer-tokio-tungstenite [--listen ADDR (127.0.0.1:9001)] [--threads N (cores)]"
-                );
+                println!("peer-tokio-tungstenite [--listen ADDR (127.0.0.1:9001)] [--threads N (cores)]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown flag {other}")),

@@ -26,34 +26,15 @@ pub fn render(name: &str, h: &Histogram<u64>) -> String {
         let value = v.value_iterated_to() as f64 / US_PER_MS;
         let q = v.quantile_iterated_to();
         if q < 1.0 {
-            let _ = writeln!(
-                s,
-                "{value:12.3} {q:2.12} {total:10} {:14.2}",
-                1.0 / (1.0 - q)
-            );
+            let _ = writeln!(s, "{value:12.3} {q:2.12} {total:10} {:14.2}", 1.0 / (1.0 - q));
         } else {
             let _ = writeln!(s, "{value:12.3} {q:2.12} {total:10}");
         }
     }
-    let _ = writeln!(
-        s,
-        "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]",
-        h.mean() / US_PER_MS,
-        h.stdev() / US_PER_MS
-    );
-    let _ = writeln!(
-        s,
-        "#[Max     = {:12.3}, Total count    = {:12}]",
-        h.max() as f64 / US_PER_MS,
-        h.len()
-    );
+    let _ = writeln!(s, "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]", h.mean() / US_PER_MS, h.stdev() / US_PER_MS);
+    let _ = writeln!(s, "#[Max     = {:12.3}, Total count    = {:12}]", h.max() as f64 / US_PER_MS, h.len());
     let sub_buckets = (2 * 10u64.pow(u32::from(h.sigfig()))).next_power_of_two();
-    let _ = writeln!(
-        s,
-        "#[Buckets = {:12}, SubBuckets     = {:12}]",
-        h.buckets(),
-        sub_buckets
-    );
+    let _ = writeln!(s, "#[Buckets = {:12}, SubBuckets     = {:12}]", h.buckets(), sub_buckets);
     s
 }
 
@@ -93,8 +74,6 @@ mod tests {
         let last = rows.last().unwrap();
         assert_eq!((last.1, last.2), (1.0, 10_000));
         assert!((last.0 - 10.0).abs() < 0.02, "max in ms: {}", last.0);
-        assert!(rows
-            .windows(2)
-            .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+        assert!(rows.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
     }
 }

@@ -34,10 +34,7 @@ fn ms(v: &Value, hist: &str, q: &str) -> String {
 pub fn headline(v: &Value) -> String {
     let m = &v["messages"];
     match v["scenario"].as_str().unwrap_or_default() {
-        "connect" => format!(
-            "upgrade p99 {} (intended)",
-            ms(v, "upgrade_from_intended", "p99")
-        ),
+        "connect" => format!("upgrade p99 {} (intended)", ms(v, "upgrade_from_intended", "p99")),
         "echo" => format!(
             "{:.0} msg/s, rtt p99 {} (intended {})",
             m["per_second"].as_f64().unwrap_or(0.0),
@@ -67,13 +64,10 @@ fn row(root: &Path, path: &Path, v: &Value) -> String {
     let rel = dir.strip_prefix(root).unwrap_or(dir).display().to_string();
     let c = &v["connections"];
     let srv = v.get("server");
-    let rss = srv
-        .and_then(|s| s["rss_delta_per_connection_bytes"].as_f64())
-        .map_or("-".into(), |b| format!("{b:.0} B"));
+    let rss =
+        srv.and_then(|s| s["rss_delta_per_connection_bytes"].as_f64()).map_or("-".into(), |b| format!("{b:.0} B"));
     let scpu = srv.map_or("-".into(), |s| format!("{}%", s["cpu_percent_of_one_core"]));
-    let ok = v["checks"]
-        .as_object()
-        .is_some_and(|m| m.values().all(|x| x == &Value::Bool(true)));
+    let ok = v["checks"].as_object().is_some_and(|m| m.values().all(|x| x == &Value::Bool(true)));
     format!(
         "| [{rel}]({rel}/) | {} | {}/{} | {} | {} | {rss} | {}% | {scpu} | {} |\n",
         v["scenario"].as_str().unwrap_or_default(),

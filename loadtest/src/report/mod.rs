@@ -43,20 +43,8 @@ pub struct RunMeta {
 impl RunMeta {
     /// The run-directory label: `--label` or the host of the first URL.
     pub fn label(&self) -> String {
-        let raw = self
-            .opts
-            .label
-            .clone()
-            .unwrap_or_else(|| Target::host(&self.params.urls[0]));
-        raw.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect()
+        let raw = self.opts.label.clone().unwrap_or_else(|| Target::host(&self.params.urls[0]));
+        raw.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect()
     }
 }
 
@@ -77,12 +65,7 @@ fn quantiles(h: &Histogram<u64>) -> Value {
 
 /// Fanout: deliveries expected, from per-room subscriber and publish counts.
 pub fn fanout_expected(stats: &Stats, rooms: u64) -> u64 {
-    (0..rooms)
-        .map(|r| {
-            stats.get(&format!("fanout.room.{r}.subs"))
-                * stats.get(&format!("fanout.room.{r}.sent"))
-        })
-        .sum()
+    (0..rooms).map(|r| stats.get(&format!("fanout.room.{r}.subs")) * stats.get(&format!("fanout.room.{r}.sent"))).sum()
 }
 
 /// Builds summary.json from the run's metadata and merged stats.
@@ -92,10 +75,7 @@ pub fn summarize(meta: &RunMeta, stats: &Stats) -> Value {
     let empty = new_hist();
     let mut latency = Map::new();
     for name in HIST_NAMES {
-        latency.insert(
-            name.into(),
-            quantiles(stats.hists.get(name).unwrap_or(&empty)),
-        );
+        latency.insert(name.into(), quantiles(stats.hists.get(name).unwrap_or(&empty)));
     }
     for (name, h) in &stats.hists {
         latency.entry(name.clone()).or_insert_with(|| quantiles(h));
@@ -121,11 +101,7 @@ pub fn summarize(meta: &RunMeta, stats: &Stats) -> Value {
         Scenario::Echo | Scenario::Fanout => p.duration,
         _ => 0.0,
     };
-    let per_second = if msg_secs > 0.0 {
-        received as f64 / msg_secs
-    } else {
-        0.0
-    };
+    let per_second = if msg_secs > 0.0 { received as f64 / msg_secs } else { 0.0 };
     let alive = match p.scenario {
         Scenario::Connect => g("connections.alive_at_end"),
         _ => g("connections.closed_clean"),
@@ -202,23 +178,11 @@ pub fn checks(v: &Value) -> Value {
     let scenario = v["scenario"].as_str().unwrap_or_default();
     let mut c = Map::new();
     let attempted = n("/connections/attempted");
-    c.insert(
-        "all_established".into(),
-        json!(attempted > 0 && n("/connections/established") == attempted),
-    );
-    c.insert(
-        "all_alive_at_end".into(),
-        json!(n("/connections/alive_at_end") == n("/connections/established")),
-    );
+    c.insert("all_established".into(), json!(attempted > 0 && n("/connections/established") == attempted));
+    c.insert("all_alive_at_end".into(), json!(n("/connections/alive_at_end") == n("/connections/established")));
     if scenario == "echo" || scenario == "fanout" {
-        c.insert(
-            "nothing_lost".into(),
-            json!(n("/messages/lost") == 0 && n("/messages/received") > 0),
-        );
-        c.insert(
-            "nothing_mismatched".into(),
-            json!(n("/messages/mismatched") == 0),
-        );
+        c.insert("nothing_lost".into(), json!(n("/messages/lost") == 0 && n("/messages/received") > 0));
+        c.insert("nothing_mismatched".into(), json!(n("/messages/mismatched") == 0));
     }
     if scenario == "fanout" {
         c.insert(
@@ -226,9 +190,7 @@ pub fn checks(v: &Value) -> Value {
             json!(n("/messages/duplicates") == 0 && n("/messages/out_of_order") == 0),
         );
     }
-    let failures: u64 = v["failures"]
-        .as_object()
-        .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+    let failures: u64 = v["failures"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
     c.insert("no_failures".into(), json!(failures == 0));
     Value::Object(c)
 }
@@ -242,11 +204,7 @@ pub fn run_dir(out: &Path, scenario: &str, label: &str) -> std::io::Result<PathB
     std::fs::create_dir_all(out)?;
     let base = format!("{}-{scenario}-{label}", crate::clock::utc_date());
     for n in 1.. {
-        let name = if n == 1 {
-            base.clone()
-        } else {
-            format!("{base}-{n}")
-        };
+        let name = if n == 1 { base.clone() } else { format!("{base}-{n}") };
         let dir = out.join(name);
         match std::fs::create_dir(&dir) {
             Ok(()) => return Ok(dir),
@@ -290,11 +248,7 @@ pub fn write_files(dir: &Path, summary: &Value, stats: &Stats) -> std::io::Resul
 
 fn print_checks(summary: &Value) {
     if let Some(m) = summary["checks"].as_object() {
-        let bad: Vec<&String> = m
-            .iter()
-            .filter(|(_, v)| v != &&json!(true))
-            .map(|(k, _)| k)
-            .collect();
+        let bad: Vec<&String> = m.iter().filter(|(_, v)| v != &&json!(true)).map(|(k, _)| k).collect();
         if bad.is_empty() {
             eprintln!("loadtest: all checks passed");
         } else {
@@ -321,36 +275,24 @@ pub fn readme(v: &Value) -> String {
     }
     s += "| metric | value |\n|---|---|\n";
     for (label, path) in [
-        (
-            "connections attempted / established / failed",
-            "/connections/attempted",
-        ),
+        ("connections attempted / established / failed", "/connections/attempted"),
         ("alive at end", "/connections/alive_at_end"),
-        (
-            "messages sent / received / lost / mismatched",
-            "/messages/sent",
-        ),
+        ("messages sent / received / lost / mismatched", "/messages/sent"),
         ("messages per second", "/messages/per_second"),
         ("client CPU s (% of one core)", "/client/cpu_seconds"),
     ] {
         let val = match path {
             "/connections/attempted" => format!(
                 "{} / {} / {}",
-                v["connections"]["attempted"],
-                v["connections"]["established"],
-                v["connections"]["failed"]
+                v["connections"]["attempted"], v["connections"]["established"], v["connections"]["failed"]
             ),
             "/messages/sent" => format!(
                 "{} / {} / {} / {}",
-                v["messages"]["sent"],
-                v["messages"]["received"],
-                v["messages"]["lost"],
-                v["messages"]["mismatched"]
+                v["messages"]["sent"], v["messages"]["received"], v["messages"]["lost"], v["messages"]["mismatched"]
             ),
-            "/client/cpu_seconds" => format!(
-                "{} ({}%)",
-                v["client"]["cpu_seconds"], v["client"]["cpu_percent_of_one_core"]
-            ),
+            "/client/cpu_seconds" => {
+                format!("{} ({}%)", v["client"]["cpu_seconds"], v["client"]["cpu_percent_of_one_core"])
+            }
             _ => v.pointer(path).map(Value::to_string).unwrap_or_default(),
         };
         s += &format!("| {label} | {val} |\n");
@@ -364,19 +306,9 @@ pub fn readme(v: &Value) -> String {
         );
     }
     if let Some(f) = v["failures"].as_object() {
-        let nz: Vec<String> = f
-            .iter()
-            .filter(|(_, n)| n.as_u64() != Some(0))
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
-        s += &format!(
-            "| failures | {} |\n",
-            if nz.is_empty() {
-                "none".into()
-            } else {
-                nz.join(", ")
-            }
-        );
+        let nz: Vec<String> =
+            f.iter().filter(|(_, n)| n.as_u64() != Some(0)).map(|(k, n)| format!("{k} {n}")).collect();
+        s += &format!("| failures | {} |\n", if nz.is_empty() { "none".into() } else { nz.join(", ") });
     }
     s += "\nLatency, microseconds (`_from_intended`: measured from the scheduled start, coordinated-omission corrected):\n\n| histogram | count | p50 | p90 | p99 | p99.9 | max |\n|---|---|---|---|---|---|---|\n";
     if let Some(m) = v["latency_us"].as_object() {

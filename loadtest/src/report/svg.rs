@@ -14,9 +14,7 @@ const TOP: f64 = 40.0;
 const BOTTOM: f64 = 60.0;
 /// Decades on the x axis: 0% .. 99.999%.
 const X_DECADES: f64 = 5.0;
-const COLORS: [&str; 8] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-];
+const COLORS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 
 /// x position of quantile `q` (0..1) on the log 1/(1-q) axis.
 pub fn x_of(q: f64) -> f64 {
@@ -26,11 +24,7 @@ pub fn x_of(q: f64) -> f64 {
 
 /// Renders the percentile plot of `hists` (name, microseconds) titled `title`.
 pub fn render(title: &str, hists: &[(&str, &Histogram<u64>)]) -> String {
-    let max_ms = hists
-        .iter()
-        .map(|(_, h)| h.max() as f64 / 1000.0)
-        .fold(0.0, f64::max)
-        .max(0.001);
+    let max_ms = hists.iter().map(|(_, h)| h.max() as f64 / 1000.0).fold(0.0, f64::max).max(0.001);
     let y_top = nice_ceiling(max_ms);
     let y_of = |ms: f64| H - BOTTOM - ms / y_top * (H - TOP - BOTTOM);
     let mut s = String::new();
@@ -39,29 +33,16 @@ pub fn render(title: &str, hists: &[(&str, &Histogram<u64>)]) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{LEFT}" y="22" font-size="15">{}</text>"#,
-        esc(title)
-    );
+    let _ = writeln!(s, r#"<text x="{LEFT}" y="22" font-size="15">{}</text>"#, esc(title));
     axes(&mut s, y_top, &y_of);
     for (i, (name, h)) in hists.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let mut pts = String::new();
         for v in h.iter_quantiles(5) {
             let q = v.quantile_iterated_to();
-            let _ = write!(
-                pts,
-                "{:.1},{:.1} ",
-                x_of(q),
-                y_of(v.value_iterated_to() as f64 / 1000.0)
-            );
+            let _ = write!(pts, "{:.1},{:.1} ", x_of(q), y_of(v.value_iterated_to() as f64 / 1000.0));
         }
-        let _ = writeln!(
-            s,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
-            pts.trim_end()
-        );
+        let _ = writeln!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, pts.trim_end());
         let ly = TOP + 20.0 + 18.0 * i as f64;
         let lx = W - RIGHT + 15.0;
         let _ = writeln!(
@@ -79,18 +60,10 @@ pub fn render(title: &str, hists: &[(&str, &Histogram<u64>)]) -> String {
 
 fn axes(s: &mut String, y_top: f64, y_of: &dyn Fn(f64) -> f64) {
     let (x0, x1, yb) = (LEFT, W - RIGHT, H - BOTTOM);
-    let _ = writeln!(
-        s,
-        r##"<path d="M{x0} {TOP} V{yb} H{x1}" stroke="#333" fill="none"/>"##
-    );
-    for (q, label) in [
-        (0.0, "0%"),
-        (0.9, "90%"),
-        (0.99, "99%"),
-        (0.999, "99.9%"),
-        (0.9999, "99.99%"),
-        (0.99999, "99.999%"),
-    ] {
+    let _ = writeln!(s, r##"<path d="M{x0} {TOP} V{yb} H{x1}" stroke="#333" fill="none"/>"##);
+    for (q, label) in
+        [(0.0, "0%"), (0.9, "90%"), (0.99, "99%"), (0.999, "99.9%"), (0.9999, "99.99%"), (0.99999, "99.999%")]
+    {
         let x = x_of(q);
         let _ = writeln!(
             s,
@@ -136,17 +109,11 @@ fn fmt_ms(ms: f64) -> String {
 /// The smallest 1, 2 or 5 times a power of ten that is >= `v`.
 pub fn nice_ceiling(v: f64) -> f64 {
     let p = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
-        .iter()
-        .map(|m| m * p)
-        .find(|c| *c >= v * 0.999_999)
-        .unwrap_or(10.0 * p)
+    [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * p).find(|c| *c >= v * 0.999_999).unwrap_or(10.0 * p)
 }
 
 fn esc(t: &str) -> String {
-    t.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 #[cfg(test)]

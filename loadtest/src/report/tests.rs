@@ -20,21 +20,9 @@ fn meta(dir: &Path, scenario: Scenario) -> RunMeta {
         command: "loadtest connect".into(),
         machine: crate::sysinfo::machine(),
         server: ServerSamples {
-            before: Some(ServerSample {
-                rss_bytes: 1000,
-                cpu_seconds: 1.0,
-                fds: 5,
-            }),
-            held: Some(ServerSample {
-                rss_bytes: 11_000,
-                cpu_seconds: 1.5,
-                fds: 15,
-            }),
-            after: Some(ServerSample {
-                rss_bytes: 2000,
-                cpu_seconds: 3.0,
-                fds: 5,
-            }),
+            before: Some(ServerSample { rss_bytes: 1000, cpu_seconds: 1.0, fds: 5 }),
+            held: Some(ServerSample { rss_bytes: 11_000, cpu_seconds: 1.5, fds: 15 }),
+            after: Some(ServerSample { rss_bytes: 2000, cpu_seconds: 3.0, fds: 5 }),
         },
         workers_crashed: 0,
     }
@@ -95,17 +83,8 @@ fn summary_has_the_required_keys() {
     }
     assert_eq!(v["failures"]["timeout"], json!(2));
     assert!(v["client"]["cpu_seconds"].is_number());
-    assert_eq!(
-        v["latency_us"]["upgrade_from_intended"]["count"],
-        json!(100)
-    );
-    for k in [
-        "scenario",
-        "parameters",
-        "target",
-        "machine",
-        "server_config",
-    ] {
+    assert_eq!(v["latency_us"]["upgrade_from_intended"]["count"], json!(100));
+    for k in ["scenario", "parameters", "target", "machine", "server_config"] {
         assert!(!v[k].is_null(), "{k}");
     }
     assert_eq!(v["checks"]["no_failures"], json!(false));
@@ -131,29 +110,16 @@ fn writes_run_files_and_index() {
     assert_ne!(d1, d2, "a second run must not overwrite the first");
     let name = d1.file_name().unwrap().to_string_lossy().to_string();
     assert!(name.ends_with("-connect-127.0.0.1"), "{name}");
-    for f in [
-        "summary.json",
-        "README.md",
-        "percentiles.svg",
-        "upgrade.hgrm",
-        "upgrade_from_intended.hgrm",
-    ] {
+    for f in ["summary.json", "README.md", "percentiles.svg", "upgrade.hgrm", "upgrade_from_intended.hgrm"] {
         assert!(d1.join(f).is_file(), "{f}");
     }
-    assert!(
-        !d1.join("rtt.hgrm").exists(),
-        "empty histograms get no file"
-    );
+    assert!(!d1.join("rtt.hgrm").exists(), "empty histograms get no file");
     let readme = std::fs::read_to_string(d1.join("README.md")).unwrap();
     assert!(readme.contains("loadtest connect") && readme.contains("| upgrade |"));
-    let back: Value =
-        serde_json::from_str(&std::fs::read_to_string(d1.join("summary.json")).unwrap()).unwrap();
+    let back: Value = serde_json::from_str(&std::fs::read_to_string(d1.join("summary.json")).unwrap()).unwrap();
     assert_eq!(back["connections"]["established"], json!(10));
     assert_eq!(index::rebuild(&dir).unwrap(), 2);
     let idx = std::fs::read_to_string(dir.join("README.md")).unwrap();
-    assert!(
-        idx.contains(&name) && idx.contains("upgrade p99 0.25 ms"),
-        "{idx}"
-    );
+    assert!(idx.contains(&name) && idx.contains("upgrade p99 0.25 ms"), "{idx}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

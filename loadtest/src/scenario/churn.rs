@@ -14,13 +14,7 @@ use crate::worker::CtxRef;
 pub async fn run(ctx: CtxRef) {
     let p = ctx.p().clone();
     let total = Schedule::events_in(p.rate, p.duration);
-    let sched = Schedule::new(
-        ctx.task.start_us,
-        p.rate,
-        ctx.task.index as u64,
-        p.workers as u64,
-        total,
-    );
+    let sched = Schedule::new(ctx.task.start_us, p.rate, ctx.task.index as u64, p.workers as u64, total);
     let cap = p.conns.div_ceil(p.workers as u64) as i64;
     let in_progress = std::rc::Rc::new(std::cell::Cell::new(0i64));
     pace(sched, |_, k, intended| {
@@ -38,8 +32,5 @@ pub async fn run(ctx: CtxRef) {
         });
     })
     .await;
-    wait_until(ctx.timeout() * 3 + Duration::from_secs(1), || {
-        in_progress.get() == 0
-    })
-    .await;
+    wait_until(ctx.timeout() * 3 + Duration::from_secs(1), || in_progress.get() == 0).await;
 }

@@ -78,9 +78,7 @@ async fn check_alive(ctx: &CtxRef, ws: &mut Ws, k: u64) -> bool {
     let payload = k.to_be_bytes().to_vec();
     let t0 = mono_us();
     let res = tokio::time::timeout(ctx.timeout(), async {
-        ws.send(Message::Ping(payload.clone().into()))
-            .await
-            .map_err(|_| "closed_early")?;
+        ws.send(Message::Ping(payload.clone().into())).await.map_err(|_| "closed_early")?;
         loop {
             match ws.next().await {
                 Some(Ok(Message::Pong(p))) if p[..] == payload[..] => return Ok(()),

@@ -24,13 +24,7 @@ const MAX_PENDING: usize = 10_000;
 /// Runs this worker's share of the echo scenario.
 pub async fn run(ctx: CtxRef) {
     let p = ctx.p().clone();
-    let sched = Schedule::new(
-        ctx.task.start_us,
-        p.rate,
-        ctx.task.index as u64,
-        p.workers as u64,
-        p.conns,
-    );
+    let sched = Schedule::new(ctx.task.start_us, p.rate, ctx.task.index as u64, p.workers as u64, p.conns);
     let mine = sched.len();
     let (go_tx, go_rx) = watch::channel(0u64);
     let mut tasks = Vec::new();
@@ -66,11 +60,7 @@ async fn conn_task(ctx: CtxRef, k: u64, intended: u64, mut go: watch::Receiver<u
         Err(_) => return,
     };
     let mut conn = EchoConn::new(&ctx, k, go_us);
-    let res = if ctx.p().msg_rate > 0.0 {
-        conn.open_loop(&mut ws).await
-    } else {
-        conn.closed_loop(&mut ws).await
-    };
+    let res = if ctx.p().msg_rate > 0.0 { conn.open_loop(&mut ws).await } else { conn.closed_loop(&mut ws).await };
     let lost = conn.pending.len() as u64;
     {
         let mut st = ctx.stats.borrow_mut();
@@ -99,14 +89,7 @@ struct EchoConn<'a> {
 
 impl<'a> EchoConn<'a> {
     fn new(ctx: &'a CtxRef, k: u64, go_us: u64) -> Self {
-        Self {
-            ctx,
-            k,
-            go_us,
-            end_us: go_us + secs_us(ctx.p().duration),
-            seq: 0,
-            pending: VecDeque::new(),
-        }
+        Self { ctx, k, go_us, end_us: go_us + secs_us(ctx.p().duration), seq: 0, pending: VecDeque::new() }
     }
 
     fn message(&self, seq: u64) -> Message {

@@ -40,13 +40,7 @@ pub async fn run(ctx: CtxRef) {
     let pubs = Schedule::new(ctx.task.start_us, 0.0, i, w, p.publishers);
     for n in 0..pubs.len() {
         let pid = pubs.global_index(n);
-        let f = publisher(
-            ctx.clone(),
-            pid,
-            go_rx.clone(),
-            stop_rx.clone(),
-            settled.clone(),
-        );
+        let f = publisher(ctx.clone(), pid, go_rx.clone(), stop_rx.clone(), settled.clone());
         tasks.push(spawn(f));
     }
     let subs = Schedule::new(ctx.task.start_us, p.rate, i, w, p.conns);
@@ -56,10 +50,7 @@ pub async fn run(ctx: CtxRef) {
     })
     .await;
     let mine = subs.len() + pubs.len();
-    wait_until(ctx.timeout() * 3 + Duration::from_secs(1), || {
-        settled.get() >= mine
-    })
-    .await;
+    wait_until(ctx.timeout() * 3 + Duration::from_secs(1), || settled.get() >= mine).await;
     let go = ctx.barrier("subscribed").await;
     let _ = go_tx.send(go);
     sleep_until_us(go + secs_us(p.duration) + secs_us(p.drain)).await;
@@ -135,13 +126,7 @@ impl Seen {
     }
 }
 
-async fn subscriber(
-    ctx: CtxRef,
-    j: u64,
-    intended: u64,
-    mut stop: watch::Receiver<bool>,
-    settled: Rc<Cell<u64>>,
-) {
+async fn subscriber(ctx: CtxRef, j: u64, intended: u64, mut stop: watch::Receiver<bool>, settled: Rc<Cell<u64>>) {
     let ws = open_conn(&ctx, j, intended).await;
     let room = room_name(j % ctx.p().rooms);
     let joined = match ws {
@@ -157,9 +142,7 @@ async fn subscriber(
     };
     settled.set(settled.get() + 1);
     let Some(mut ws) = joined else { return };
-    ctx.stats
-        .borrow_mut()
-        .add(&format!("fanout.room.{}.subs", j % ctx.p().rooms), 1);
+    ctx.stats.borrow_mut().add(&format!("fanout.room.{}.subs", j % ctx.p().rooms), 1);
     let mut seen = Seen::default();
     loop {
         tokio::select! {
@@ -181,9 +164,7 @@ async fn subscriber(
 /// Sends `join` and waits for `joined` (skipping `welcome` and anything else).
 async fn join(ctx: &CtxRef, ws: &mut Ws, room: &str) -> Result<(), &'static str> {
     let msg = serde_json::json!({"type": "join", "room": room}).to_string();
-    ws.send(Message::text(msg))
-        .await
-        .map_err(|_| "closed_early")?;
+    ws.send(Message::text(msg)).await.map_err(|_| "closed_early")?;
     let wait = async {
         loop {
             match ws.next().await {
@@ -202,9 +183,7 @@ async fn join(ctx: &CtxRef, ws: &mut Ws, room: &str) -> Result<(), &'static str>
             }
         }
     };
-    tokio::time::timeout(ctx.timeout(), wait)
-        .await
-        .unwrap_or(Err("timeout"))
+    tokio::time::timeout(ctx.timeout(), wait).await.unwrap_or(Err("timeout"))
 }
 
 fn on_delivery(ctx: &CtxRef, seen: &mut Seen, text: &str) {
@@ -219,10 +198,7 @@ fn on_delivery(ctx: &CtxRef, seen: &mut Seen, text: &str) {
         "error" => return st.fail("server_error", false),
         _ => return,
     }
-    let Some(stamp) = inc
-        .data
-        .and_then(|d| serde_json::from_value::<Stamp>(d).ok())
-    else {
+    let Some(stamp) = inc.data.and_then(|d| serde_json::from_value::<Stamp>(d).ok()) else {
         return st.fail("bad_message", false);
     };
     match seen.note(stamp.p, stamp.s) {
@@ -231,11 +207,7 @@ fn on_delivery(ctx: &CtxRef, seen: &mut Seen, text: &str) {
         Arrival::New => {}
     }
     st.add("messages.received", 1);
-    st.record_pair(
-        "delivery",
-        now.saturating_sub(stamp.t),
-        now.saturating_sub(stamp.i),
-    );
+    st.record_pair("delivery", now.saturating_sub(stamp.t), now.saturating_sub(stamp.i));
 }
 
 async fn publisher(
@@ -259,11 +231,7 @@ async fn publisher(
     let mut n = 0;
     loop {
         // A disabled select! branch still builds its future, so keep `due` finite.
-        let due = if n < sched.len() {
-            sched.intended_us(n)
-        } else {
-            mono_us() + 3_600_000_000
-        };
+        let due = if n < sched.len() { sched.intended_us(n) } else { mono_us() + 3_600_000_000 };
         tokio::select! {
             _ = tokio::time::sleep_until(to_instant(due)), if n < sched.len() => {
                 let k = sched.global_index(n);

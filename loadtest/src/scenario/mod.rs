@@ -43,16 +43,8 @@ pub async fn open_conn(ctx: &CtxRef, k: u64, intended_us: u64) -> Option<Ws> {
             // How late the client itself started (timer granularity, a busy worker):
             // the part of the `_from_intended` figures that is the harness's own doing.
             st.record("schedule_lag", t.started_us.saturating_sub(intended_us));
-            st.record_pair(
-                "connect",
-                t.tcp_us - t.started_us,
-                t.tcp_us.saturating_sub(intended_us),
-            );
-            st.record_pair(
-                "upgrade",
-                t.upgraded_us - t.started_us,
-                t.upgraded_us.saturating_sub(intended_us),
-            );
+            st.record_pair("connect", t.tcp_us - t.started_us, t.tcp_us.saturating_sub(intended_us));
+            st.record_pair("upgrade", t.upgraded_us - t.started_us, t.upgraded_us.saturating_sub(intended_us));
             ctx.open.set(ctx.open.get() + 1);
             Some(ws)
         }
