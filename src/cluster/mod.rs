@@ -4,8 +4,22 @@
 //! bounded, non-blocking queue; a full queue drops the event and counts it)
 //! and the cluster thread does the Redis work. What comes back from other
 //! nodes reaches shards through their ordinary mailboxes
-//! ([`crate::shard::mailbox::ShardMsg`]). The Redis side is in [`worker`].
+//! ([`crate::shard::mailbox::ShardMsg`]).
+//!
+//! [`worker`] is the loop; [`state`] what it remembers about this node;
+//! [`registry`] the node and pool entries; [`keys`] every key, channel and
+//! message format; [`breaker`] the circuit breaker; [`backend`] the narrow
+//! store interface, implemented by [`redis_backend`] (Redis or Redis
+//! Cluster) and by [`memory`] (the unit tests' double). docs/cluster.md
+//! describes the keys, messages and failure behaviour.
 
+pub mod backend;
+pub mod breaker;
+pub mod keys;
+pub mod memory;
+pub mod redis_backend;
+pub mod registry;
+pub mod state;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -136,6 +150,21 @@ pub struct ClusterStatus {
     pub remote_direct_messages: AtomicU64,
     /// Messages published to other nodes.
     pub published: AtomicU64,
+    /// Room messages not forwarded to other nodes (breaker open or Redis failed).
+    pub publish_dropped: AtomicU64,
+    /// Direct messages sent to another node's inbox.
+    pub directs_sent: AtomicU64,
+    /// Direct messages answered `unknown_client` by the cluster thread
+    /// (nobody has the target, or Redis is away: fail fast).
+    pub directs_unknown: AtomicU64,
+    /// Affinity hints sent to clients.
+    pub affinity_hints: AtomicU64,
+    /// Messages for shards refused because a mailbox was full.
+    pub mailbox_full: AtomicU64,
+    /// Round trips to Redis (pipelines and subscription changes).
+    pub redis_batches: AtomicU64,
+    /// Room channels subscribed now.
+    pub subscribed_rooms: AtomicU64,
     /// The last `/cluster` view: live nodes from the registry (JSON).
     pub nodes_json: Mutex<serde_json::Value>,
 }
@@ -213,9 +242,15 @@ impl ClusterHandle {
 
     /// For `/ready`.
     pub fn status_json(&self) -> serde_json::Value {
+        let s = &self.status;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         serde_json::json!({
             "redis": self.breaker().name(),
-            "dropped_events": self.status.dropped_events.load(Ordering::Relaxed),
+            "dropped_events": g(&s.dropped_events),
+            "redis_commands": g(&s.redis_commands),
+            "redis_errors": g(&s.redis_errors),
+            "reregistrations": g(&s.reregistrations),
+            "subscribed_rooms": g(&s.subscribed_rooms),
         })
     }
 
@@ -247,11 +282,21 @@ impl ClusterHandle {
             ("cluster_remote_room_messages_total", "Room messages from other nodes.", g(&s.remote_room_messages)),
             ("cluster_remote_direct_messages_total", "Direct messages from other nodes.", g(&s.remote_direct_messages)),
             ("cluster_published_total", "Room messages published to other nodes.", g(&s.published)),
+            ("cluster_publish_dropped_total", "Room messages not forwarded (Redis away).", g(&s.publish_dropped)),
+            ("cluster_directs_sent_total", "Direct messages sent to other nodes.", g(&s.directs_sent)),
+            ("cluster_directs_unknown_total", "Direct messages answered unknown_client.", g(&s.directs_unknown)),
+            ("cluster_affinity_hints_total", "Affinity hints sent to clients.", g(&s.affinity_hints)),
+            ("cluster_mailbox_full_total", "Messages for shards refused by a full mailbox.", g(&s.mailbox_full)),
+            ("cluster_redis_batches_total", "Round trips to Redis.", g(&s.redis_batches)),
         ] {
             out.push_str(&format!(
                 "# HELP ringside_{name} {help}\n# TYPE ringside_{name} counter\nringside_{name} {v}\n"
             ));
         }
+        out.push_str(&format!(
+            "# HELP ringside_cluster_subscribed_rooms Room channels subscribed.\n# TYPE ringside_cluster_subscribed_rooms gauge\nringside_cluster_subscribed_rooms {}\n",
+            g(&s.subscribed_rooms)
+        ));
         out
     }
 }

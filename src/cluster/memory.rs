@@ -1,0 +1,264 @@
+//! An in-memory store with Redis semantics for the ops the worker uses
+//! (hashes, strings, sets, TTLs, pub/sub), shared by several simulated
+//! nodes. Unit tests drive the worker against it, and switch it "down" to
+//! exercise the breaker. Not for production: no persistence, one lock.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::backend::{Backend, ClusterError, Connector, Incoming, Op, Reply, Result};
+
+#[derive(Debug, Clone)]
+enum Val {
+    Str(Vec<u8>),
+    Hash(HashMap<String, String>),
+    Set(BTreeSet<String>),
+}
+
+#[derive(Debug)]
+struct Entry {
+    val: Val,
+    expires: Option<Instant>,
+}
+
+struct Sub {
+    id: u64,
+    channels: HashSet<String>,
+    tx: UnboundedSender<Incoming>,
+}
+
+#[derive(Default)]
+struct Hub {
+    kv: HashMap<String, Entry>,
+    subs: Vec<Sub>,
+    down: bool,
+    next_id: u64,
+    commands: u64,
+}
+
+/// The shared store; clone it to hand it to several nodes.
+#[derive(Clone, Default)]
+pub struct MemoryHub {
+    inner: Arc<Mutex<Hub>>,
+}
+
+/// A connection to a [`MemoryHub`].
+pub struct MemoryConn {
+    hub: MemoryHub,
+    id: u64,
+}
+
+impl MemoryHub {
+    fn lock(&self) -> MutexGuard<'_, Hub> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Simulates Redis stopping (`true`: every connection drops) or returning.
+    pub fn set_down(&self, down: bool) {
+        let mut h = self.lock();
+        h.down = down;
+        if down {
+            for s in h.subs.drain(..) {
+                let _ = s.tx.send(Incoming::Disconnected);
+            }
+        }
+    }
+
+    /// A hash's fields, or empty.
+    pub fn hash(&self, key: &str) -> HashMap<String, String> {
+        match self.lock().get(key) {
+            Some(Val::Hash(h)) => h.clone(),
+            _ => HashMap::new(),
+        }
+    }
+
+    /// A string value.
+    pub fn string(&self, key: &str) -> Option<String> {
+        match self.lock().get(key) {
+            Some(Val::Str(v)) => Some(String::from_utf8_lossy(&v).into_owned()),
+            _ => None,
+        }
+    }
+
+    /// Remaining TTL of `key`.
+    pub fn ttl(&self, key: &str) -> Option<Duration> {
+        let h = self.lock();
+        h.kv.get(key).and_then(|e| e.expires).map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
+    /// Commands executed so far.
+    pub fn commands(&self) -> u64 {
+        self.lock().commands
+    }
+
+    /// Channels with at least one subscriber.
+    pub fn channels(&self) -> BTreeSet<String> {
+        self.lock().subs.iter().flat_map(|s| s.channels.iter().cloned()).collect()
+    }
+}
+
+impl Hub {
+    fn get(&mut self, key: &str) -> Option<Val> {
+        let expired = self.kv.get(key).is_some_and(|e| e.expires.is_some_and(|t| t <= Instant::now()));
+        if expired {
+            self.kv.remove(key);
+        }
+        self.kv.get(key).map(|e| e.val.clone())
+    }
+
+    fn expire(&mut self, key: &str, ttl_ms: u64) {
+        if self.get(key).is_some() {
+            if let Some(e) = self.kv.get_mut(key) {
+                e.expires = Some(Instant::now() + Duration::from_millis(ttl_ms));
+            }
+        }
+    }
+
+    fn put(&mut self, key: &str, val: Val, expires: Option<Instant>) {
+        self.kv.insert(key.to_string(), Entry { val, expires });
+    }
+
+    fn run(&mut self, op: &Op) -> Reply {
+        self.commands += op.commands();
+        match op {
+            Op::HSet { key, fields, ttl_ms } => {
+                let mut h = match self.get(key) {
+                    Some(Val::Hash(h)) => h,
+                    _ => HashMap::new(),
+                };
+                h.extend(fields.iter().map(|(f, v)| (f.to_string(), v.clone())));
+                self.put(key, Val::Hash(h), None);
+                self.expire(key, *ttl_ms);
+            }
+            Op::Set { key, value, ttl_ms } => {
+                self.put(key, Val::Str(value.clone()), Some(Instant::now() + Duration::from_millis(*ttl_ms)))
+            }
+            Op::Expire { key, ttl_ms } => self.expire(key, *ttl_ms),
+            Op::Del { key } => {
+                self.kv.remove(key);
+            }
+            Op::DelIfNode { key, node } => {
+                if let Some(Val::Hash(h)) = self.get(key) {
+                    if h.get("node") == Some(node) {
+                        self.kv.remove(key);
+                    }
+                }
+            }
+            Op::SAdd { key, member } => {
+                let mut s = match self.get(key) {
+                    Some(Val::Set(s)) => s,
+                    _ => BTreeSet::new(),
+                };
+                s.insert(member.clone());
+                self.put(key, Val::Set(s), None);
+            }
+            Op::SRem { key, member } => {
+                if let Some(e) = self.kv.get_mut(key) {
+                    if let Val::Set(s) = &mut e.val {
+                        s.remove(member);
+                    }
+                }
+            }
+            Op::SMembers { key } => {
+                return Reply::List(match self.get(key) {
+                    Some(Val::Set(s)) => s.into_iter().collect(),
+                    _ => Vec::new(),
+                })
+            }
+            Op::Get { key } => {
+                return Reply::Str(match self.get(key) {
+                    Some(Val::Str(v)) => Some(String::from_utf8_lossy(&v).into_owned()),
+                    _ => None,
+                })
+            }
+            Op::HGet { key, field } => {
+                return Reply::Str(match self.get(key) {
+                    Some(Val::Hash(h)) => h.get(*field).cloned(),
+                    _ => None,
+                })
+            }
+            Op::HGetAll { key } => {
+                return Reply::Map(match self.get(key) {
+                    Some(Val::Hash(h)) => h,
+                    _ => HashMap::new(),
+                })
+            }
+            Op::Publish { channel, payload } => {
+                let mut n = 0;
+                for s in self.subs.iter().filter(|s| s.channels.contains(channel)) {
+                    let _ = s.tx.send(Incoming::Message { channel: channel.clone(), payload: payload.clone() });
+                    n += 1;
+                }
+                return Reply::Int(n);
+            }
+        }
+        Reply::Done
+    }
+}
+
+/// Connects to a [`MemoryHub`].
+#[derive(Clone)]
+pub struct MemoryConnector(pub MemoryHub);
+
+impl Connector for MemoryConnector {
+    type Conn = MemoryConn;
+
+    async fn connect(&self, incoming: UnboundedSender<Incoming>) -> Result<MemoryConn> {
+        let mut h = self.0.lock();
+        if h.down {
+            return Err(ClusterError::Connect("memory store is down".into()));
+        }
+        h.next_id += 1;
+        let id = h.next_id;
+        h.subs.push(Sub { id, channels: HashSet::new(), tx: incoming });
+        Ok(MemoryConn { hub: self.0.clone(), id })
+    }
+}
+
+impl MemoryConn {
+    fn with_sub(&self, f: impl FnOnce(&mut HashSet<String>)) -> Result<()> {
+        let mut h = self.hub.lock();
+        if h.down {
+            return Err(ClusterError::Command("memory store is down".into()));
+        }
+        match h.subs.iter_mut().find(|s| s.id == self.id) {
+            Some(s) => {
+                f(&mut s.channels);
+                Ok(())
+            }
+            None => Err(ClusterError::Command("connection dropped".into())),
+        }
+    }
+}
+
+impl Backend for MemoryConn {
+    async fn exec(&mut self, ops: &[Op]) -> Result<Vec<Reply>> {
+        let mut h = self.hub.lock();
+        if h.down {
+            return Err(ClusterError::Command("memory store is down".into()));
+        }
+        Ok(ops.iter().map(|op| h.run(op)).collect())
+    }
+
+    async fn subscribe(&mut self, channels: &[String]) -> Result<()> {
+        self.with_sub(|s| s.extend(channels.iter().cloned()))
+    }
+
+    async fn unsubscribe(&mut self, channels: &[String]) -> Result<()> {
+        self.with_sub(|s| {
+            for c in channels {
+                s.remove(c);
+            }
+        })
+    }
+}
+
+impl Drop for MemoryConn {
+    fn drop(&mut self) {
+        let id = self.id;
+        self.hub.lock().subs.retain(|s| s.id != id);
+    }
+}

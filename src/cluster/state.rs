@@ -1,0 +1,316 @@
+//! What the cluster thread remembers about this node, independent of Redis:
+//! which clients are connected here (and which of their conn keys are
+//! written), which rooms have local members on which shards, which room
+//! channels are subscribed, and the latest connection samples.
+//!
+//! Events only change this state; the worker turns the accumulated changes
+//! into one batch of writes per sync interval, so a client that connects
+//! and leaves within one interval costs no conn-key write at all.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use super::backend::Op;
+use super::keys;
+use super::SampleEntry;
+
+/// Closes remembered while Redis is away, at most; beyond this the conn keys
+/// are left to their TTL (readers also check that the named node is live).
+const MAX_PENDING_CLOSES: usize = 200_000;
+/// Entries kept in `ringside:sample:{node}` at most.
+pub const MAX_SAMPLE: usize = 256;
+
+/// A client connected to this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalClient {
+    /// Live connections with this id here (a reconnect may overlap the old one).
+    pub count: u32,
+    /// Shard of the newest connection.
+    pub shard: usize,
+    /// Unix seconds of the newest connection.
+    pub connected_at: u64,
+    /// Its conn key has been written.
+    pub written: bool,
+}
+
+/// Writes taken for one flush, given back with [`State::restore`] if it failed.
+#[derive(Debug, Default)]
+pub struct Flush {
+    /// The ops to run.
+    pub ops: Vec<Op>,
+    closes: Vec<Arc<str>>,
+    affinity: Vec<Arc<str>>,
+}
+
+/// Node-local cluster state.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Clients connected here.
+    pub clients: HashMap<Arc<str>, LocalClient>,
+    dirty_open: HashSet<Arc<str>>,
+    dirty_close: HashSet<Arc<str>>,
+    affinity_dirty: HashSet<Arc<str>>,
+    interest: HashMap<Arc<str>, BTreeSet<usize>>,
+    subscribed: HashSet<Arc<str>>,
+    dirty_rooms: HashSet<Arc<str>>,
+    samples: HashMap<usize, Vec<SampleEntry>>,
+}
+
+fn slice_of(client_id: &str, rounds: u64) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    client_id.hash(&mut h);
+    h.finish() % rounds
+}
+
+impl State {
+    /// A client connected on `shard` at `now_secs`.
+    pub fn conn_opened(&mut self, client_id: Arc<str>, shard: usize, now_secs: u64) {
+        let e = self.clients.entry(client_id.clone()).or_insert(LocalClient {
+            count: 0,
+            shard,
+            connected_at: now_secs,
+            written: false,
+        });
+        e.count += 1;
+        e.shard = shard;
+        e.connected_at = now_secs;
+        self.dirty_close.remove(&client_id);
+        self.dirty_open.insert(client_id.clone());
+        self.affinity_dirty.insert(client_id);
+    }
+
+    /// A client's connection closed.
+    pub fn conn_closed(&mut self, client_id: Arc<str>) {
+        let Some(e) = self.clients.get_mut(&client_id) else { return };
+        e.count = e.count.saturating_sub(1);
+        if e.count == 0 {
+            let written = e.written;
+            self.clients.remove(&client_id);
+            self.dirty_open.remove(&client_id);
+            if written && self.dirty_close.len() < MAX_PENDING_CLOSES {
+                self.dirty_close.insert(client_id.clone());
+            }
+        }
+        // Affinity is "refreshed on activity": leaving is the last activity,
+        // so its TTL counts from here.
+        self.affinity_dirty.insert(client_id);
+    }
+
+    /// True if `client_id` is connected here.
+    pub fn is_local(&self, client_id: &str) -> bool {
+        self.clients.contains_key(client_id)
+    }
+
+    /// After a reconnect to Redis: every conn key is written again.
+    pub fn mark_all_dirty(&mut self) {
+        self.dirty_open.extend(self.clients.keys().cloned());
+        self.subscribed.clear();
+        self.dirty_rooms.extend(self.interest.keys().cloned());
+    }
+
+    /// Takes this interval's conn, affinity and refresh writes. `tick`
+    /// selects which slice of live conn keys gets its TTL refreshed.
+    pub fn take_flush(&mut self, me: &str, conn_ttl_ms: u64, affinity_ttl_ms: u64, tick: u64) -> Flush {
+        let mut f = Flush::default();
+        let opened: HashSet<Arc<str>> = self.dirty_open.drain().collect();
+        for cid in &opened {
+            if let Some(c) = self.clients.get_mut(cid) {
+                c.written = true;
+                let fields = vec![
+                    ("node", me.to_string()),
+                    ("shard", c.shard.to_string()),
+                    ("connected_at", c.connected_at.to_string()),
+                ];
+                f.ops.push(Op::HSet { key: keys::conn(cid), fields, ttl_ms: conn_ttl_ms });
+            }
+        }
+        let slice = tick % keys::REFRESH_ROUNDS;
+        for (cid, c) in &self.clients {
+            if c.written && slice_of(cid, keys::REFRESH_ROUNDS) == slice && !opened.contains(cid) {
+                f.ops.push(Op::Expire { key: keys::conn(cid), ttl_ms: conn_ttl_ms });
+            }
+        }
+        for cid in self.dirty_close.drain() {
+            f.ops.push(Op::DelIfNode { key: keys::conn(&cid), node: me.to_string() });
+            f.closes.push(cid);
+        }
+        for cid in self.affinity_dirty.drain() {
+            f.ops.push(Op::Set { key: keys::affinity(&cid), value: me.as_bytes().to_vec(), ttl_ms: affinity_ttl_ms });
+            f.affinity.push(cid);
+        }
+        f
+    }
+
+    /// Gives back the closes and affinity writes of a flush that failed.
+    pub fn restore(&mut self, f: Flush) {
+        for cid in f.closes {
+            if !self.clients.contains_key(&cid) && self.dirty_close.len() < MAX_PENDING_CLOSES {
+                self.dirty_close.insert(cid);
+            }
+        }
+        self.affinity_dirty.extend(f.affinity);
+    }
+
+    /// Shard `shard`'s first member joined `room` (`on`) or its last left.
+    pub fn room_interest(&mut self, room: Arc<str>, shard: usize, on: bool) {
+        let set = self.interest.entry(room.clone()).or_default();
+        if on {
+            set.insert(shard);
+        } else {
+            set.remove(&shard);
+        }
+        if set.is_empty() {
+            self.interest.remove(&room);
+        }
+        self.dirty_rooms.insert(room);
+    }
+
+    /// Shards with members in `room`.
+    pub fn interested_shards(&self, room: &str) -> usize {
+        self.interest.get(room).map_or(0, BTreeSet::len)
+    }
+
+    /// Rooms to subscribe and to unsubscribe so that subscriptions match
+    /// interest. The caller reports what succeeded with [`State::subscribed`].
+    pub fn room_changes(&mut self) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+        let mut on = Vec::new();
+        let mut off = Vec::new();
+        for room in self.dirty_rooms.drain() {
+            match (self.interest.contains_key(&room), self.subscribed.contains(&room)) {
+                (true, false) => on.push(room),
+                (false, true) => off.push(room),
+                _ => {}
+            }
+        }
+        (on, off)
+    }
+
+    /// Records that `rooms` are now subscribed (`on`) or not.
+    pub fn subscribed(&mut self, rooms: &[Arc<str>], on: bool) {
+        for r in rooms {
+            if on {
+                self.subscribed.insert(r.clone());
+            } else {
+                self.subscribed.remove(r);
+            }
+        }
+    }
+
+    /// Marks rooms whose subscription change failed, to retry later.
+    pub fn retry_rooms(&mut self, rooms: impl IntoIterator<Item = Arc<str>>) {
+        self.dirty_rooms.extend(rooms);
+    }
+
+    /// Number of subscribed room channels.
+    pub fn subscribed_count(&self) -> usize {
+        self.subscribed.len()
+    }
+
+    /// Keeps shard `shard`'s latest sample (at most `max` entries).
+    pub fn sample(&mut self, shard: usize, mut entries: Vec<SampleEntry>, max: usize) {
+        entries.truncate(max);
+        self.samples.insert(shard, entries);
+    }
+
+    /// The sample key's value: every shard's latest entries, bounded.
+    pub fn sample_json(&self) -> Option<String> {
+        if self.samples.is_empty() {
+            return None;
+        }
+        let mut shards: Vec<_> = self.samples.iter().collect();
+        shards.sort_by_key(|(s, _)| **s);
+        let all: Vec<&SampleEntry> = shards.into_iter().flat_map(|(_, v)| v.iter()).take(MAX_SAMPLE).collect();
+        serde_json::to_string(&all).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cid(s: &str) -> Arc<str> {
+        Arc::from(s)
+    }
+
+    #[test]
+    fn short_lived_clients_cost_no_conn_write() {
+        let mut s = State::default();
+        s.conn_opened(cid("a"), 0, 1);
+        s.conn_closed(cid("a"));
+        let f = s.take_flush("n1", 1000, 9000, 0);
+        assert_eq!(f.ops.len(), 1, "only the affinity write: {:?}", f.ops);
+        assert!(matches!(&f.ops[0], Op::Set { key, .. } if key == "ringside:affinity:a"));
+    }
+
+    #[test]
+    fn written_clients_are_deleted_conditionally_and_overlaps_counted() {
+        let mut s = State::default();
+        s.conn_opened(cid("a"), 1, 1);
+        let f = s.take_flush("n1", 1000, 9000, 0);
+        assert!(f.ops.iter().any(|o| matches!(o, Op::HSet { key, .. } if key == "ringside:conn:a")));
+        // Reconnect overlaps: the old connection's close must not delete.
+        s.conn_opened(cid("a"), 0, 2);
+        s.conn_closed(cid("a"));
+        assert!(s.is_local("a"));
+        s.conn_closed(cid("a"));
+        assert!(!s.is_local("a"));
+        let f = s.take_flush("n1", 1000, 9000, 1);
+        assert!(f.ops.contains(&Op::DelIfNode { key: "ringside:conn:a".into(), node: "n1".into() }));
+        // A failed flush gives its close back.
+        s.restore(f);
+        let f = s.take_flush("n1", 1000, 9000, 2);
+        assert!(f.ops.contains(&Op::DelIfNode { key: "ringside:conn:a".into(), node: "n1".into() }));
+    }
+
+    #[test]
+    fn live_keys_are_refreshed_once_per_round() {
+        let mut s = State::default();
+        for i in 0..100 {
+            s.conn_opened(cid(&format!("c{i}")), 0, 1);
+        }
+        let _ = s.take_flush("n1", 1000, 9000, 0);
+        let mut refreshed = 0;
+        for tick in 1..=keys::REFRESH_ROUNDS {
+            let f = s.take_flush("n1", 1000, 9000, tick);
+            refreshed += f.ops.iter().filter(|o| matches!(o, Op::Expire { .. })).count();
+        }
+        assert_eq!(refreshed, 100);
+    }
+
+    #[test]
+    fn subscriptions_follow_shard_interest() {
+        let mut s = State::default();
+        let r = cid("r");
+        s.room_interest(r.clone(), 0, true);
+        s.room_interest(r.clone(), 1, true);
+        assert_eq!(s.interested_shards("r"), 2);
+        let (on, off) = s.room_changes();
+        assert_eq!((on.len(), off.len()), (1, 0));
+        s.subscribed(&on, true);
+        s.room_interest(r.clone(), 0, false);
+        assert_eq!(s.room_changes(), (vec![], vec![]), "shard 1 still has members");
+        s.room_interest(r.clone(), 1, false);
+        s.room_interest(r.clone(), 1, true);
+        s.room_interest(r.clone(), 1, false);
+        let (on, off) = s.room_changes();
+        assert_eq!((on.len(), off.len()), (0, 1));
+        s.subscribed(&off, false);
+        s.room_interest(r.clone(), 0, true);
+        s.subscribed(std::slice::from_ref(&r), true);
+        s.mark_all_dirty();
+        assert_eq!(s.room_changes().0, vec![r], "resubscribed after a reconnect");
+    }
+
+    #[test]
+    fn samples_are_bounded() {
+        let mut s = State::default();
+        let e = SampleEntry { client_id: "c".into(), shard: 0, age_ms: 1, queued_bytes: 0, rtt_us: 0 };
+        s.sample(0, vec![e.clone(); 50], 16);
+        for shard in 1..40 {
+            s.sample(shard, vec![e.clone(); 16], 16);
+        }
+        let v: Vec<serde_json::Value> = serde_json::from_str(&s.sample_json().unwrap()).unwrap();
+        assert_eq!(v.len(), MAX_SAMPLE);
+    }
+}
