@@ -1,6 +1,7 @@
 //! `loadtest index DIR`: rebuilds `DIR/README.md` from every `summary.json`
 //! below DIR (and lists the `comparison.md` files that `scripts/bench-peers`
-//! writes), so the index never disagrees with the runs it points at.
+//! writes) and appends DIR/NOTES.md (hand-written findings, minus its title
+//! line), so the index never disagrees with the runs it points at.
 
 use std::path::{Path, PathBuf};
 
@@ -114,6 +115,12 @@ pub fn rebuild(root: &Path) -> std::io::Result<usize> {
             let rel = c.strip_prefix(root).unwrap_or(&c).display().to_string();
             s += &format!("- [{rel}]({rel})\n");
         }
+    }
+    // Hand-written findings and caveats live beside the generated index.
+    if let Ok(notes) = std::fs::read_to_string(root.join("NOTES.md")) {
+        s += "\n## Notes (from NOTES.md)\n\n";
+        s += notes.trim_start_matches(|c| c != '\n').trim_start();
+        s += "\n";
     }
     std::fs::write(root.join("README.md"), s)?;
     Ok(n)

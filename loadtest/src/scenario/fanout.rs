@@ -73,13 +73,22 @@ struct Stamp {
     i: u64,
 }
 
-/// The server frames a subscriber cares about.
+/// The server frames a subscriber cares about (join replies, errors).
 #[derive(Debug, Deserialize)]
 struct Incoming {
     #[serde(rename = "type")]
     ty: String,
     room: Option<String>,
-    data: Option<serde_json::Value>,
+}
+
+/// A delivery, parsed straight into its stamp: at 100k deliveries/s on a shared
+/// 2-core machine the client's parsing cost shows up in the latency it measures,
+/// so no intermediate `serde_json::Value` and no owned strings.
+#[derive(Debug, Deserialize)]
+struct Delivery<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: std::borrow::Cow<'a, str>,
+    data: Stamp,
 }
 
 /// Per-subscriber bookkeeping of what arrived from each publisher.
@@ -189,17 +198,13 @@ async fn join(ctx: &CtxRef, ws: &mut Ws, room: &str) -> Result<(), &'static str>
 fn on_delivery(ctx: &CtxRef, seen: &mut Seen, text: &str) {
     let now = mono_us();
     let mut st = ctx.stats.borrow_mut();
-    let inc = match serde_json::from_str::<Incoming>(text) {
-        Ok(i) => i,
-        Err(_) => return st.fail("bad_message", false),
-    };
-    match inc.ty.as_str() {
-        "message" => {}
-        "error" => return st.fail("server_error", false),
-        _ => return,
-    }
-    let Some(stamp) = inc.data.and_then(|d| serde_json::from_value::<Stamp>(d).ok()) else {
-        return st.fail("bad_message", false);
+    let stamp = match serde_json::from_str::<Delivery>(text) {
+        Ok(d) if d.ty == "message" => d.data,
+        _ => match serde_json::from_str::<Incoming>(text).map(|i| i.ty) {
+            Ok(t) if t == "error" => return st.fail("server_error", false),
+            Ok(t) if t != "message" => return,
+            _ => return st.fail("bad_message", false),
+        },
     };
     match seen.note(stamp.p, stamp.s) {
         Arrival::Duplicate => return st.add("messages.duplicates", 1),
