@@ -230,8 +230,16 @@ impl<C: Connector> Worker<C> {
         match node {
             Some(n) if n != self.me && self.live.contains_key(&n) => routes.push((n, d)),
             // Not written yet (conn keys are batched), or stale: wait a little.
-            _ if Instant::now() < d.deadline && self.retries.len() < MAX_PENDING_DIRECTS => self.retries.push_back(d),
-            _ => self.unknown(d.from, d.to),
+            _ => self.retry_or_unknown(d),
+        }
+    }
+
+    /// Looks `d`'s target up again later, until its deadline.
+    fn retry_or_unknown(&mut self, d: PendingDirect) {
+        if Instant::now() < d.deadline && self.retries.len() < MAX_PENDING_DIRECTS {
+            self.retries.push_back(d);
+        } else {
+            self.unknown(d.from, d.to);
         }
     }
 
@@ -250,8 +258,9 @@ impl<C: Connector> Worker<C> {
             Ok(replies) => {
                 for ((_, d), r) in routes.into_iter().zip(replies) {
                     match r {
-                        // Nobody listens on that inbox: the node just died.
-                        Reply::Int(0) => self.unknown(d.from, d.to),
+                        // Nobody listens on that inbox: the node just died and
+                        // the client may be reconnecting elsewhere; look again.
+                        Reply::Int(0) => self.retry_or_unknown(d),
                         _ => add(&self.status.directs_sent, 1),
                     }
                 }

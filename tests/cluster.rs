@@ -1,0 +1,306 @@
+//! Two (or three) ringside nodes and one real `redis-server`: cross-node
+//! rooms, direct messages, the registry and its TTLs, affinity hints, a
+//! SIGKILLed node, and a Redis outage. Each test owns its Redis and nodes on
+//! free ports; the sync interval is 200 ms.
+
+mod cluster_common;
+
+use std::time::{Duration, Instant};
+
+use cluster_common::*;
+use serde_json::json;
+
+const QUIET: Duration = Duration::from_millis(600);
+
+macro_rules! need_redis {
+    () => {
+        if !redis_available() {
+            return;
+        }
+    };
+}
+
+/// Waits until both nodes subscribed `room`.
+async fn both_subscribed(redis: &Redis, room: &str, n: i64) {
+    let r = redis_conn(&redis.url()).await;
+    let ch = format!("ringside:room:{room}");
+    let ok = eventually(Duration::from_secs(5), || {
+        let ch = ch.clone();
+        let mut r = r.clone();
+        async move { numsub(&mut r, &ch).await == n }
+    })
+    .await;
+    assert!(ok, "{ch} never had {n} subscribers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_span_nodes_both_ways_exactly_once_without_the_sender() {
+    need_redis!();
+    let redis = Redis::start();
+    let (a, b) = (Node::start("ra", &redis.url()), Node::start("rb", &redis.url()));
+    let mut a1 = Client::connect(&a, "a1").await;
+    let mut a2 = Client::connect(&a, "a2").await;
+    let mut b1 = Client::connect(&b, "b1").await;
+    let mut b2 = Client::connect(&b, "b2").await;
+    for c in [&mut a1, &mut a2, &mut b1, &mut b2] {
+        c.join("r").await;
+    }
+    both_subscribed(&redis, "r", 2).await;
+    for i in 0..5 {
+        a1.publish("r", json!({"from_a": i})).await;
+    }
+    let want: Vec<_> = (0..5).map(|i| json!({"from_a": i})).collect();
+    assert_eq!(room_data(&a2.drain(QUIET).await), want, "local member on a");
+    assert_eq!(room_data(&b1.drain(QUIET).await), want, "remote member on b, once each, in order");
+    assert_eq!(room_data(&b2.drain(QUIET).await), want);
+    assert!(room_data(&a1.drain(QUIET).await).is_empty(), "the sender does not get its own message");
+    for i in 0..5 {
+        b2.publish("r", json!({"from_b": i})).await;
+    }
+    let want: Vec<_> = (0..5).map(|i| json!({"from_b": i})).collect();
+    for c in [&mut a1, &mut a2, &mut b1] {
+        assert_eq!(room_data(&c.drain(QUIET).await), want, "client {}", c.id);
+    }
+    assert!(room_data(&b2.drain(QUIET).await).is_empty());
+    // The last local member leaving unsubscribes the node.
+    b1.close().await;
+    b2.close().await;
+    both_subscribed(&redis, "r", 1).await;
+    a1.publish("r", json!("after")).await;
+    assert_eq!(room_data(&a2.drain(QUIET).await), vec![json!("after")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_messages_cross_nodes_and_unknown_targets_are_reported() {
+    need_redis!();
+    let redis = Redis::start();
+    let (a, b) = (Node::start("da", &redis.url()), Node::start("db", &redis.url()));
+    // Wait until each node sees the other in the registry.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.get_json("/cluster")["nodes"].as_array().map_or(0, Vec::len) == 2
+        })
+        .await
+    );
+    let mut alice = Client::connect(&a, "alice").await;
+    let mut bob = Client::connect(&b, "bob").await;
+    // Straight away: bob's conn key is written in the next batch, the sender's node waits for it.
+    alice.direct("bob", json!({"hi": 1})).await;
+    let got = bob.recv().await.expect("direct across nodes");
+    assert_eq!(got, json!({"type": "direct", "from": "alice", "data": {"hi": 1}}));
+    bob.direct("alice", json!("back")).await;
+    let got = alice.recv().await.expect("and back");
+    assert_eq!(got["data"], "back");
+    let t0 = Instant::now();
+    alice.direct("nobody", json!(1)).await;
+    let err = alice.recv().await.expect("an error for an unknown target");
+    assert_eq!(err["type"], "error");
+    assert_eq!(err["code"], "unknown_client", "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "unknown answered in {:?}", t0.elapsed());
+    assert!(bob.drain(QUIET).await.is_empty(), "no duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_keys_carry_the_documented_fields_and_ttls() {
+    need_redis!();
+    let redis = Redis::start();
+    let (a, b) = (Node::start("ka", &redis.url()), Node::start("kb", &redis.url()));
+    let mut r = redis_conn(&redis.url()).await;
+    let carol = Client::connect(&a, "carol").await;
+    tokio::time::sleep(Duration::from_millis(3 * INTERVAL_MS)).await;
+    let node: std::collections::HashMap<String, String> =
+        redis::cmd("HGETALL").arg("ringside:node:ka").query_async(&mut r).await.unwrap();
+    for f in [
+        "url",
+        "shards",
+        "connections",
+        "capacity",
+        "utilization",
+        "handshake_p99_us",
+        "health",
+        "version",
+        "started_at",
+    ] {
+        assert!(node.contains_key(f), "node hash lacks {f}: {node:?}");
+    }
+    assert_eq!(node["url"], format!("ws://{}/ws", a.addr));
+    assert_eq!(node["connections"], "1");
+    assert_eq!(node["health"], "ok");
+    let r2 = r.clone();
+    let pttl = |key: &'static str| {
+        let mut r = r2.clone();
+        async move { redis::cmd("PTTL").arg(key).query_async::<i64>(&mut r).await.unwrap() }
+    };
+    let ttl = pttl("ringside:node:ka").await;
+    assert!(ttl > 0 && ttl <= 3 * INTERVAL_MS as i64, "node TTL {ttl} ms");
+    for shard in 0..2 {
+        let pool: std::collections::HashMap<String, String> =
+            redis::cmd("HGETALL").arg(format!("ringside:pool:ka:{shard}")).query_async(&mut r).await.unwrap();
+        for f in ["current", "max", "utilization", "health"] {
+            assert!(pool.contains_key(f), "pool {shard} lacks {f}: {pool:?}");
+        }
+    }
+    let ttl = pttl("ringside:pool:ka:1").await;
+    assert!(ttl > 0 && ttl <= 3 * INTERVAL_MS as i64, "pool TTL {ttl} ms");
+    let conn: std::collections::HashMap<String, String> =
+        redis::cmd("HGETALL").arg("ringside:conn:carol").query_async(&mut r).await.unwrap();
+    assert_eq!(conn.get("node").map(String::as_str), Some("ka"), "{conn:?}");
+    assert_eq!(conn.get("shard"), Some(&carol.welcome["shard"].to_string()));
+    assert!(conn.contains_key("connected_at"));
+    let ttl = pttl("ringside:conn:carol").await;
+    assert!(ttl > 0 && ttl <= 30 * INTERVAL_MS as i64, "conn TTL {ttl} ms");
+    let aff: Option<String> = redis::cmd("GET").arg("ringside:affinity:carol").query_async(&mut r).await.unwrap();
+    assert_eq!(aff.as_deref(), Some("ka"));
+    let ttl = pttl("ringside:affinity:carol").await;
+    assert!(ttl > 1_700_000 && ttl <= 1_800_000, "affinity TTL {ttl} ms (30 minutes)");
+    let view = b.get_json("/cluster");
+    let nodes = view["nodes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(nodes.len(), 2, "{view}");
+    assert!(nodes
+        .iter()
+        .all(|n| n["url"].is_string() && n["utilization"].is_number() && n["handshake_p99_us"].is_number()));
+    assert_eq!(view["least_loaded"]["node"], "kb", "kb has no connections: {view}");
+    // Leaving deletes the conn key in the next batch; affinity stays.
+    carol.close().await;
+    let gone = eventually(Duration::from_secs(2), || {
+        let mut r = r.clone();
+        async move { redis::cmd("EXISTS").arg("ringside:conn:carol").query_async::<i64>(&mut r).await.unwrap() == 0 }
+    })
+    .await;
+    assert!(gone, "conn key not removed after the client left");
+    assert!(pttl("ringside:affinity:carol").await > 1_700_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_back_on_another_node_gets_an_affinity_hint_and_is_served() {
+    need_redis!();
+    let redis = Redis::start();
+    let (a, b) = (Node::start("fa", &redis.url()), Node::start("fb", &redis.url()));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.get_json("/cluster")["nodes"].as_array().map_or(0, Vec::len) == 2
+        })
+        .await
+    );
+    let dan = Client::connect(&a, "dan").await;
+    dan.close().await;
+    tokio::time::sleep(Duration::from_millis(2 * INTERVAL_MS)).await;
+    let mut dan = Client::connect(&b, "dan").await;
+    let hint = dan.recv().await.expect("affinity hint");
+    assert_eq!(hint, json!({"type": "affinity", "node": "fa", "url": format!("ws://{}/ws", a.addr)}));
+    dan.send(json!({"type": "echo", "data": 7})).await;
+    assert_eq!(dan.recv().await.expect("served")["data"], 7);
+    // Back on its affinity node: no hint.
+    dan.close().await;
+    tokio::time::sleep(Duration::from_millis(2 * INTERVAL_MS)).await;
+    let mut dan = Client::connect(&b, "dan").await;
+    assert!(dan.drain(QUIET).await.is_empty(), "no hint on the affinity node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_node_expires_and_its_clients_work_elsewhere() {
+    need_redis!();
+    let redis = Redis::start();
+    let mut a = Node::start("xa", &redis.url());
+    let b = Node::start("xb", &redis.url());
+    let c = Node::start("xc", &redis.url());
+    let mut r = redis_conn(&redis.url()).await;
+    let mut erin = Client::connect(&a, "erin").await;
+    erin.join("r").await;
+    tokio::time::sleep(Duration::from_millis(2 * INTERVAL_MS)).await;
+    a.kill();
+    let killed = Instant::now();
+    let gone = eventually(Duration::from_secs(3), || {
+        let mut r = r.clone();
+        async move { redis::cmd("EXISTS").arg("ringside:node:xa").query_async::<i64>(&mut r).await.unwrap() == 0 }
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(gone && took <= Duration::from_millis(3 * INTERVAL_MS + 300), "node key gone after {took:?}");
+    assert!(erin.recv_within(Duration::from_secs(1)).await.is_none(), "erin's socket died with xa");
+    // The survivors' views drop xa at their next registry read.
+    let ok = eventually(Duration::from_secs(3), || async {
+        b.get_json("/cluster")["nodes"].as_array().map_or(0, Vec::len) == 2
+    })
+    .await;
+    assert!(ok, "xb's view still lists xa: {}", b.get("/cluster"));
+    // erin reconnects to xb (no hint: its affinity node is dead); rooms and direct messages work there.
+    let mut erin = Client::connect(&b, "erin").await;
+    erin.join("r").await;
+    let mut frank = Client::connect(&c, "frank").await;
+    frank.join("r").await;
+    both_subscribed(&redis, "r", 2).await;
+    frank.publish("r", json!("hello erin")).await;
+    let m = erin.recv().await.expect("room message on the new node");
+    assert_eq!(m["data"], "hello erin");
+    frank.direct("erin", json!("psst")).await;
+    let m = erin.recv().await.expect("direct on the new node");
+    assert_eq!(m, json!({"type": "direct", "from": "frank", "data": "psst"}));
+    let conn: Option<String> =
+        redis::cmd("HGET").arg("ringside:conn:erin").arg("node").query_async(&mut r).await.unwrap();
+    assert_eq!(conn.as_deref(), Some("xb"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_leaves_local_traffic_alone_and_recovers() {
+    need_redis!();
+    let mut redis = Redis::start();
+    let (a, b) = (Node::start("oa", &redis.url()), Node::start("ob", &redis.url()));
+    let mut a1 = Client::connect(&a, "a1").await;
+    let mut a2 = Client::connect(&a, "a2").await;
+    let mut b1 = Client::connect(&b, "b1").await;
+    for c in [&mut a1, &mut a2, &mut b1] {
+        c.join("r").await;
+    }
+    both_subscribed(&redis, "r", 2).await;
+    redis.stop();
+    assert!(eventually(Duration::from_secs(3), || async { a.breaker() != "closed" && b.breaker() != "closed" }).await);
+    // Local traffic during the outage: rooms, echo, connects.
+    for i in 0..20 {
+        a1.publish("r", json!(i)).await;
+    }
+    let want: Vec<_> = (0..20).map(|i| json!(i)).collect();
+    assert_eq!(room_data(&a2.drain(QUIET).await), want, "local delivery untouched");
+    assert!(room_data(&b1.drain(QUIET).await).is_empty(), "nothing crosses while Redis is down");
+    let mut a3 = Client::connect(&a, "a3").await;
+    a3.send(json!({"type": "echo", "data": "still here"})).await;
+    assert_eq!(a3.recv().await.expect("echo")["data"], "still here");
+    // Cross-node direct fails fast.
+    let t0 = Instant::now();
+    a1.direct("b1", json!(1)).await;
+    let err = a1.recv().await.expect("unknown_client while Redis is down");
+    assert_eq!(err["code"], "unknown_client");
+    assert!(t0.elapsed() < Duration::from_millis(500), "fail fast took {:?}", t0.elapsed());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.restart();
+    let back = Instant::now();
+    let (ta, tb) = (a.wait_closed(Duration::from_secs(8)).await, b.wait_closed(Duration::from_secs(8)).await);
+    assert!(ta.is_some() && tb.is_some(), "breakers closed: {ta:?} {tb:?}");
+    assert!(back.elapsed() < Duration::from_secs(5), "back after {:?}", back.elapsed());
+    // Re-registered: node keys, conn keys, room subscriptions.
+    both_subscribed(&redis, "r", 2).await;
+    let mut r = redis_conn(&redis.url()).await;
+    let ok = eventually(Duration::from_secs(2), || {
+        let mut r = r.clone();
+        async move {
+            let n: i64 = redis::cmd("EXISTS")
+                .arg("ringside:node:oa")
+                .arg("ringside:node:ob")
+                .arg("ringside:conn:b1")
+                .arg("ringside:conn:a3")
+                .query_async(&mut r)
+                .await
+                .unwrap_or(0);
+            n == 4
+        }
+    })
+    .await;
+    assert!(ok, "keys not re-registered");
+    assert!(a.metric("ringside_cluster_reregistrations_total") >= 1.0);
+    a1.publish("r", json!("after")).await;
+    assert_eq!(room_data(&b1.drain(QUIET).await), vec![json!("after")], "cross-node delivery is back");
+    b1.direct("a1", json!("hi again")).await;
+    let m = a1.recv().await.expect("direct after recovery");
+    assert_eq!(m["data"], "hi again");
+    let _ = numsub(&mut r, "x").await;
+}
