@@ -29,6 +29,11 @@ pub const MAX_BATCH: usize = 1024;
 /// Direct messages waiting for their target's conn key at most; beyond
 /// this, the sender is told `unknown_client` at once.
 const MAX_PENDING_DIRECTS: usize = 4096;
+/// Affinity lookups of new connections are gathered this long into one
+/// round trip: at 2,000 connects/s that is ~100 round trips/s instead of
+/// 2,000, for a hint that arrives at most 10 ms later (publishes and direct
+/// messages do not wait; they take the waiting lookups along).
+const AFFINITY_GATHER: Duration = Duration::from_millis(10);
 
 /// Runs until [`ClusterCmd::Shutdown`] (or until every handle is gone).
 pub fn run(shared: Arc<NodeShared>, rx: mpsc::Receiver<ClusterCmd>) {
@@ -66,6 +71,8 @@ pub struct Worker<C: Connector> {
     ticks: u64,
     live: HashMap<String, NodeInfo>,
     retries: VecDeque<PendingDirect>,
+    opened: Vec<(Arc<str>, ConnId)>,
+    opened_due: Instant,
     ever_connected: bool,
 }
 
@@ -100,6 +107,8 @@ impl<C: Connector> Worker<C> {
             ticks: 0,
             live: HashMap::new(),
             retries: VecDeque::new(),
+            opened: Vec::new(),
+            opened_due: Instant::now(),
             ever_connected: false,
             shared,
         }
@@ -120,6 +129,8 @@ impl<C: Connector> Worker<C> {
             let reconnect_at = tokio::time::Instant::from_std(self.breaker.next_attempt());
             let disconnected = self.conn.is_none();
             let retrying = !self.retries.is_empty();
+            let gathering = !self.opened.is_empty();
+            let opened_due = tokio::time::Instant::from_std(self.opened_due);
             tokio::select! {
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { break };
@@ -138,6 +149,12 @@ impl<C: Connector> Worker<C> {
                 _ = tick.tick() => self.on_tick().await,
                 _ = retry.tick(), if retrying => self.retry_directs().await,
                 _ = tokio::time::sleep_until(reconnect_at), if disconnected => self.reconnect().await,
+                _ = tokio::time::sleep_until(opened_due), if gathering => {
+                    let opened = std::mem::take(&mut self.opened);
+                    if self.connected() {
+                        self.lookups(Vec::new(), opened, Vec::new()).await;
+                    }
+                }
             }
             if let Some(new) = self.swap_incoming.take() {
                 incoming = new;
@@ -153,7 +170,6 @@ impl<C: Connector> Worker<C> {
     /// Handles one batch of shard events; true on `Shutdown`.
     async fn handle_batch(&mut self, batch: Vec<ClusterCmd>) -> bool {
         let mut publishes = Vec::new();
-        let mut opened = Vec::new();
         let mut directs = Vec::new();
         let mut stop = false;
         let now_secs = unix_secs();
@@ -162,7 +178,10 @@ impl<C: Connector> Worker<C> {
             match cmd {
                 ClusterCmd::ConnOpened { client_id, conn } => {
                     self.state.conn_opened(client_id.clone(), conn.shard(), now_secs);
-                    opened.push((client_id, conn));
+                    if self.opened.is_empty() {
+                        self.opened_due = Instant::now() + AFFINITY_GATHER;
+                    }
+                    self.opened.push((client_id, conn));
                 }
                 ClusterCmd::ConnClosed { client_id } => self.state.conn_closed(client_id),
                 ClusterCmd::RoomInterest { shard, room, on } => self.state.room_interest(room, shard, on),
@@ -180,9 +199,13 @@ impl<C: Connector> Worker<C> {
         if !self.connected() {
             add(&self.status.publish_dropped, publishes.len() as u64);
             directs.into_iter().for_each(|d| self.unknown(d.from, d.to));
+            self.opened.clear();
             return stop;
         }
-        self.lookups(publishes, opened, directs).await;
+        if !publishes.is_empty() || !directs.is_empty() {
+            let opened = std::mem::take(&mut self.opened);
+            self.lookups(publishes, opened, directs).await;
+        }
         self.sync_rooms().await;
         stop
     }
