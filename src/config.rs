@@ -87,7 +87,8 @@ pub struct ServerConfig {
     /// A client that has not completed the upgrade within this is dropped. Default 5000 ms.
     pub handshake_timeout_ms: u64,
     /// Capacity of each shard's mailbox (cross-shard messages). A full mailbox
-    /// drops the message and counts it. Default 65536.
+    /// drops the message and counts it. The queue is allocated (and touched)
+    /// up front, ~72 bytes a slot. Default 16384.
     pub mailbox_capacity: usize,
     /// `Retry-After` seconds sent with 503 when the node is full or draining. Default 5.
     pub retry_after_secs: u32,
@@ -108,7 +109,7 @@ impl Default for ServerConfig {
             overflow_per_shard: 64,
             max_request_bytes: 8192,
             handshake_timeout_ms: 5000,
-            mailbox_capacity: 65536,
+            mailbox_capacity: 16384,
             retry_after_secs: 5,
         }
     }

@@ -68,7 +68,7 @@ async fn two_nodes_on_a_three_plus_three_redis_cluster() {
     assert_eq!(m, json!({"type": "direct", "from": "a1", "data": "over the cluster"}));
 
     a2.close().await;
-    tokio::time::sleep(Duration::from_millis(2 * INTERVAL_MS)).await;
+    tokio::time::sleep(Duration::from_millis(5 * INTERVAL_MS)).await;
     let mut a2 = Client::connect(&b, "a2").await;
     let hint = a2.recv().await.expect("affinity hint");
     assert_eq!(hint["type"], "affinity");

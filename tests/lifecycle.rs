@@ -24,8 +24,8 @@ async fn full_shard_hands_off_then_all_full_gets_503() {
     let (s, body) = node.get("/ready");
     assert_eq!(s, 503, "{body}");
     assert!(body.contains("\"status\":\"full\""));
-    let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n");
-    let (s, text) = raw_request(node.addr, &req);
+    let req = "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let (s, text) = raw_request(node.addr, req);
     assert_eq!(s, 503, "{text}");
     assert!(text.contains("Retry-After: "));
     assert!(node.metric("ringside_connections_rejected_total{reason=\"full\",status=\"503\"}") >= 1.0);

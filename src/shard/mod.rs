@@ -137,7 +137,10 @@ impl Shard {
             .max_frame_size(Some(w.max_frame_bytes));
         Rc::new(Shard {
             id,
-            table: RefCell::new(Table::new(id)),
+            table: RefCell::new(Table::with_capacity(
+                id,
+                node.capacity_per_shard + node.config.server.overflow_per_shard,
+            )),
             rooms: RefCell::new(Rooms::default()),
             directory: RefCell::new(HashMap::new()),
             read_buf: RefCell::new(vec![0u8; READ_BUF].into_boxed_slice()),
@@ -414,6 +417,18 @@ impl Shard {
                         shutdown(c.fd, libc::SHUT_RDWR);
                     }
                     Phase::Open if now.saturating_sub(c.last_rx_ms) > w.idle_timeout_ms => idle.push(id),
+                    Phase::Open
+                        if c.ctx.as_ref().is_some_and(|ctx| ctx.can_write())
+                            && c.boundary.at_rest()
+                            && now.saturating_sub(c.last_rx_ms) >= w.sweep_interval_ms =>
+                    {
+                        // Quiet at a frame boundary: give the read buffer back.
+                        c.ctx = None;
+                        if now.saturating_sub(c.last_rx_ms) > w.ping_interval_ms && !c.ping_sent {
+                            c.ping_sent = true;
+                            pings.push(id);
+                        }
+                    }
                     Phase::Open if now.saturating_sub(c.last_rx_ms) > w.ping_interval_ms && !c.ping_sent => {
                         c.ping_sent = true;
                         pings.push(id);

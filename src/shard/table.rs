@@ -13,6 +13,7 @@ use std::time::Instant;
 use slab::Slab;
 use tungstenite::protocol::WebSocketContext;
 
+use crate::ws::boundary::Boundary;
 use crate::ws::stream::SharedStream;
 
 /// Bits of a [`ConnId`] for the slot (4M connections per shard).
@@ -94,8 +95,11 @@ pub struct Conn {
     pub client_id: Option<Rc<str>>,
     /// Rooms joined on `/ws`.
     pub rooms: Vec<Rc<str>>,
-    /// Frame reader, created on the first inbound byte after the upgrade.
+    /// Frame reader, created on the first inbound byte after the upgrade
+    /// and dropped again when the connection rests at a frame boundary.
     pub ctx: Option<Box<WebSocketContext>>,
+    /// Where the inbound byte stream stands relative to frames.
+    pub boundary: Boundary,
     /// Bytes queued for the socket, not yet handed to the kernel.
     pub out: Vec<u8>,
     /// Bytes in the write currently in flight.
@@ -128,6 +132,7 @@ impl Conn {
             client_id: None,
             rooms: Vec::new(),
             ctx: None,
+            boundary: Boundary::default(),
             out: Vec::new(),
             inflight: 0,
             writing: false,
@@ -155,7 +160,14 @@ pub struct Table {
 impl Table {
     /// An empty table for `shard`.
     pub fn new(shard: usize) -> Self {
-        Table { shard, slab: Slab::new(), next_generation: 1, slotted: 0 }
+        Self::with_capacity(shard, 0)
+    }
+
+    /// An empty table with room for `capacity` entries reserved up front
+    /// (address space only: pages become resident as slots are used), so
+    /// that growing never copies the table mid-burst.
+    pub fn with_capacity(shard: usize, capacity: usize) -> Self {
+        Table { shard, slab: Slab::with_capacity(capacity), next_generation: 1, slotted: 0 }
     }
 
     /// Inserts and returns the new id.

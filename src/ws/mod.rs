@@ -2,6 +2,7 @@
 //! connection's read/write life ([`session`]) and the shared socket
 //! ([`stream`]).
 
+pub mod boundary;
 pub mod handshake;
 pub mod session;
 pub mod stream;

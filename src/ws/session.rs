@@ -38,8 +38,12 @@ enum Next {
 }
 
 /// Runs one accepted connection to the end.
+///
+/// The phases that hold buffers or in-flight writes (HTTP head, writes,
+/// lingering close) are boxed: the future that stays resident for an idle
+/// connection is then only the read loop waiting on readability.
 pub async fn run(shard: Rc<Shard>, stream: Rc<SharedStream>, id: ConnId) {
-    let next = match http_phase(&shard, &stream, id).await {
+    let next = match Box::pin(http_phase(&shard, &stream, id)).await {
         Some(leftover) => {
             let mut next = Next::Continue;
             if !leftover.is_empty() {
@@ -53,7 +57,7 @@ pub async fn run(shard: Rc<Shard>, stream: Rc<SharedStream>, id: ConnId) {
         None => Next::Linger,
     };
     if next == Next::Linger {
-        linger(&shard, &stream, id).await;
+        Box::pin(linger(&shard, &stream, id)).await;
     }
     shard.remove_conn(id);
 }
@@ -223,7 +227,7 @@ async fn flush(shard: &Rc<Shard>, stream: &Rc<SharedStream>, id: ConnId) {
         }
     };
     if start {
-        write_loop(shard.clone(), id, stream.clone()).await;
+        Box::pin(write_loop(shard.clone(), id, stream.clone())).await;
     }
 }
 
@@ -239,6 +243,7 @@ fn process_input(shard: &Rc<Shard>, id: ConnId, data: &[u8]) -> Next {
         c.last_rx_ms = now;
         c.ping_sent = false;
         let route = c.route;
+        c.boundary.feed(data);
         let ctx = c.ctx.get_or_insert_with(|| shard.new_context());
         let mut io = Io { input: data, out: &mut c.out };
         let next = loop {
