@@ -92,7 +92,7 @@ pub struct Conn {
     /// Deadline for the peer's close reply (ms since shard epoch), in `Closing`.
     pub close_deadline_ms: u64,
     /// Client id on `/ws`.
-    pub client_id: Option<Rc<str>>,
+    pub client_id: Option<std::sync::Arc<str>>,
     /// Rooms joined on `/ws`.
     pub rooms: Vec<Rc<str>>,
     /// Frame reader, created on the first inbound byte after the upgrade

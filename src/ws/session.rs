@@ -44,18 +44,13 @@ enum Next {
 /// connection is then only the read loop waiting on readability.
 pub async fn run(shard: Rc<Shard>, stream: Rc<SharedStream>, id: ConnId) {
     let next = match Box::pin(http_phase(&shard, &stream, id)).await {
-        Some(leftover) => {
-            let mut next = Next::Continue;
-            if !leftover.is_empty() {
-                next = process_input(&shard, id, &leftover);
-            }
-            if next == Next::Continue {
-                next = read_loop(&shard, &stream, id).await;
-            }
-            next
-        }
+        // Bytes that came right behind the request head (a pipelined first
+        // frame) are handled here and their buffer freed before the wait.
+        Some(leftover) if !leftover.is_empty() => process_input(&shard, id, &leftover),
+        Some(_) => Next::Continue,
         None => Next::Linger,
     };
+    let next = if next == Next::Continue { read_loop(&shard, &stream, id).await } else { next };
     if next == Next::Linger {
         Box::pin(linger(&shard, &stream, id)).await;
     }
@@ -156,7 +151,7 @@ async fn upgrade(
         if let Some(cid) = &client_id {
             let welcome = protocol::welcome(cid, &shard.node.node_id, shard.id);
             protocol::push_text_frame(&mut c.out, welcome.as_bytes());
-            c.client_id = Some(Rc::from(&**cid));
+            c.client_id = Some(cid.clone());
         }
         c.writing = true;
     }
