@@ -98,9 +98,9 @@ async fn protocol_violations_close_with_the_right_code_and_harm_nobody() {
         }
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(node.metric("ringside_connections_closed_total{code=\"1002\"}") >= 8.0);
-    assert!(node.metric("ringside_connections_closed_total{code=\"1007\"}") >= 4.0);
-    assert!(node.metric("ringside_connections_closed_total{code=\"1009\"}") >= 2.0);
+    assert!(node.eventually_metric("ringside_connections_closed_total{code=\"1002\"}", 8.0));
+    assert!(node.eventually_metric("ringside_connections_closed_total{code=\"1007\"}", 4.0));
+    assert!(node.eventually_metric("ringside_connections_closed_total{code=\"1009\"}", 2.0));
 }
 
 #[tokio::test]

@@ -91,6 +91,19 @@ impl NodeProc {
             .unwrap_or(0.0)
     }
 
+    /// Polls until `series` reaches `want` (closes are counted when the
+    /// close handshake finishes, a moment after the client sees the frame).
+    pub fn eventually_metric(&self, series: &str, want: f64) -> bool {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if self.metric(series) >= want {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Sum over every series of a metric name.
     pub fn metric_sum(&self, name: &str) -> f64 {
         let (_, text) = self.get("/metrics");
