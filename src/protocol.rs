@@ -111,9 +111,15 @@ pub fn push_text_frame(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
-/// An unmasked ping frame with an empty payload.
-pub fn ping_frame(out: &mut Vec<u8>) {
-    let _ = Frame::ping(Bytes::new()).format(out);
+/// An unmasked ping frame carrying `stamp` (the sender's clock, µs), so the
+/// pong tells the round trip.
+pub fn ping_frame(out: &mut Vec<u8>, stamp: u64) {
+    let _ = Frame::ping(Bytes::copy_from_slice(&stamp.to_be_bytes())).format(out);
+}
+
+/// The stamp of a pong that answers [`ping_frame`], if it is one.
+pub fn pong_stamp(payload: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(payload.try_into().ok()?))
 }
 
 /// A close frame with `code` and `reason` (reason trimmed to fit 123 bytes).
@@ -261,5 +267,47 @@ mod tests {
             Frame::message(payload.clone(), OpCode::Data(Data::Text), true).format(&mut theirs).unwrap();
             assert_eq!(ours, theirs, "len {len}");
         }
+    }
+}
+
+#[cfg(test)]
+mod fuzzish {
+    //! Random and mutated client messages: `parse` answers every one with a
+    //! request or a stable error and never panics.
+    use super::*;
+
+    #[test]
+    fn random_and_mutated_messages_never_panic() {
+        let seeds = [
+            r#"{"type":"publish","room":"r","data":{"a":[1,2,{"b":null}]}}"#,
+            r#"{"type":"direct","to":"u1","data":"x"}"#,
+            r#"{"type":"ping","id":1}"#,
+        ];
+        let mut rng = fastrand::Rng::with_seed(11);
+        for _ in 0..30_000 {
+            let mut input = seeds[rng.usize(..seeds.len())].as_bytes().to_vec();
+            for _ in 0..rng.usize(1..4) {
+                if input.is_empty() {
+                    break;
+                }
+                let i = rng.usize(..input.len());
+                input[i] = rng.u8(32..127);
+            }
+            if let Ok(text) = std::str::from_utf8(&input) {
+                if let Ok(Request::Publish { room, data }) = parse(text, 1 << 20) {
+                    assert!(valid_room(&room));
+                    serde_json::from_str::<serde_json::Value>(data).expect("data is valid JSON");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ping_stamp_round_trips() {
+        let mut out = Vec::new();
+        ping_frame(&mut out, 123_456_789);
+        assert_eq!(out[0], 0x89);
+        assert_eq!(pong_stamp(&out[2..]), Some(123_456_789));
+        assert_eq!(pong_stamp(b"short"), None);
     }
 }

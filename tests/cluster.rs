@@ -106,7 +106,7 @@ async fn registry_keys_carry_the_documented_fields_and_ttls() {
     let redis = Redis::start();
     let (a, b) = (Node::start("ka", &redis.url()), Node::start("kb", &redis.url()));
     let mut r = redis_conn(&redis.url()).await;
-    let carol = Client::connect(&a, "carol").await;
+    let mut carol = Client::connect(&a, "carol").await;
     tokio::time::sleep(Duration::from_millis(3 * INTERVAL_MS)).await;
     let node: std::collections::HashMap<String, String> =
         redis::cmd("HGETALL").arg("ringside:node:ka").query_async(&mut r).await.unwrap();
@@ -160,6 +160,22 @@ async fn registry_keys_carry_the_documented_fields_and_ttls() {
         .iter()
         .all(|n| n["url"].is_string() && n["utilization"].is_number() && n["handshake_p99_us"].is_number()));
     assert_eq!(view["least_loaded"]["node"], "kb", "kb has no connections: {view}");
+    // The sample: shards ping sampled connections; once carol has answered
+    // (her client answers while it is read), her entry carries a round trip.
+    assert!(carol.drain(Duration::from_millis(500)).await.is_empty());
+    let sampled = eventually(Duration::from_secs(3), || {
+        let mut r = r.clone();
+        async move {
+            let raw: Option<String> = redis::cmd("GET").arg("ringside:sample:ka").query_async(&mut r).await.unwrap();
+            let entries: Vec<serde_json::Value> = raw.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+            entries
+                .iter()
+                .any(|e| e["client_id"] == "carol" && e["rtt_us"].as_u64().unwrap_or(0) > 0 && e["age_ms"].is_u64())
+        }
+    })
+    .await;
+    assert!(sampled, "ringside:sample:ka never showed carol with a measured round trip");
+    assert!(pttl("ringside:sample:ka").await > 0, "the sample key expires by itself");
     // Leaving deletes the conn key in the next batch; affinity stays.
     carol.close().await;
     let gone = eventually(Duration::from_secs(2), || {

@@ -165,6 +165,11 @@ impl Shard {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// Microseconds since the shard started (ping stamps).
+    pub fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
     /// A fresh tungstenite context (allocated on first need only).
     pub fn new_context(&self) -> Box<WebSocketContext> {
         Box::new(WebSocketContext::new(Role::Server, Some(self.ws_config)))
@@ -439,14 +444,59 @@ impl Shard {
                 }
             }
         }
+        if let Some(cluster) = &self.node.cluster {
+            pings.extend(self.sample(cluster));
+        }
         for id in pings {
-            if self.offer(id, 2, crate::protocol::ping_frame) == SendOutcome::Queued {
+            let stamp = self.now_us();
+            if self.offer(id, 10, |out| crate::protocol::ping_frame(out, stamp)) == SendOutcome::Queued {
                 self.metrics().pings_sent.inc();
             }
         }
         for id in idle {
             self.start_close(id, crate::error::close::IDLE_TIMEOUT, "idle timeout: no data or pong", true);
         }
+    }
+}
+
+impl Shard {
+    /// Reports a random sample of open connections (age, queue, last ping
+    /// round trip) to the cluster thread, and returns those to ping now so
+    /// the next sample has a fresh round trip.
+    fn sample(&self, cluster: &crate::cluster::ClusterHandle) -> Vec<ConnId> {
+        let k = self.node.config.cluster.sample_size;
+        if k == 0 {
+            return Vec::new();
+        }
+        // Reservoir sampling: one pass, k entries, uniform.
+        let mut picked: Vec<(ConnId, crate::cluster::SampleEntry)> = Vec::with_capacity(k);
+        let mut seen = 0usize;
+        let mut table = self.table.borrow_mut();
+        for (id, c) in table.iter_mut() {
+            if c.phase != Phase::Open {
+                continue;
+            }
+            seen += 1;
+            let slot =
+                if picked.len() < k { Some(picked.len()) } else { Some(fastrand::usize(..seen)).filter(|i| *i < k) };
+            let Some(slot) = slot else { continue };
+            let entry = crate::cluster::SampleEntry {
+                client_id: c.client_id.as_deref().unwrap_or("echo").to_string(),
+                shard: self.id,
+                age_ms: c.accepted_at.elapsed().as_millis() as u64,
+                queued_bytes: c.queued(),
+                rtt_us: c.rtt_us as u64,
+            };
+            if slot == picked.len() {
+                picked.push((id, entry));
+            } else {
+                picked[slot] = (id, entry);
+            }
+        }
+        let ids = picked.iter().map(|(id, _)| *id).filter(|id| table.get(*id).is_some_and(|c| !c.ping_sent)).collect();
+        drop(table);
+        cluster.sample(self.id, picked.into_iter().map(|(_, e)| e).collect());
+        ids
     }
 }
 

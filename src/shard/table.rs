@@ -89,6 +89,8 @@ pub struct Conn {
     pub last_rx_ms: u64,
     /// A server ping is outstanding.
     pub ping_sent: bool,
+    /// Round trip of the last answered server ping, µs (0 = none yet).
+    pub rtt_us: u32,
     /// Deadline for the peer's close reply (ms since shard epoch), in `Closing`.
     pub close_deadline_ms: u64,
     /// Client id on `/ws`.
@@ -128,6 +130,7 @@ impl Conn {
             accepted_at,
             last_rx_ms: now_ms,
             ping_sent: false,
+            rtt_us: 0,
             close_deadline_ms: 0,
             client_id: None,
             rooms: Vec::new(),

@@ -129,3 +129,28 @@ mod tests {
         assert!(!b.at_rest());
     }
 }
+
+#[cfg(test)]
+mod fuzzish {
+    //! Random bytes in random splits: `feed` never panics, and a split never
+    //! changes the verdict.
+    use super::*;
+
+    #[test]
+    fn splits_do_not_change_the_verdict() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        for _ in 0..5_000 {
+            let data: Vec<u8> = (0..rng.usize(..200)).map(|_| rng.u8(..)).collect();
+            let mut whole = Boundary::default();
+            whole.feed(&data);
+            let mut parts = Boundary::default();
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let n = rng.usize(1..=rest.len());
+                parts.feed(&rest[..n]);
+                rest = &rest[n..];
+            }
+            assert_eq!(whole.at_rest(), parts.at_rest(), "{data:02x?}");
+        }
+    }
+}

@@ -282,3 +282,47 @@ mod tests {
         assert!(t.ends_with("Health"));
     }
 }
+
+#[cfg(test)]
+mod fuzzish {
+    //! Random and mutated request heads: `decide` answers every one and never panics.
+    use super::*;
+
+    struct Open;
+    impl Responder for Open {
+        fn endpoint(&self, _: Endpoint) -> (u16, &'static str, String) {
+            (200, "text/plain", String::new())
+        }
+        fn admission(&self) -> Option<Rejection> {
+            None
+        }
+        fn retry_after(&self) -> u32 {
+            1
+        }
+    }
+
+    #[test]
+    fn random_and_mutated_heads_never_panic() {
+        let seed = b"GET /ws?client_id=a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let mut input = seed.to_vec();
+            for _ in 0..rng.usize(1..6) {
+                match rng.u8(0..3) {
+                    0 if !input.is_empty() => {
+                        let i = rng.usize(..input.len());
+                        input[i] = rng.u8(..);
+                    }
+                    1 if !input.is_empty() => {
+                        let i = rng.usize(..input.len());
+                        input.truncate(i);
+                    }
+                    _ => input.insert(rng.usize(..=input.len()), rng.u8(..)),
+                }
+            }
+            let _ = decide(&input, 8192, &Open);
+            let noise: Vec<u8> = (0..rng.usize(..300)).map(|_| rng.u8(..)).collect();
+            let _ = decide(&noise, 8192, &Open);
+        }
+    }
+}

@@ -252,6 +252,11 @@ fn process_input(shard: &Rc<Shard>, id: ConnId, data: &[u8]) -> Next {
                         c.close_code = frame.map(|f| u16::from(f.code)).unwrap_or(close::NORMAL);
                     }
                 }
+                Ok(Message::Pong(p)) => {
+                    if let Some(sent) = protocol::pong_stamp(&p) {
+                        c.rtt_us = shard.now_us().saturating_sub(sent).min(u32::MAX as u64) as u32;
+                    }
+                }
                 Ok(_) => {}
                 Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break Next::Continue,
                 Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => break Next::Linger,
