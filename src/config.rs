@@ -259,9 +259,9 @@ impl Config {
         check(s.shards <= 1024, "server.shards", "at most 1024 shards")?;
         check(s.max_connections_per_shard >= 1, "server.max_connections_per_shard", "must be at least 1")?;
         check(
-            s.max_connections_per_shard < (1 << crate::shard::table::SLOT_BITS),
+            s.max_connections_per_shard.saturating_add(s.overflow_per_shard) < (1 << crate::shard::table::SLOT_BITS),
             "server.max_connections_per_shard",
-            "exceeds the connection-id slot space (4M)",
+            "plus server.overflow_per_shard exceeds the connection-id slot space (4M)",
         )?;
         check(s.ring_entries.is_power_of_two() && s.ring_entries >= 8, "server.ring_entries", "power of two >= 8")?;
         check(s.max_request_bytes >= 512, "server.max_request_bytes", "must be at least 512")?;
@@ -305,7 +305,7 @@ impl Config {
         Ok(())
     }
 
-    /// The effective configuration as TOML (for `--print-config`).
+    /// The effective configuration as TOML (printed by `--check-config`).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }

@@ -30,24 +30,9 @@ pub mod close {
     pub const REPLACED: u16 = 4000;
     /// No data (nor pong) from the client within `websocket.idle_timeout_ms`.
     pub const IDLE_TIMEOUT: u16 = 4001;
-    /// The node asks the client to reconnect elsewhere (rebalancing); the
-    /// reason text names the suggested URL when there is one.
-    pub const RECONNECT_ELSEWHERE: u16 = 4002;
-
-    /// Every code above, for metrics labels.
-    pub const ALL: [u16; 11] = [
-        NORMAL,
-        GOING_AWAY,
-        PROTOCOL,
-        INVALID_PAYLOAD,
-        POLICY,
-        TOO_BIG,
-        INTERNAL,
-        REPLACED,
-        IDLE_TIMEOUT,
-        RECONNECT_ELSEWHERE,
-        0,
-    ];
+    /// Every code above, for metrics labels (plus `none` and `other` there).
+    pub const ALL: [u16; 9] =
+        [NORMAL, GOING_AWAY, PROTOCOL, INVALID_PAYLOAD, POLICY, TOO_BIG, INTERNAL, REPLACED, IDLE_TIMEOUT];
 }
 
 /// A configuration value that cannot work, with the key that holds it.
@@ -80,7 +65,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Why an HTTP request or upgrade was refused. Each maps to one status code
-/// and one `ringside_http_rejected_total{reason}` label.
+/// and one `ringside_connections_rejected_total{reason,status}` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
     /// Unparseable request line or headers (400).

@@ -79,8 +79,9 @@ pub struct ShardMetrics {
     pub upgraded: Counter,
     /// Refusals by [`Rejection`].
     pub rejected: [Counter; Rejection::ALL.len()],
-    /// Closes by code ([`close::ALL`]; the 0 slot = closed without a close frame).
-    pub closed: [Counter; close::ALL.len()],
+    /// Closes by code: [`close::ALL`], then `none` (no close frame), then
+    /// `other` (a client code not in the list).
+    pub closed: [Counter; close::ALL.len() + 2],
     /// `/ws` errors answered, by [`ClientError`].
     pub client_errors: [Counter; ClientError::ALL.len()],
     /// WebSocket data messages received.
@@ -115,7 +116,7 @@ pub struct ShardMetrics {
     pub driver: AtomicU8,
     /// Accept → 101 written, µs.
     pub handshake_us: Mutex<Histogram<u64>>,
-    /// Upgrade → close, ms.
+    /// Accept → close of upgraded connections, ms.
     pub lifetime_ms: Mutex<Histogram<u64>>,
 }
 
@@ -153,7 +154,10 @@ impl Default for ShardMetrics {
 impl ShardMetrics {
     /// Counts a close with `code` (0 = no close frame).
     pub fn record_close(&self, code: u16) {
-        let i = close::ALL.iter().position(|c| *c == code).unwrap_or(close::ALL.len() - 1);
+        let i = match code {
+            0 => close::ALL.len(),
+            c => close::ALL.iter().position(|k| *k == c).unwrap_or(close::ALL.len() + 1),
+        };
         self.closed[i].inc();
     }
 
@@ -288,8 +292,14 @@ pub fn render(v: &NodeView) -> String {
             r.status()
         );
     }
-    header(&mut out, "connections_closed_total", "counter", "WebSocket closes by close code (0 = no close frame).");
-    for (i, code) in close::ALL.iter().enumerate() {
+    header(
+        &mut out,
+        "connections_closed_total",
+        "counter",
+        "WebSocket closes by the close code that ended them (none = no close frame, other = a client code not listed).",
+    );
+    let labels = close::ALL.iter().map(|c| c.to_string()).chain(["none".to_string(), "other".to_string()]);
+    for (i, code) in labels.enumerate() {
         let n: u64 = v.shards.iter().map(|m| m.closed[i].get()).sum();
         let _ = writeln!(out, "ringside_connections_closed_total{{code=\"{code}\"}} {n}");
     }
@@ -309,12 +319,20 @@ pub fn render(v: &NodeView) -> String {
     per_shard(&mut out, v, "cross_shard_sent_total", "counter", "Messages sent to other shards.", |m| {
         m.cross_shard_sent.get()
     });
+    per_shard(&mut out, v, "connections_adopted_total", "counter", "Sockets taken over from a full shard.", |m| {
+        m.adopted.get()
+    });
     per_shard(&mut out, v, "cross_shard_received_total", "counter", "Messages taken from this shard's mailbox.", |m| {
         m.cross_shard_received.get()
     });
-    per_shard(&mut out, v, "mailbox_full_total", "counter", "Cross-shard messages lost to a full mailbox.", |m| {
-        m.mailbox_full.get()
-    });
+    per_shard(
+        &mut out,
+        v,
+        "mailbox_full_total",
+        "counter",
+        "Cross-shard messages this shard could not deliver (the target mailbox was full).",
+        |m| m.mailbox_full.get(),
+    );
     header(&mut out, "mailbox_depth", "gauge", "Messages waiting in each shard's mailbox.");
     for (i, d) in v.mailbox_depth.iter().enumerate() {
         let _ = writeln!(out, "ringside_mailbox_depth{{shard=\"{i}\"}} {d}");
@@ -344,7 +362,7 @@ pub fn render(v: &NodeView) -> String {
             histogram(&mut out, "websocket_connection_latency_seconds", "", i, &h, 1e-6, &LATENCY_BUCKETS);
         }
     }
-    header(&mut out, "websocket_connection_duration_seconds", "histogram", "Upgrade to close.");
+    header(&mut out, "websocket_connection_duration_seconds", "histogram", "Accept to close, of upgraded connections.");
     for (i, m) in v.shards.iter().enumerate() {
         if let Ok(h) = m.lifetime_ms.lock() {
             histogram(&mut out, "websocket_connection_duration_seconds", "", i, &h, 1e-3, &DURATION_BUCKETS);
@@ -401,7 +419,7 @@ mod tests {
         assert!(text.contains("ringside_websocket_connection_latency_seconds_bucket{shard=\"0\",le=\"+Inf\"} 3"));
         assert!(text.contains("ringside_websocket_connection_latency_seconds_count{shard=\"0\"} 3"));
         assert!(text.contains("ringside_connections_closed_total{code=\"1001\"} 1"));
-        assert!(text.contains("ringside_connections_closed_total{code=\"0\"} 1"));
+        assert!(text.contains("ringside_connections_closed_total{code=\"other\"} 1"));
         assert!(text.contains("ringside_connections_rejected_total{reason=\"full\",status=\"503\"} 1"));
         assert!((handshake_p99_us(&[&m]) as i64 - 30_000).abs() < 100);
     }

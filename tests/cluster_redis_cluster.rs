@@ -68,9 +68,22 @@ async fn two_nodes_on_a_three_plus_three_redis_cluster() {
     assert_eq!(m, json!({"type": "direct", "from": "a1", "data": "over the cluster"}));
 
     a2.close().await;
-    tokio::time::sleep(Duration::from_millis(5 * INTERVAL_MS)).await;
+    // The affinity key is written in the node's next batch; wait for it
+    // rather than for a fixed time (a loaded CI box can be slow).
+    let pinned = eventually(Duration::from_secs(5), || {
+        let mut r = r.clone();
+        async move {
+            let v: Option<String> =
+                redis::cmd("GET").arg("ringside:affinity:a2").query_async(&mut r).await.ok().flatten();
+            v.as_deref() == Some("ca")
+        }
+    })
+    .await;
+    assert!(pinned, "ringside:affinity:a2 never named ca");
     let mut a2 = Client::connect(&b, "a2").await;
-    let hint = a2.recv().await.expect("affinity hint");
+    let hint = a2.recv_within(Duration::from_secs(5)).await.unwrap_or_else(|| {
+        panic!("no affinity hint; node cb log: {:?}", b.log.lock().map(|l| l.clone()).unwrap_or_default())
+    });
     assert_eq!(hint["type"], "affinity");
     assert_eq!(hint["node"], "ca");
 }

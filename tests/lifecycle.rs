@@ -29,7 +29,16 @@ async fn full_shard_hands_off_then_all_full_gets_503() {
     assert_eq!(s, 503, "{text}");
     assert!(text.contains("Retry-After: "));
     assert!(node.metric("ringside_connections_rejected_total{reason=\"full\",status=\"503\"}") >= 1.0);
-    assert!(node.metric_sum("ringside_websocket_pool_failover_total") >= 1.0);
+    // Sockets each shard's listener took beyond its 3 slots must have been
+    // handed off (the hash is the kernel's, so the split varies). The
+    // plain HTTP requests made so far (six, counting these) are accepted
+    // sockets too, kept as overflow once every slot is taken.
+    let accepted = |s: usize| node.metric(&format!("ringside_connections_accepted_total{{shard=\"{s}\"}}"));
+    let (a0, a1) = (accepted(0), accepted(1));
+    let failover = node.metric_sum("ringside_websocket_pool_failover_total");
+    let excess = |a: f64| (a - 3.0).max(0.0);
+    assert!(failover <= excess(a0) + excess(a1), "failover {failover}, accepted {a0}/{a1}");
+    assert!(failover >= excess(a0 - 6.0) + excess(a1 - 6.0), "failover {failover}, accepted {a0}/{a1}");
     assert_eq!(node.get("/health").0, 200, "health answers even when full");
     // A slot frees up: upgrades work again.
     clients.pop().unwrap().close(None).await.unwrap();

@@ -175,8 +175,9 @@ impl Shard {
         Box::new(WebSocketContext::new(Role::Server, Some(self.ws_config)))
     }
 
-    /// A generated client id: 16 hex digits, unique with overwhelming odds
-    /// across nodes, plus a per-shard counter to make it certain on this one.
+    /// A generated client id: 10 random hex digits (unique with overwhelming
+    /// odds across nodes) followed by the shard and a per-shard counter in hex
+    /// (certain on this node).
     pub fn generate_client_id(&self) -> String {
         let n = self.id_counter.get().wrapping_add(1);
         self.id_counter.set(n);
@@ -399,7 +400,11 @@ impl Shard {
         if let Some(c) = self.accept_cancel.borrow_mut().take() {
             c.cancel();
         }
-        let ids = self.table.borrow().ids();
+        // Sockets still in their HTTP request finish it: /ready and upgrades
+        // get 503 draining (bounded by the handshake timeout). Open
+        // WebSockets get 1001.
+        let ids: Vec<ConnId> =
+            self.table.borrow_mut().iter_mut().filter(|(_, c)| c.phase != Phase::Http).map(|(id, _)| id).collect();
         for id in ids {
             self.start_close(id, crate::error::close::GOING_AWAY, "server shutting down", false);
         }

@@ -86,7 +86,13 @@ pub fn decide(head: &[u8], max_request: usize, node: &impl Responder) -> Decisio
         "/ready" => Some(Endpoint::Ready),
         "/metrics" => Some(Endpoint::Metrics),
         "/cluster" => Some(Endpoint::Cluster),
-        _ => return refuse(Rejection::NotFound, "no such path; try /ws, /echo, /health, /ready, /metrics", node),
+        _ => {
+            return refuse(
+                Rejection::NotFound,
+                "no such path; try /ws, /echo, /health, /ready, /metrics, /cluster",
+                node,
+            )
+        }
     };
     if let Some(e) = endpoint {
         if req.method != Some("GET") && req.method != Some("HEAD") {
@@ -114,7 +120,8 @@ fn upgrade(req: &httparse::Request, route: Route, query: &str, consumed: usize, 
         return refuse(Rejection::BadClientId, "client_id must be 1-64 of [A-Za-z0-9_-]", node);
     }
     if let Some(why) = node.admission() {
-        let text = if why == Rejection::Draining { "node is draining; reconnect elsewhere" } else { "node is full" };
+        let text =
+            if why == Rejection::Draining { "node is draining; reconnect elsewhere" } else { "every shard is full" };
         return refuse(why, text, node);
     }
     let mut bytes = Vec::with_capacity(160);
@@ -175,9 +182,9 @@ fn refuse_ws(e: WsError, request: &http::Request<()>, node: &impl Responder) -> 
 
 fn refuse(why: Rejection, text: &str, node: &impl Responder) -> Decision {
     let extra = match why {
-        Rejection::UpgradeRequired => "Upgrade: websocket\r\nConnection: Upgrade\r\n".to_string(),
+        Rejection::UpgradeRequired => "Upgrade: websocket\r\n".to_string(),
         Rejection::WsVersion => "Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n".to_string(),
-        Rejection::MethodNotAllowed => "Allow: GET\r\n".to_string(),
+        Rejection::MethodNotAllowed => "Allow: GET, HEAD\r\n".to_string(),
         Rejection::Full | Rejection::Draining => format!("Retry-After: {}\r\n", node.retry_after()),
         _ => String::new(),
     };
