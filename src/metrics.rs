@@ -110,6 +110,9 @@ pub struct ShardMetrics {
     pub websockets: AtomicUsize,
     /// Overflow sockets (held only to answer HTTP).
     pub overflow: AtomicUsize,
+    /// Connections holding a tungstenite frame reader (and its read buffer),
+    /// as of the last sweep.
+    pub frame_readers: AtomicUsize,
     /// Slots configured for this shard.
     pub capacity: AtomicUsize,
     /// The io driver in use.
@@ -143,6 +146,7 @@ impl Default for ShardMetrics {
             connections: AtomicUsize::new(0),
             websockets: AtomicUsize::new(0),
             overflow: AtomicUsize::new(0),
+            frame_readers: AtomicUsize::new(0),
             capacity: AtomicUsize::new(0),
             driver: AtomicU8::new(0),
             handshake_us: Mutex::new(new_histogram()),
@@ -256,6 +260,14 @@ pub fn render(v: &NodeView) -> String {
     per_shard(&mut out, v, "overflow_sockets", "gauge", "Sockets held past capacity only to answer HTTP.", |m| {
         m.overflow.load(Ordering::Relaxed) as u64
     });
+    per_shard(
+        &mut out,
+        v,
+        "frame_readers",
+        "gauge",
+        "Connections holding a frame reader and its read buffer (last sweep); quiet ones give theirs back.",
+        |m| m.frame_readers.load(Ordering::Relaxed) as u64,
+    );
     header(&mut out, "shard_driver_info", "gauge", "The io driver each shard runs (1 = in use).");
     for (i, m) in v.shards.iter().enumerate() {
         let _ = writeln!(out, "ringside_shard_driver_info{{shard=\"{i}\",driver=\"{}\"}} 1", m.driver().name());

@@ -209,6 +209,32 @@ async fn server_pings_keep_live_peers_and_close_dead_ones() {
 }
 
 #[tokio::test]
+async fn quiet_connections_give_their_frame_reader_back_and_keep_working() {
+    let node = NodeProc::start(&["--shards", "2", "--set", "websocket.sweep_interval_ms=50"]);
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let mut ws = connect(&node.url("/echo")).await;
+        ws.send(Message::Text(format!("hello {i}").into())).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::Text(format!("hello {i}").into()));
+        clients.push(ws);
+    }
+    // A fragmented message left open: its reader must survive the sweeps.
+    let mut raw = raw_ws(node.addr, "/echo");
+    std::io::Write::write_all(&mut raw, &client_frame(0x1, false, b"part one, ", true)).unwrap();
+    // Quiet for a few sweeps: every reader at a frame boundary is released;
+    // the one in the middle of a fragmented message is kept.
+    assert!(node.eventually_metric_eq("ringside_frame_readers", 1.0), "readers not released");
+    std::io::Write::write_all(&mut raw, &client_frame(0x0, true, b"part two", true)).unwrap();
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut raw, &mut buf).unwrap();
+    assert_eq!(&buf[2..n], b"part one, part two", "the open message survived the sweeps");
+    for (i, ws) in clients.iter_mut().enumerate() {
+        ws.send(Message::Binary(vec![i as u8; 3000].into())).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::Binary(vec![i as u8; 3000].into()));
+    }
+}
+
+#[tokio::test]
 async fn epoll_driver_serves_the_same_protocol() {
     let node = NodeProc::start(&["--shards", "2", "--driver", "epoll"]);
     let mut ws = connect(&node.url("/echo")).await;

@@ -417,9 +417,17 @@ impl Shard {
         let now = self.now_ms();
         let mut pings = Vec::new();
         let mut idle = Vec::new();
+        let mut readers = 0;
         {
             let mut table = self.table.borrow_mut();
             for (id, c) in table.iter_mut() {
+                let quiet = now.saturating_sub(c.last_rx_ms);
+                let reader_idle = c.ctx.as_ref().is_some_and(|ctx| ctx.can_write()) && c.boundary.at_rest();
+                if c.phase == Phase::Open && quiet >= w.sweep_interval_ms && reader_idle {
+                    // Quiet at a frame boundary: give the read buffer back.
+                    c.ctx = None;
+                }
+                readers += c.ctx.is_some() as usize;
                 match c.phase {
                     Phase::Http if c.accepted_at.elapsed() > handshake_timeout => {
                         self.metrics().rejected[Rejection::HandshakeTimeout.index()].inc();
@@ -427,20 +435,8 @@ impl Shard {
                         c.close_deadline_ms = now;
                         shutdown(c.fd, libc::SHUT_RDWR);
                     }
-                    Phase::Open if now.saturating_sub(c.last_rx_ms) > w.idle_timeout_ms => idle.push(id),
-                    Phase::Open
-                        if c.ctx.as_ref().is_some_and(|ctx| ctx.can_write())
-                            && c.boundary.at_rest()
-                            && now.saturating_sub(c.last_rx_ms) >= w.sweep_interval_ms =>
-                    {
-                        // Quiet at a frame boundary: give the read buffer back.
-                        c.ctx = None;
-                        if now.saturating_sub(c.last_rx_ms) > w.ping_interval_ms && !c.ping_sent {
-                            c.ping_sent = true;
-                            pings.push(id);
-                        }
-                    }
-                    Phase::Open if now.saturating_sub(c.last_rx_ms) > w.ping_interval_ms && !c.ping_sent => {
+                    Phase::Open if quiet > w.idle_timeout_ms => idle.push(id),
+                    Phase::Open if quiet > w.ping_interval_ms && !c.ping_sent => {
                         c.ping_sent = true;
                         pings.push(id);
                     }
@@ -449,6 +445,7 @@ impl Shard {
                 }
             }
         }
+        self.metrics().frame_readers.store(readers, Ordering::Relaxed);
         if let Some(cluster) = &self.node.cluster {
             pings.extend(self.sample(cluster));
         }

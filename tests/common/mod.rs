@@ -104,6 +104,18 @@ impl NodeProc {
         false
     }
 
+    /// Polls until the sum of `name` over its series equals `want`.
+    pub fn eventually_metric_eq(&self, name: &str, want: f64) -> bool {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if self.metric_sum(name) == want {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Sum over every series of a metric name.
     pub fn metric_sum(&self, name: &str) -> f64 {
         let (_, text) = self.get("/metrics");
