@@ -372,17 +372,18 @@ fn leave(shard: &Rc<Shard>, id: ConnId, room: &str) {
     shard.send_text(id, &protocol::room_ack("left", room));
 }
 
-/// Delivers to local members now, and one shared frame to every other shard
-/// (and to the cluster, which forwards to other nodes).
+/// Sends one shared frame to every other shard first (so they start writing
+/// while this one does), then delivers to local members, then hands the
+/// payload to the cluster thread for other nodes.
 fn publish(shard: &Rc<Shard>, id: ConnId, room: &str, payload: &str) {
     let frame = protocol::text_frame(payload);
-    shard.deliver_room(room, &frame, Some(id));
     let room_arc: Arc<str> = Arc::from(room);
     let mut lost = false;
     for to in (0..shard.node.shards.len()).filter(|s| *s != shard.id) {
         let msg = ShardMsg::Room { room: room_arc.clone(), frame: frame.clone(), origin: Some(id) };
         lost |= shard.send_to(to, msg).is_err();
     }
+    shard.deliver_room(room, &frame, Some(id));
     if let Some(cluster) = &shard.node.cluster {
         cluster.publish(room_arc, payload);
     }
