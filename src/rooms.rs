@@ -54,19 +54,9 @@ impl Rooms {
         self.rooms.get(room).map(Vec::as_slice).unwrap_or(&[])
     }
 
-    /// Rooms with at least one local member.
-    pub fn len(&self) -> usize {
-        self.rooms.len()
-    }
-
     /// True when no room has a local member.
     pub fn is_empty(&self) -> bool {
         self.rooms.is_empty()
-    }
-
-    /// Names of rooms with local members.
-    pub fn names(&self) -> impl Iterator<Item = &Rc<str>> {
-        self.rooms.keys()
     }
 }
 

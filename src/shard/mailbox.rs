@@ -160,17 +160,6 @@ impl MailboxSender {
     }
 }
 
-/// Reads and discards everything in the wake socket.
-pub fn drain_wake(sock: &StdUnixStream) {
-    use std::io::Read;
-    let mut buf = [0u8; 64];
-    while let Ok(n) = (&*sock).read(&mut buf) {
-        if n < buf.len() {
-            break;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -322,15 +322,12 @@ impl Shard {
     }
 
     /// Delivers a room frame to local members except `origin`.
-    pub fn deliver_room(self: &Rc<Self>, room: &str, frame: &Bytes, origin: Option<ConnId>) -> usize {
+    pub fn deliver_room(self: &Rc<Self>, room: &str, frame: &Bytes, origin: Option<ConnId>) {
         let rooms = self.rooms.borrow();
-        let mut n = 0;
-        for &member in rooms.members(room) {
-            if Some(member) != origin && self.send_frame(member, frame) == SendOutcome::Queued {
-                n += 1;
-            }
+        for &member in rooms.members(room).iter().filter(|m| Some(**m) != origin) {
+            // The outcome is counted inside offer (drops, slow-consumer closes).
+            self.send_frame(member, frame);
         }
-        n
     }
 
     /// Handles one mailbox message. Returns false on `Shutdown`.
@@ -502,20 +499,31 @@ impl Shard {
     }
 }
 
-impl crate::ws::handshake::Responder for Shard {
+/// The node's answers as one connection sees them: a socket kept past
+/// capacity (overflow) is refused as full, whatever the shard's own state.
+pub struct ConnView<'a> {
+    /// The shard serving the connection.
+    pub shard: &'a Shard,
+    /// The connection holds no slot.
+    pub overflow: bool,
+}
+
+impl crate::ws::handshake::Responder for ConnView<'_> {
     fn endpoint(&self, e: crate::ws::handshake::Endpoint) -> (u16, &'static str, String) {
-        crate::http::endpoint(&self.node, e)
+        crate::http::endpoint(&self.shard.node, e)
     }
 
     fn admission(&self) -> Option<Rejection> {
-        if self.draining.get() || self.node.is_draining() {
+        if self.shard.draining.get() || self.shard.node.is_draining() {
             Some(Rejection::Draining)
+        } else if self.overflow {
+            Some(Rejection::Full)
         } else {
             None
         }
     }
 
     fn retry_after(&self) -> u32 {
-        self.node.config.server.retry_after_secs
+        self.shard.node.config.server.retry_after_secs
     }
 }

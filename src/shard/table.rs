@@ -220,11 +220,6 @@ impl Table {
         self.slab.is_empty()
     }
 
-    /// Ids of every connection (for sweeps and shutdown).
-    pub fn ids(&self) -> Vec<ConnId> {
-        self.slab.iter().map(|(slot, c)| ConnId::new(self.shard, slot, c.generation)).collect()
-    }
-
     /// Iterates with ids.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (ConnId, &mut Conn)> {
         let shard = self.shard;

@@ -100,13 +100,8 @@ mod tests {
             [frame(1, true, 5), frame(2, true, 300), frame(9, true, 0), frame(1, true, 70_000)].concat();
         for chunk in [1, 2, 3, 7, 13, 14, 15, 100, 4096, stream.len()] {
             let mut b = Boundary::default();
-            let mut fed = 0;
             for part in stream.chunks(chunk) {
                 b.feed(part);
-                fed += part.len();
-                if fed < stream.len() {
-                    continue;
-                }
             }
             assert!(b.at_rest(), "chunk {chunk}");
         }

@@ -26,7 +26,7 @@ use crate::error::{close, ClientError};
 use crate::protocol::{self, Request};
 use crate::shard::mailbox::ShardMsg;
 use crate::shard::table::{ConnId, Phase, Route};
-use crate::shard::Shard;
+use crate::shard::{ConnView, Shard};
 
 /// What the reader does after a batch of input.
 #[derive(Debug, PartialEq, Eq)]
@@ -69,7 +69,8 @@ async fn http_phase(shard: &Rc<Shard>, stream: &Rc<SharedStream>, id: ConnId) ->
             Recv::WouldBlock => continue,
             Recv::Eof => return None,
         }
-        match decide(&head, max, &**shard) {
+        let overflow = shard.table.borrow().get(id).is_some_and(|c| !c.slotted);
+        match decide(&head, max, &ConnView { shard, overflow }) {
             Decision::NeedMore => continue,
             Decision::Respond { bytes, rejected } => {
                 if let Some(r) = rejected {
@@ -124,17 +125,6 @@ async fn upgrade(
     client_id: Option<String>,
     response: Vec<u8>,
 ) -> bool {
-    let overflow = shard.table.borrow().get(id).is_some_and(|c| !c.slotted);
-    if overflow {
-        let why =
-            if shard.node.is_draining() { crate::error::Rejection::Draining } else { crate::error::Rejection::Full };
-        shard.metrics().rejected[why.index()].inc();
-        let body = format!("{}: every shard is full\n", why.label());
-        let extra = format!("Retry-After: {}\r\n", shard.node.config.server.retry_after_secs);
-        let bytes = super::handshake::response(503, "text/plain; charset=utf-8", &body, &extra, false);
-        respond_and_close(shard, stream, id, bytes).await;
-        return false;
-    }
     let client_id: Option<Arc<str>> = match route {
         Route::Rooms => Some(client_id.unwrap_or_else(|| shard.generate_client_id()).into()),
         Route::Echo => None,
