@@ -186,10 +186,7 @@ fn cmd_err(e: redis::RedisError) -> ClusterError {
 }
 
 async fn run_pipeline(conn: &mut impl redis::aio::ConnectionLike, p: &Pipeline) -> Result<Vec<Value>> {
-    match tokio::time::timeout(RESPONSE_TIMEOUT * 2, p.query_async::<Vec<Value>>(conn)).await {
-        Ok(r) => r.map_err(cmd_err),
-        Err(_) => Err(ClusterError::Timeout),
-    }
+    timed(p.query_async::<Vec<Value>>(conn)).await
 }
 
 /// Maps the values of a pipeline built from `ops` back to one reply per op.
@@ -252,10 +249,7 @@ impl Backend for RedisConn {
                 }
             }
         };
-        match tokio::time::timeout(RESPONSE_TIMEOUT * 2, fut).await {
-            Ok(r) => r.map_err(cmd_err),
-            Err(_) => Err(ClusterError::Timeout),
-        }
+        timed(fut).await
     }
 
     async fn unsubscribe(&mut self, channels: &[String]) -> Result<()> {
@@ -273,10 +267,16 @@ impl Backend for RedisConn {
                 }
             }
         };
-        match tokio::time::timeout(RESPONSE_TIMEOUT * 2, fut).await {
-            Ok(r) => r.map_err(cmd_err),
-            Err(_) => Err(ClusterError::Timeout),
-        }
+        timed(fut).await
+    }
+}
+
+/// Runs one Redis exchange under the response deadline: a slow Redis is a
+/// failure (the breaker counts it), never a wait on the caller's side.
+async fn timed<T>(fut: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T> {
+    match tokio::time::timeout(RESPONSE_TIMEOUT * 2, fut).await {
+        Ok(r) => r.map_err(cmd_err),
+        Err(_) => Err(ClusterError::Timeout),
     }
 }
 
