@@ -10,9 +10,13 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
 
-use crate::error::ConfigError;
+/// Slots (connections plus overflow sockets) one shard can address: the
+/// slot part of a connection id is 22 bits (`runtime::table`).
+pub const MAX_SLOTS_PER_SHARD: usize = 1 << 22;
 
 /// The whole node configuration. Sections map to TOML tables.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -259,7 +263,7 @@ impl Config {
         check(s.shards <= 1024, "server.shards", "at most 1024 shards")?;
         check(s.max_connections_per_shard >= 1, "server.max_connections_per_shard", "must be at least 1")?;
         check(
-            s.max_connections_per_shard.saturating_add(s.overflow_per_shard) < (1 << crate::shard::table::SLOT_BITS),
+            s.max_connections_per_shard.saturating_add(s.overflow_per_shard) < MAX_SLOTS_PER_SHARD,
             "server.max_connections_per_shard",
             "plus server.overflow_per_shard exceeds the connection-id slot space (4M)",
         )?;
@@ -311,8 +315,9 @@ impl Config {
     }
 }
 
-/// Client ids and node ids: 1-64 of `[A-Za-z0-9_-]`.
-pub fn valid_id(s: &str) -> bool {
+/// Node ids: 1-64 of `[A-Za-z0-9_-]` (the same charset as client ids, so
+/// that both go into Redis keys and JSON without escaping).
+fn valid_id(s: &str) -> bool {
     (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
@@ -383,6 +388,35 @@ fn set_key(tree: &mut toml::Value, key: &str, raw: &str) -> Result<(), ConfigErr
     *slot = value;
     Ok(())
 }
+
+/// A configuration value that cannot work, with the key that holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// `section.key`, env var or file name.
+    pub key: String,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+impl ConfigError {
+    /// A refusal of `key` for `reason`.
+    pub fn new(key: &str, reason: impl Into<String>) -> Self {
+        Self { key: key.to_string(), reason: reason.into() }
+    }
+
+    /// A failure that is ringside's fault, not the operator's.
+    pub fn internal(e: impl fmt::Display) -> Self {
+        Self::new("internal", e.to_string())
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration: {}: {}", self.key, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 #[cfg(test)]
 mod tests {

@@ -1,23 +1,24 @@
 //! ringside: an io_uring, thread-per-core WebSocket edge node.
 //!
-//! The module tree is the architecture (docs/design.md explains it):
-//! [`node`] starts [`shard`]s; each shard owns a slab [`shard::table`], a
-//! [`rooms`] index and a [`shard::mailbox`]; [`ws`] speaks HTTP and
-//! RFC 6455 over monoio; [`protocol`] is the JSON rooms protocol; [`http`]
-//! serves health, readiness and [`metrics`]; [`cluster`] talks to Redis on
-//! its own thread; [`config`] holds every knob and [`error`] every error and
-//! close code.
+//! The module tree is the architecture (docs/design.md explains it). Layers,
+//! each importing only from those listed before it (`scripts/check-layers`
+//! enforces this):
+//!
+//! 1. base: [`config`] (every knob) and [`prom`] (the metrics text format);
+//! 2. [`transport`]: sockets, the HTTP head, WebSocket framing;
+//! 3. [`runtime`]: shards, the slab table, mailboxes, timers, backpressure,
+//!    the close path; it serves an application through a trait;
+//! 4. [`broker`]: what crosses nodes (in memory, or Redis);
+//! 5. [`app`]: the `/ws` protocol, `/echo` and the HTTP endpoints;
+//! 6. [`node`]: wires them together, starts and drains.
 
-pub mod cluster;
+pub mod app;
+pub mod broker;
 pub mod config;
-pub mod error;
-pub mod http;
-pub mod metrics;
 pub mod node;
-pub mod protocol;
-pub mod rooms;
-pub mod shard;
-pub mod ws;
+pub mod prom;
+pub mod runtime;
+pub mod transport;
 
 pub use config::Config;
 pub use node::Node;

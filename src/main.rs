@@ -1,14 +1,30 @@
-//! The `ringside` binary: parse flags, load configuration, run the node
-//! until SIGTERM/SIGINT, drain, exit 0.
+//! The `ringside` binary: parse flags, load configuration, set up logging,
+//! run the node until SIGTERM/SIGINT, drain, exit 0.
+//!
+//! Exit codes: 0 after a drain (or a good `--check-config`), 1 when the node
+//! cannot start (address in use, a shard that failed to start), 2 for a bad
+//! configuration. A panic anywhere aborts the whole process (see
+//! [`abort_on_panic`]): a node never keeps serving with a dead shard.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use ringside::config::ConfigError;
 use ringside::{Config, Node};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// `2026-12-01T10:00:00.000Z  INFO ringside::node: message key=value`
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// io_uring thread-per-core WebSocket edge node.
 #[derive(Parser, Debug)]
@@ -38,9 +54,15 @@ struct Args {
     /// Validate the configuration, print it, and exit (non-zero and the offending key on error).
     #[arg(long)]
     check_config: bool,
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log filter (tracing's EnvFilter syntax; RINGSIDE_LOG overrides), e.g. `info` or `ringside=debug`.
+    #[arg(long, default_value = "info")]
+    log: String,
 }
 
-fn load(args: &Args) -> Result<Config, ringside::error::ConfigError> {
+fn load(args: &Args) -> Result<Config, ConfigError> {
     let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
     let flags = [
         ("server.listen", &args.listen),
@@ -55,48 +77,77 @@ fn load(args: &Args) -> Result<Config, ringside::error::ConfigError> {
         }
     }
     for kv in &args.set {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| ringside::error::ConfigError::new(kv, "expected --set section.key=value"))?;
+        let (k, v) = kv.split_once('=').ok_or_else(|| ConfigError::new(kv, "expected --set section.key=value"))?;
         config.set(k, v)?;
     }
     config.validate()?;
     Ok(config)
 }
 
+/// Logs go to stderr through tracing; a write that fails (a closed pipe, a
+/// full disk) is dropped by the subscriber and never stops the node. Rust
+/// ignores SIGPIPE, so a closed stderr is an error return, not a signal.
+fn init_logging(args: &Args) {
+    let filter = std::env::var("RINGSIDE_LOG").unwrap_or_else(|_| args.log.clone());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// A panic on any thread is logged and aborts the process. Shards share
+/// nothing but mailboxes, so a shard that died would leave its connections,
+/// its directory entries and its listener's share of new connections dead
+/// while `/ready` kept answering 200; aborting lets the supervisor
+/// (systemd's `Restart=on-failure` in tuning/systemd) start a clean node.
+fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current().name().unwrap_or("?").to_string();
+        tracing::error!(thread = %thread, "panic: {info}; aborting the process");
+        default(info);
+        std::process::abort();
+    }));
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    init_logging(&args);
+    abort_on_panic();
     let config = match load(&args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("ringside: {e}");
+            tracing::error!("{e}");
             return ExitCode::from(2);
         }
     };
     if args.check_config {
-        print!("{}", config.to_toml());
-        eprintln!("ringside: configuration OK");
+        let _ = std::io::stdout().write_all(config.to_toml().as_bytes());
+        tracing::info!("configuration OK");
         return ExitCode::SUCCESS;
     }
     let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]);
     let mut signals = match signals {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("ringside: cannot install signal handlers: {e}");
+            tracing::error!(error = %e, "cannot install signal handlers");
             return ExitCode::FAILURE;
         }
     };
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "ringside starting");
     let node = match Node::start(config) {
         Ok(n) => n,
         Err(e) => {
-            eprintln!("ringside: failed to start: {e}");
+            tracing::error!("failed to start: {e}");
             return ExitCode::FAILURE;
         }
     };
     if let Some(sig) = signals.forever().next() {
-        eprintln!("ringside: signal {sig}: draining");
+        tracing::info!(signal = sig, "signal {sig}: draining");
     }
     node.shutdown();
-    eprintln!("ringside: stopped");
+    tracing::info!("stopped");
     ExitCode::SUCCESS
 }

@@ -12,13 +12,14 @@ use monoio::io::Canceller;
 use monoio::net::{TcpListener, TcpStream};
 
 use super::mailbox::ShardMsg;
+use super::shard::Shard;
 use super::table::Conn;
-use super::Shard;
-use crate::error::Rejection;
-use crate::ws::stream::SharedStream;
+use super::App;
+use crate::transport::http::Rejection;
+use crate::transport::socket::SharedStream;
 
 /// Accepts until the shard drains.
-pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+pub async fn accept_loop<A: App>(shard: Rc<Shard<A>>, listener: TcpListener) {
     loop {
         let canceller = Canceller::new();
         let handle = canceller.handle();
@@ -32,7 +33,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off briefly instead of spinning;
                 // the kernel keeps the queue meanwhile.
-                eprintln!("ringside: shard {}: accept: {e}", shard.id);
+                tracing::warn!(shard = shard.id, error = %e, "accept failed; retrying in 10 ms");
                 monoio::time::sleep(Duration::from_millis(10)).await;
             }
         }
@@ -40,7 +41,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
 }
 
 /// Routes a freshly accepted socket.
-fn on_accept(shard: &Rc<Shard>, stream: TcpStream) {
+fn on_accept<A: App>(shard: &Rc<Shard<A>>, stream: TcpStream) {
     let now = Instant::now();
     shard.metrics().accepted.inc();
     if shard.table.borrow().slotted() < shard.node.capacity_per_shard {
@@ -50,7 +51,7 @@ fn on_accept(shard: &Rc<Shard>, stream: TcpStream) {
         let fd = stream.into_raw_fd();
         // SAFETY: `fd` was just released by monoio and is owned by nobody else.
         let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-        match shard.send_to(target, ShardMsg::Adopt { stream: std_stream, accepted_at: now }) {
+        match shard.send_msg(target, ShardMsg::Adopt { stream: std_stream, accepted_at: now }) {
             Ok(()) => {
                 shard.metrics().handed_off.inc();
                 return;
@@ -68,7 +69,7 @@ fn on_accept(shard: &Rc<Shard>, stream: TcpStream) {
 
 /// Puts `stream` in the table (a slot if one is free, else overflow) and
 /// starts its session.
-pub fn start_conn(shard: &Rc<Shard>, stream: TcpStream, accepted_at: Instant) {
+pub fn start_conn<A: App>(shard: &Rc<Shard<A>>, stream: TcpStream, accepted_at: Instant) {
     let cfg = &shard.node.config.server;
     let m = shard.metrics();
     let slotted = shard.table.borrow().slotted() < shard.node.capacity_per_shard;
@@ -86,5 +87,5 @@ pub fn start_conn(shard: &Rc<Shard>, stream: TcpStream, accepted_at: Instant) {
     } else {
         m.overflow.fetch_add(1, Ordering::Relaxed);
     }
-    monoio::spawn(crate::ws::session::run(shard.clone(), stream, id));
+    monoio::spawn(super::session::run(shard.clone(), stream, id));
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::backend::Op;
 use super::keys;
-use super::SampleEntry;
+use crate::broker::SampleEntry;
 
 /// Closes remembered while Redis is away, at most; beyond this the conn keys
 /// are left to their TTL (readers also check that the named node is live).
@@ -98,6 +98,7 @@ impl State {
     }
 
     /// True if `client_id` is connected here.
+    #[cfg(test)]
     pub fn is_local(&self, client_id: &str) -> bool {
         self.clients.contains_key(client_id)
     }
@@ -166,6 +167,7 @@ impl State {
         self.dirty_rooms.insert(room);
     }
 
+    #[cfg(test)]
     /// Shards with members in `room`.
     pub fn interested_shards(&self, room: &str) -> usize {
         self.interest.get(room).map_or(0, BTreeSet::len)

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use crate::shard::table::ConnId;
+use crate::runtime::table::ConnId;
 
 /// Room name → members on this shard.
 #[derive(Default)]
@@ -55,6 +55,7 @@ impl Rooms {
     }
 
     /// True when no room has a local member.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.rooms.is_empty()
     }

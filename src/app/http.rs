@@ -1,18 +1,20 @@
-//! The HTTP side of a connection: parse the request head, route it, and
-//! either answer (health, metrics, refusals) or accept the WebSocket upgrade.
-//!
-//! The upgrade itself is checked by tungstenite (`create_response`): method,
-//! version, `Connection`, `Upgrade`, `Sec-WebSocket-Version` and the key.
-//! Each of its refusals maps to one status and one metrics reason.
+//! The application's HTTP surface: which paths exist, what the plain
+//! endpoints answer, and whether an upgrade is accepted (client id,
+//! admission). Parsing and the upgrade check itself are the transport's
+//! ([`crate::transport::http`]).
 
-use tungstenite::error::{Error as WsError, ProtocolError};
-use tungstenite::handshake::server::{create_response, write_response};
+use super::protocol::valid_client_id;
+use crate::transport::http::{self as wire, Head, Parsed, Rejection};
 
-use crate::error::Rejection;
-use crate::shard::table::Route;
-
-/// Most headers a request may carry.
-const MAX_HEADERS: usize = 64;
+/// Which WebSocket endpoint a connection upgraded on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Route {
+    /// `/echo`: every message back unchanged.
+    #[default]
+    Echo,
+    /// `/ws`: the JSON rooms protocol.
+    Rooms,
+}
 
 /// What to do with the bytes read so far.
 #[derive(Debug, PartialEq)]
@@ -39,7 +41,7 @@ pub enum Decision {
     },
 }
 
-/// Plain HTTP endpoints served on the WebSocket port.
+/// Plain HTTP endpoints served on the client port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     /// `GET /health`
@@ -64,24 +66,13 @@ pub trait Responder {
 
 /// Looks at `head` (everything read so far) and decides.
 pub fn decide(head: &[u8], max_request: usize, node: &impl Responder) -> Decision {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let consumed = match req.parse(head) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if head.len() > max_request => {
-            return refuse(Rejection::HeaderTooLarge, "request head too large", node)
-        }
-        Ok(httparse::Status::Partial) => return Decision::NeedMore,
-        Err(e) => return refuse(Rejection::Malformed, &format!("malformed request: {e}"), node),
+    let head = match wire::parse(head, max_request) {
+        Parsed::NeedMore => return Decision::NeedMore,
+        Parsed::Refuse(why, text) => return refuse(why, &text, node),
+        Parsed::Complete(h) => h,
     };
-    if consumed > max_request {
-        return refuse(Rejection::HeaderTooLarge, "request head too large", node);
-    }
-    let path = req.path.unwrap_or("/");
-    let (path, query) = path.split_once('?').unwrap_or((path, ""));
-    let endpoint = match path {
-        "/ws" => None,
-        "/echo" => None,
+    let endpoint = match head.path() {
+        "/ws" | "/echo" => None,
         "/health" => Some(Endpoint::Health),
         "/ready" => Some(Endpoint::Ready),
         "/metrics" => Some(Endpoint::Metrics),
@@ -95,27 +86,22 @@ pub fn decide(head: &[u8], max_request: usize, node: &impl Responder) -> Decisio
         }
     };
     if let Some(e) = endpoint {
-        if req.method != Some("GET") && req.method != Some("HEAD") {
+        if !head.is_get_or_head() {
             return refuse(Rejection::MethodNotAllowed, "only GET is allowed here", node);
         }
         let (status, ctype, body) = node.endpoint(e);
-        let head_only = req.method == Some("HEAD");
-        return Decision::Respond { bytes: response(status, ctype, &body, "", head_only), rejected: None };
+        return Decision::Respond { bytes: wire::response(status, ctype, &body, "", head.is_head()), rejected: None };
     }
-    let route = if path == "/ws" { Route::Rooms } else { Route::Echo };
-    upgrade(&req, route, query, consumed, node)
+    let route = if head.path() == "/ws" { Route::Rooms } else { Route::Echo };
+    upgrade(&head, route, node)
 }
 
-fn upgrade(req: &httparse::Request, route: Route, query: &str, consumed: usize, node: &impl Responder) -> Decision {
-    let request = match to_http(req) {
+fn upgrade(head: &Head, route: Route, node: &impl Responder) -> Decision {
+    let response = match wire::upgrade_response(head) {
         Ok(r) => r,
-        Err(why) => return refuse(Rejection::Malformed, why, node),
+        Err((why, text)) => return refuse(why, text, node),
     };
-    let resp = match create_response(&request) {
-        Ok(r) => r,
-        Err(e) => return refuse_ws(e, &request, node),
-    };
-    let client_id = client_id(query, &request);
+    let client_id = client_id(head);
     if let Some(Err(())) = client_id {
         return refuse(Rejection::BadClientId, "client_id must be 1-64 of [A-Za-z0-9_-]", node);
     }
@@ -124,89 +110,19 @@ fn upgrade(req: &httparse::Request, route: Route, query: &str, consumed: usize, 
             if why == Rejection::Draining { "node is draining; reconnect elsewhere" } else { "every shard is full" };
         return refuse(why, text, node);
     }
-    let mut bytes = Vec::with_capacity(160);
-    if write_response(&mut bytes, &resp).is_err() {
-        return refuse(Rejection::Malformed, "unrepresentable request", node);
-    }
-    Decision::Upgrade { route, client_id: client_id.map(|c| c.unwrap_or_default()), response: bytes, consumed }
+    Decision::Upgrade { route, client_id: client_id.map(|c| c.unwrap_or_default()), response, consumed: head.consumed }
 }
 
 /// The client id from `?client_id=` (first) or `X-Client-Id`.
-fn client_id(query: &str, request: &http::Request<()>) -> Option<Result<String, ()>> {
-    let from_query = query.split('&').find_map(|kv| kv.strip_prefix("client_id=")).map(str::to_string);
-    let from_header = || request.headers().get("x-client-id").map(|v| v.to_str().unwrap_or("").to_string());
+fn client_id(head: &Head) -> Option<Result<String, ()>> {
+    let from_query = head.query().split('&').find_map(|kv| kv.strip_prefix("client_id=")).map(str::to_string);
+    let from_header = || head.request.headers().get("x-client-id").map(|v| v.to_str().unwrap_or("").to_string());
     let id = from_query.or_else(from_header)?;
-    Some(if crate::config::valid_id(&id) { Ok(id) } else { Err(()) })
-}
-
-fn to_http(req: &httparse::Request) -> Result<http::Request<()>, &'static str> {
-    let mut b = http::Request::builder()
-        .method(req.method.unwrap_or("GET"))
-        .uri(req.path.unwrap_or("/"))
-        .version(if req.version == Some(1) { http::Version::HTTP_11 } else { http::Version::HTTP_10 });
-    for h in req.headers.iter() {
-        b = b.header(h.name, h.value);
-    }
-    b.body(()).map_err(|_| "malformed request: bad method, path or header")
-}
-
-/// Maps tungstenite's refusal of an upgrade to a status.
-fn refuse_ws(e: WsError, request: &http::Request<()>, node: &impl Responder) -> Decision {
-    let (why, text) = match e {
-        WsError::Protocol(ProtocolError::WrongHttpMethod) => {
-            (Rejection::MethodNotAllowed, "WebSocket upgrade needs GET")
-        }
-        WsError::Protocol(ProtocolError::WrongHttpVersion) => {
-            (Rejection::BadVersion, "WebSocket upgrade needs HTTP/1.1")
-        }
-        WsError::Protocol(ProtocolError::MissingConnectionUpgradeHeader)
-        | WsError::Protocol(ProtocolError::MissingUpgradeWebSocketHeader) => {
-            (Rejection::UpgradeRequired, "this path speaks WebSocket: send Connection: Upgrade and Upgrade: websocket")
-        }
-        WsError::Protocol(ProtocolError::MissingSecWebSocketVersionHeader) => {
-            let text = if request.headers().contains_key("sec-websocket-version") {
-                "unsupported Sec-WebSocket-Version; this server speaks 13"
-            } else {
-                "missing Sec-WebSocket-Version; this server speaks 13"
-            };
-            (Rejection::WsVersion, text)
-        }
-        WsError::Protocol(ProtocolError::MissingSecWebSocketKey) => (Rejection::BadKey, "missing Sec-WebSocket-Key"),
-        WsError::Protocol(ProtocolError::InvalidSecWebSocketKey) => {
-            (Rejection::BadKey, "Sec-WebSocket-Key must be 16 bytes, base64")
-        }
-        _ => (Rejection::Malformed, "malformed upgrade request"),
-    };
-    refuse(why, text, node)
+    Some(if valid_client_id(&id) { Ok(id) } else { Err(()) })
 }
 
 fn refuse(why: Rejection, text: &str, node: &impl Responder) -> Decision {
-    let extra = match why {
-        Rejection::UpgradeRequired => "Upgrade: websocket\r\n".to_string(),
-        Rejection::WsVersion => "Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n".to_string(),
-        Rejection::MethodNotAllowed => "Allow: GET, HEAD\r\n".to_string(),
-        Rejection::Full | Rejection::Draining => format!("Retry-After: {}\r\n", node.retry_after()),
-        _ => String::new(),
-    };
-    let body = format!("{}: {text}\n", why.label());
-    Decision::Respond {
-        bytes: response(why.status(), "text/plain; charset=utf-8", &body, &extra, false),
-        rejected: Some(why),
-    }
-}
-
-/// A complete `Connection: close` HTTP/1.1 response.
-pub fn response(status: u16, ctype: &str, body: &str, extra_headers: &str, head_only: bool) -> Vec<u8> {
-    let reason = http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
-    let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n{extra_headers}\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if !head_only {
-        out.extend_from_slice(body.as_bytes());
-    }
-    out
+    Decision::Respond { bytes: wire::refusal(why, text, node.retry_after()), rejected: Some(why) }
 }
 
 #[cfg(test)]

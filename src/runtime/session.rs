@@ -1,5 +1,6 @@
 //! A connection's life: HTTP head, upgrade, the read loop, the writer, and
-//! the close.
+//! the close. What the bytes mean is the application's: the runtime hands it
+//! the request head and every complete message.
 //!
 //! One reader task per connection waits for readability (no buffer pinned
 //! while idle), copies what arrived into the shard's shared read buffer,
@@ -13,20 +14,17 @@
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::task::Poll;
 
 use tungstenite::error::{CapacityError, Error as WsError};
 use tungstenite::Message;
 
-use super::handshake::{decide, Decision};
-use super::stream::{recv, shutdown, Recv, SharedStream};
-use super::Io;
-use crate::error::{close, ClientError};
-use crate::protocol::{self, Request};
-use crate::shard::mailbox::ShardMsg;
-use crate::shard::table::{ConnId, Phase, Route};
-use crate::shard::{ConnView, Shard};
+use super::shard::Shard;
+use super::table::{ConnId, Phase};
+use super::{Answer, App};
+use crate::transport::close;
+use crate::transport::frame::{self, Io};
+use crate::transport::socket::{recv, shutdown, Recv, SharedStream};
 
 /// What the reader does after a batch of input.
 #[derive(Debug, PartialEq, Eq)]
@@ -42,7 +40,7 @@ enum Next {
 /// The phases that hold buffers or in-flight writes (HTTP head, writes,
 /// lingering close) are boxed: the future that stays resident for an idle
 /// connection is then only the read loop waiting on readability.
-pub async fn run(shard: Rc<Shard>, stream: Rc<SharedStream>, id: ConnId) {
+pub async fn run<A: App>(shard: Rc<Shard<A>>, stream: Rc<SharedStream>, id: ConnId) {
     let next = match Box::pin(http_phase(&shard, &stream, id)).await {
         // Bytes that came right behind the request head (a pipelined first
         // frame) are handled here and their buffer freed before the wait.
@@ -57,9 +55,9 @@ pub async fn run(shard: Rc<Shard>, stream: Rc<SharedStream>, id: ConnId) {
     shard.remove_conn(id);
 }
 
-/// Reads the request head and answers it. `Some(bytes after the head)` when
-/// the connection was upgraded.
-async fn http_phase(shard: &Rc<Shard>, stream: &Rc<SharedStream>, id: ConnId) -> Option<Vec<u8>> {
+/// Reads the request head and lets the application answer it.
+/// `Some(bytes after the head)` when the connection was upgraded.
+async fn http_phase<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId) -> Option<Vec<u8>> {
     let max = shard.node.config.server.max_request_bytes;
     let mut head = Vec::new();
     loop {
@@ -69,18 +67,17 @@ async fn http_phase(shard: &Rc<Shard>, stream: &Rc<SharedStream>, id: ConnId) ->
             Recv::WouldBlock => continue,
             Recv::Eof => return None,
         }
-        let overflow = shard.table.borrow().get(id).is_some_and(|c| !c.slotted);
-        match decide(&head, max, &ConnView { shard, overflow }) {
-            Decision::NeedMore => continue,
-            Decision::Respond { bytes, rejected } => {
+        match shard.app.on_request(shard, id, &head) {
+            Answer::NeedMore => continue,
+            Answer::Respond { bytes, rejected } => {
                 if let Some(r) = rejected {
                     shard.metrics().rejected[r.index()].inc();
                 }
                 respond_and_close(shard, stream, id, bytes).await;
                 return None;
             }
-            Decision::Upgrade { route, client_id, response, consumed } => {
-                if !upgrade(shard, stream, id, route, client_id, response).await {
+            Answer::Upgrade { response, consumed } => {
+                if !upgrade(shard, stream, id, response).await {
                     return None;
                 }
                 head.drain(..consumed);
@@ -91,7 +88,7 @@ async fn http_phase(shard: &Rc<Shard>, stream: &Rc<SharedStream>, id: ConnId) ->
 }
 
 /// Appends one recv's worth to `head` (at most `limit` bytes in all).
-fn read_some(shard: &Shard, stream: &SharedStream, head: &mut Vec<u8>, limit: usize) -> Recv {
+fn read_some<A: App>(shard: &Shard<A>, stream: &SharedStream, head: &mut Vec<u8>, limit: usize) -> Recv {
     let mut buf = shard.read_buf.borrow_mut();
     let room = limit.saturating_sub(head.len()).clamp(1, buf.len());
     match recv(stream.fd(), &mut buf[..room]) {
@@ -105,56 +102,34 @@ fn read_some(shard: &Shard, stream: &SharedStream, head: &mut Vec<u8>, limit: us
     }
 }
 
-async fn respond_and_close(shard: &Rc<Shard>, stream: &Rc<SharedStream>, id: ConnId, bytes: Vec<u8>) {
+async fn respond_and_close<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId, bytes: Vec<u8>) {
     let deadline = shard.now_ms() + shard.node.config.websocket.close_timeout_ms;
     if let Some(c) = shard.table.borrow_mut().get_mut(id) {
-        c.phase = Phase::Closing;
-        c.close_deadline_ms = deadline;
+        c.closing(deadline, 0);
         c.out = bytes;
         c.writing = true;
     }
     write_loop(shard.clone(), id, stream.clone()).await;
 }
 
-/// Accepts the upgrade: 101 (plus the welcome on `/ws`) in one write.
-async fn upgrade(
-    shard: &Rc<Shard>,
-    stream: &Rc<SharedStream>,
-    id: ConnId,
-    route: Route,
-    client_id: Option<String>,
-    response: Vec<u8>,
-) -> bool {
-    let client_id: Option<Arc<str>> = match route {
-        Route::Rooms => Some(client_id.unwrap_or_else(|| shard.generate_client_id()).into()),
-        Route::Echo => None,
-    };
+/// Accepts the upgrade: the 101 and whatever the application queues on
+/// open (the welcome on `/ws`) go out in one write.
+async fn upgrade<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId, response: Vec<u8>) -> bool {
     let now = shard.now_ms();
     {
         let mut table = shard.table.borrow_mut();
         let Some(c) = table.get_mut(id) else { return false };
         c.phase = Phase::Open;
-        c.route = route;
         c.upgraded = true;
         c.last_rx_ms = now;
         c.out = response;
-        if let Some(cid) = &client_id {
-            let welcome = protocol::welcome(cid, &shard.node.node_id, shard.id);
-            protocol::push_text_frame(&mut c.out, welcome.as_bytes());
-            c.client_id = Some(cid.clone());
-        }
+        // The write below is this task's: nobody else may start one meanwhile.
         c.writing = true;
     }
     let m = shard.metrics();
     m.upgraded.inc();
     m.websockets.fetch_add(1, Ordering::Relaxed);
-    if let Some(cid) = client_id {
-        let home = shard.node.home_shard(&cid);
-        if let Some(cluster) = &shard.node.cluster {
-            cluster.conn_opened(&cid, id);
-        }
-        let _ = shard.send_to(home, ShardMsg::Register { client_id: cid, conn: id });
-    }
+    shard.app.on_open(shard, id);
     write_loop(shard.clone(), id, stream.clone()).await;
     let accepted_at = shard.table.borrow().get(id).map(|c| c.accepted_at);
     match accepted_at {
@@ -167,7 +142,7 @@ async fn upgrade(
 }
 
 /// The read loop of an open connection.
-async fn read_loop(shard: &Rc<Shard>, stream: &Rc<SharedStream>, id: ConnId) -> Next {
+async fn read_loop<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId) -> Next {
     loop {
         if stream.readable().await.is_err() {
             return Next::Linger;
@@ -200,7 +175,7 @@ async fn read_loop(shard: &Rc<Shard>, stream: &Rc<SharedStream>, id: ConnId) -> 
 }
 
 /// Writes what is queued, inline, unless a writer task already is.
-async fn flush(shard: &Rc<Shard>, stream: &Rc<SharedStream>, id: ConnId) {
+async fn flush<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId) {
     let start = {
         let mut table = shard.table.borrow_mut();
         match table.get_mut(id) {
@@ -216,34 +191,31 @@ async fn flush(shard: &Rc<Shard>, stream: &Rc<SharedStream>, id: ConnId) {
     }
 }
 
-/// Feeds `data` to the connection's frame reader and handles every message
-/// it completes.
-fn process_input(shard: &Rc<Shard>, id: ConnId, data: &[u8]) -> Next {
+/// Feeds `data` to the connection's frame reader and hands every message
+/// it completes to the application.
+fn process_input<A: App>(shard: &Rc<Shard<A>>, id: ConnId, data: &[u8]) -> Next {
     let mut messages = Vec::new();
-    let (next, route) = {
+    let next = {
         let now = shard.now_ms();
         let deadline = now + shard.node.config.websocket.close_timeout_ms;
         let mut table = shard.table.borrow_mut();
         let Some(c) = table.get_mut(id) else { return Next::Linger };
         c.last_rx_ms = now;
         c.ping_sent = false;
-        let route = c.route;
         c.boundary.feed(data);
-        let ctx = c.ctx.get_or_insert_with(|| shard.new_context());
-        let mut io = Io { input: data, out: &mut c.out };
+        // Taken out for the loop (a Box move) so that the connection's own
+        // methods stay callable while tungstenite reads.
+        let mut ctx = c.ctx.take().unwrap_or_else(|| shard.new_context());
+        let mut out = std::mem::take(&mut c.out);
+        let mut io = Io { input: data, out: &mut out };
         let next = loop {
             match ctx.read(&mut io) {
-                Ok(Message::Text(t)) => messages.push(Message::Text(t)),
-                Ok(Message::Binary(b)) => messages.push(Message::Binary(b)),
+                Ok(m @ (Message::Text(_) | Message::Binary(_))) => messages.push(m),
                 Ok(Message::Close(frame)) => {
-                    if c.phase == Phase::Open {
-                        c.phase = Phase::Closing;
-                        c.close_deadline_ms = deadline;
-                        c.close_code = frame.map(|f| u16::from(f.code)).unwrap_or(close::NORMAL);
-                    }
+                    c.closing(deadline, frame.map(|f| u16::from(f.code)).unwrap_or(close::NORMAL));
                 }
                 Ok(Message::Pong(p)) => {
-                    if let Some(sent) = protocol::pong_stamp(&p) {
+                    if let Some(sent) = frame::pong_stamp(&p) {
                         c.rtt_us = shard.now_us().saturating_sub(sent).min(u32::MAX as u64) as u32;
                     }
                 }
@@ -252,30 +224,20 @@ fn process_input(shard: &Rc<Shard>, id: ConnId, data: &[u8]) -> Next {
                 Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => break Next::Linger,
                 Err(e) => {
                     let (code, reason) = classify(&e);
-                    c.phase = Phase::Closing;
-                    c.close_deadline_ms = deadline;
-                    c.close_code = code;
-                    protocol::push_close_frame(&mut c.out, code, reason);
+                    c.closing(deadline, code);
+                    frame::push_close(io.out, code, reason);
                     break Next::Linger;
                 }
             }
         };
-        (next, route)
+        c.ctx = Some(ctx);
+        c.out = out;
+        next
     };
     let m = shard.metrics();
     for msg in messages {
         m.messages_in.inc();
-        match (route, msg) {
-            (Route::Echo, Message::Text(t)) => {
-                shard.send_text(id, t.as_str());
-            }
-            (Route::Echo, Message::Binary(b)) => {
-                shard.offer(id, b.len() + 10, |out| super::push_binary_frame(out, &b));
-            }
-            (Route::Rooms, Message::Text(t)) => rooms_message(shard, id, t.as_str()),
-            (Route::Rooms, _) => shard.send_error(id, ClientError::BinaryNotSupported),
-            _ => {}
-        }
+        shard.app.on_message(shard, id, msg);
     }
     next
 }
@@ -291,100 +253,9 @@ fn classify(e: &WsError) -> (u16, &'static str) {
     }
 }
 
-/// One JSON message on `/ws`.
-fn rooms_message(shard: &Rc<Shard>, id: ConnId, text: &str) {
-    let cfg = &shard.node.config.rooms;
-    let req = match protocol::parse(text, cfg.max_payload_bytes) {
-        Ok(r) => r,
-        Err(e) => return shard.send_error(id, e),
-    };
-    let Some(from) = shard.table.borrow().get(id).and_then(|c| c.client_id.clone()) else { return };
-    match req {
-        Request::Join(room) => join(shard, id, &room),
-        Request::Leave(room) => leave(shard, id, &room),
-        Request::Publish { room, data } => publish(shard, id, &room, &protocol::room_message(&room, &from, data)),
-        Request::Direct { to, data } => {
-            let frame = protocol::text_frame(&protocol::direct_message(&from, data));
-            let to: Arc<str> = Arc::from(&*to);
-            let home = shard.node.home_shard(&to);
-            if shard.send_to(home, ShardMsg::DirectRoute { to, frame, reply_to: Some(id) }).is_err() {
-                shard.send_error(id, ClientError::Overloaded);
-            }
-        }
-        Request::Echo(data) => {
-            shard.send_text(id, &protocol::echo(data));
-        }
-        Request::Ping(x) => {
-            shard.send_text(id, &protocol::pong(x));
-        }
-    }
-}
-
-fn join(shard: &Rc<Shard>, id: ConnId, room: &str) {
-    let max = shard.node.config.rooms.max_rooms_per_connection;
-    let (already, full) = match shard.table.borrow().get(id) {
-        Some(c) => (c.rooms.iter().any(|r| &**r == room), c.rooms.len() >= max),
-        None => return,
-    };
-    if !already {
-        if full {
-            return shard.send_error(id, ClientError::TooManyRooms);
-        }
-        let (name, first) = shard.rooms.borrow_mut().join(room, id);
-        if let Some(c) = shard.table.borrow_mut().get_mut(id) {
-            c.rooms.push(name);
-        }
-        if first {
-            if let Some(cluster) = &shard.node.cluster {
-                cluster.room_interest(shard.id, room, true);
-            }
-        }
-    }
-    shard.send_text(id, &protocol::room_ack("joined", room));
-}
-
-fn leave(shard: &Rc<Shard>, id: ConnId, room: &str) {
-    let was_member = match shard.table.borrow_mut().get_mut(id) {
-        Some(c) => match c.rooms.iter().position(|r| &**r == room) {
-            Some(i) => {
-                c.rooms.swap_remove(i);
-                true
-            }
-            None => false,
-        },
-        None => return,
-    };
-    if was_member && shard.rooms.borrow_mut().leave(room, id) {
-        if let Some(cluster) = &shard.node.cluster {
-            cluster.room_interest(shard.id, room, false);
-        }
-    }
-    shard.send_text(id, &protocol::room_ack("left", room));
-}
-
-/// Sends one shared frame to every other shard first (so they start writing
-/// while this one does), then delivers to local members, then hands the
-/// payload to the cluster thread for other nodes.
-fn publish(shard: &Rc<Shard>, id: ConnId, room: &str, payload: &str) {
-    let frame = protocol::text_frame(payload);
-    let room_arc: Arc<str> = Arc::from(room);
-    let mut lost = false;
-    for to in (0..shard.node.shards.len()).filter(|s| *s != shard.id) {
-        let msg = ShardMsg::Room { room: room_arc.clone(), frame: frame.clone(), origin: Some(id) };
-        lost |= shard.send_to(to, msg).is_err();
-    }
-    shard.deliver_room(room, &frame, Some(id));
-    if let Some(cluster) = &shard.node.cluster {
-        cluster.publish(room_arc, payload);
-    }
-    if lost {
-        shard.send_error(id, ClientError::Overloaded);
-    }
-}
-
 /// Writes the connection's queue until it is empty. Exactly one runs per
 /// connection at a time (`Conn::writing`, set by whoever starts it).
-pub async fn write_loop(shard: Rc<Shard>, id: ConnId, stream: Rc<SharedStream>) {
+pub async fn write_loop<A: App>(shard: Rc<Shard<A>>, id: ConnId, stream: Rc<SharedStream>) {
     loop {
         let buf = {
             let mut table = shard.table.borrow_mut();
@@ -409,10 +280,7 @@ pub async fn write_loop(shard: Rc<Shard>, id: ConnId, stream: Rc<SharedStream>) 
             Err(_) => {
                 c.out.clear();
                 c.writing = false;
-                if c.phase == Phase::Open {
-                    c.phase = Phase::Closing;
-                }
-                shutdown(c.fd, libc::SHUT_RDWR);
+                c.abort(shard.now_ms());
                 if let Some(w) = c.flush_waker.take() {
                     w.wake();
                 }
@@ -427,17 +295,12 @@ pub async fn write_loop(shard: Rc<Shard>, id: ConnId, stream: Rc<SharedStream>) 
 /// the socket down then). Closing this way, rather than with a bare
 /// `close(2)`, keeps the kernel from answering unread input with a RST that
 /// would destroy the close frame before the peer reads it.
-async fn linger(shard: &Rc<Shard>, stream: &Rc<SharedStream>, id: ConnId) {
+async fn linger<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId) {
     {
         let deadline = shard.now_ms() + shard.node.config.websocket.close_timeout_ms;
         let mut table = shard.table.borrow_mut();
         let Some(c) = table.get_mut(id) else { return };
-        if c.phase != Phase::Closing {
-            c.phase = Phase::Closing;
-            c.close_deadline_ms = deadline;
-        } else if c.close_deadline_ms == 0 {
-            c.close_deadline_ms = deadline;
-        }
+        c.closing(deadline, 0);
     }
     flush(shard, stream, id).await;
     poll_fn(|cx| {

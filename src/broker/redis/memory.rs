@@ -89,11 +89,6 @@ impl MemoryHub {
         h.kv.get(key).and_then(|e| e.expires).map(|t| t.saturating_duration_since(Instant::now()))
     }
 
-    /// Commands executed so far.
-    pub fn commands(&self) -> u64 {
-        self.lock().commands
-    }
-
     /// Channels with at least one subscriber.
     pub fn channels(&self) -> BTreeSet<String> {
         self.lock().subs.iter().flat_map(|s| s.channels.iter().cloned()).collect()

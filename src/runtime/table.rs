@@ -13,14 +13,17 @@ use std::time::Instant;
 use slab::Slab;
 use tungstenite::protocol::WebSocketContext;
 
-use crate::ws::boundary::Boundary;
-use crate::ws::stream::SharedStream;
+use crate::config::MAX_SLOTS_PER_SHARD;
+use crate::transport::boundary::Boundary;
+use crate::transport::socket::{shutdown, SharedStream};
 
 /// Bits of a [`ConnId`] for the slot (4M connections per shard).
 pub const SLOT_BITS: u32 = 22;
 /// Bits of a [`ConnId`] for the shard (1024 shards).
 pub const SHARD_BITS: u32 = 10;
 const GEN_BITS: u32 = 32;
+// The configuration's limit on slots is what the id can address.
+const _: () = assert!(1 << SLOT_BITS == MAX_SLOTS_PER_SHARD);
 
 /// Shard (10 bits) | slot (22 bits) | generation (32 bits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -60,26 +63,15 @@ pub enum Phase {
     Closing,
 }
 
-/// Which WebSocket endpoint a connection upgraded on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    /// `/echo`: every message back unchanged.
-    Echo,
-    /// `/ws`: the JSON rooms protocol.
-    Rooms,
-}
-
 /// One connection's state. Kept small: an idle connection costs this entry
 /// plus its reader task, and nothing else (no read buffer, no context).
-pub struct Conn {
+pub struct Conn<S> {
     /// Generation stamped at insert.
     pub generation: u32,
     /// The socket, for `shutdown(2)` from the sweeper or a kick.
     pub fd: RawFd,
     /// Current phase.
     pub phase: Phase,
-    /// Endpoint, once upgraded.
-    pub route: Route,
     /// Counted against the shard's slots (false for overflow sockets that
     /// only get an HTTP answer).
     pub slotted: bool,
@@ -93,10 +85,8 @@ pub struct Conn {
     pub rtt_us: u32,
     /// Deadline for the peer's close reply (ms since shard epoch), in `Closing`.
     pub close_deadline_ms: u64,
-    /// Client id on `/ws`.
-    pub client_id: Option<std::sync::Arc<str>>,
-    /// Rooms joined on `/ws`.
-    pub rooms: Vec<Rc<str>>,
+    /// The application's per-connection state.
+    pub app: S,
     /// Frame reader, created on the first inbound byte after the upgrade
     /// and dropped again when the connection rests at a frame boundary.
     pub ctx: Option<Box<WebSocketContext>>,
@@ -118,22 +108,20 @@ pub struct Conn {
     pub close_code: u16,
 }
 
-impl Conn {
+impl<S: Default> Conn<S> {
     /// A freshly accepted socket.
     pub fn new(fd: RawFd, slotted: bool, now_ms: u64, accepted_at: Instant) -> Self {
         Conn {
             generation: 0,
             fd,
             phase: Phase::Http,
-            route: Route::Echo,
             slotted,
             accepted_at,
             last_rx_ms: now_ms,
             ping_sent: false,
             rtt_us: 0,
             close_deadline_ms: 0,
-            client_id: None,
-            rooms: Vec::new(),
+            app: S::default(),
             ctx: None,
             boundary: Boundary::default(),
             out: Vec::new(),
@@ -145,6 +133,31 @@ impl Conn {
             close_code: 0,
         }
     }
+}
+
+impl<S> Conn<S> {
+    /// Moves to `Closing` with a deadline for the peer's close reply. `code`
+    /// (0 = none) is the close code sent or received, for metrics. Once
+    /// closing, later calls change nothing.
+    pub fn closing(&mut self, deadline_ms: u64, code: u16) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        self.phase = Phase::Closing;
+        self.close_deadline_ms = deadline_ms;
+        if code != 0 {
+            self.close_code = code;
+        }
+    }
+
+    /// Gives up on the socket now: `Closing` with the deadline passed, and
+    /// `shutdown(2)` both ways, which wakes a parked reader (it sees EOF) and
+    /// fails a write in flight.
+    pub fn abort(&mut self, now_ms: u64) {
+        self.phase = Phase::Closing;
+        self.close_deadline_ms = now_ms;
+        shutdown(self.fd, libc::SHUT_RDWR);
+    }
 
     /// Bytes queued or in flight.
     pub fn queued(&self) -> usize {
@@ -153,19 +166,14 @@ impl Conn {
 }
 
 /// The slab of one shard.
-pub struct Table {
+pub struct Table<S> {
     shard: usize,
-    slab: Slab<Conn>,
+    slab: Slab<Conn<S>>,
     next_generation: u32,
     slotted: usize,
 }
 
-impl Table {
-    /// An empty table for `shard`.
-    pub fn new(shard: usize) -> Self {
-        Self::with_capacity(shard, 0)
-    }
-
+impl<S> Table<S> {
     /// An empty table with room for `capacity` entries reserved up front
     /// (address space only: pages become resident as slots are used), so
     /// that growing never copies the table mid-burst.
@@ -174,7 +182,7 @@ impl Table {
     }
 
     /// Inserts and returns the new id.
-    pub fn insert(&mut self, mut conn: Conn) -> ConnId {
+    pub fn insert(&mut self, mut conn: Conn<S>) -> ConnId {
         conn.generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         if conn.slotted {
@@ -186,17 +194,17 @@ impl Table {
     }
 
     /// The connection if `id` is still current.
-    pub fn get(&self, id: ConnId) -> Option<&Conn> {
+    pub fn get(&self, id: ConnId) -> Option<&Conn<S>> {
         self.slab.get(id.slot()).filter(|c| c.generation == id.generation())
     }
 
     /// Mutable access if `id` is still current.
-    pub fn get_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+    pub fn get_mut(&mut self, id: ConnId) -> Option<&mut Conn<S>> {
         self.slab.get_mut(id.slot()).filter(|c| c.generation == id.generation())
     }
 
     /// Removes if `id` is still current.
-    pub fn remove(&mut self, id: ConnId) -> Option<Conn> {
+    pub fn remove(&mut self, id: ConnId) -> Option<Conn<S>> {
         self.get(id)?;
         let conn = self.slab.remove(id.slot());
         if conn.slotted {
@@ -221,7 +229,7 @@ impl Table {
     }
 
     /// Iterates with ids.
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = (ConnId, &mut Conn)> {
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (ConnId, &mut Conn<S>)> {
         let shard = self.shard;
         self.slab.iter_mut().map(move |(slot, c)| (ConnId::new(shard, slot, c.generation), c))
     }
@@ -230,6 +238,8 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type T = Table<()>;
 
     #[test]
     fn id_round_trips() {
@@ -241,7 +251,7 @@ mod tests {
 
     #[test]
     fn stale_id_cannot_reach_new_connection_in_same_slot() {
-        let mut t = Table::new(2);
+        let mut t = T::with_capacity(2, 0);
         let a = t.insert(Conn::new(10, true, 0, Instant::now()));
         assert!(t.remove(a).is_some());
         let b = t.insert(Conn::new(11, true, 0, Instant::now()));
@@ -255,7 +265,7 @@ mod tests {
 
     #[test]
     fn overflow_entries_do_not_take_slots() {
-        let mut t = Table::new(0);
+        let mut t = T::with_capacity(0, 0);
         let a = t.insert(Conn::new(1, false, 0, Instant::now()));
         t.insert(Conn::new(2, true, 0, Instant::now()));
         assert_eq!((t.len(), t.slotted()), (2, 1));

@@ -1,5 +1,5 @@
-//! The JSON rooms protocol on `/ws`: parsing client messages and building
-//! server messages as ready-to-send WebSocket frames.
+//! The JSON rooms protocol on `/ws`: parsing client messages, building
+//! server messages, and the error codes answered on the connection.
 //!
 //! `data` is never re-serialized: it is kept as the client's raw JSON and
 //! spliced into the outgoing envelope. Room names and client ids are checked
@@ -9,13 +9,8 @@
 
 use std::borrow::Cow;
 
-use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
-use tungstenite::protocol::frame::{CloseFrame, Frame, FrameHeader};
-
-use crate::error::ClientError;
 
 /// A parsed client message. Borrowed from the frame's text.
 #[derive(Debug, PartialEq)]
@@ -77,7 +72,7 @@ pub fn parse(text: &str, max_payload: usize) -> Result<Request<'_>, ClientError>
         "publish" => Request::Publish { room: room_of(w.room)?, data: data()? },
         "direct" => {
             let to = w.to.ok_or(ClientError::MissingField)?;
-            if !crate::config::valid_id(&to) {
+            if !valid_client_id(&to) {
                 return Err(ClientError::BadClientId);
             }
             Request::Direct { to, data: data()? }
@@ -103,40 +98,10 @@ pub fn valid_room(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
-/// Appends an unmasked, final text frame holding `payload` to `out`.
-pub fn push_text_frame(out: &mut Vec<u8>, payload: &[u8]) {
-    let header = FrameHeader { opcode: OpCode::Data(Data::Text), ..FrameHeader::default() };
-    out.reserve(payload.len() + 10);
-    header.format(payload.len() as u64, out).expect("writing to a Vec cannot fail");
-    out.extend_from_slice(payload);
-}
-
-/// An unmasked ping frame carrying `stamp` (the sender's clock, µs), so the
-/// pong tells the round trip.
-pub fn ping_frame(out: &mut Vec<u8>, stamp: u64) {
-    let _ = Frame::ping(Bytes::copy_from_slice(&stamp.to_be_bytes())).format(out);
-}
-
-/// The stamp of a pong that answers [`ping_frame`], if it is one.
-pub fn pong_stamp(payload: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(payload.try_into().ok()?))
-}
-
-/// A close frame with `code` and `reason` (reason trimmed to fit 123 bytes).
-pub fn push_close_frame(out: &mut Vec<u8>, code: u16, reason: &str) {
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    let frame = Frame::close(Some(CloseFrame { code: CloseCode::from(code), reason: reason[..end].to_owned().into() }));
-    let _ = frame.format(out);
-}
-
-/// A text frame as shareable bytes.
-pub fn text_frame(payload: &str) -> Bytes {
-    let mut out = Vec::with_capacity(payload.len() + 10);
-    push_text_frame(&mut out, payload.as_bytes());
-    Bytes::from(out)
+/// Client ids: 1-64 of `[A-Za-z0-9_-]` (they go into JSON and Redis keys
+/// without escaping).
+pub fn valid_client_id(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// `{"type":"welcome","client_id":ID,"node":NODE,"shard":N}`
@@ -185,6 +150,68 @@ pub fn affinity(node: &str, url: &str) -> String {
 /// `{"type":"error","code":CODE,"message":TEXT}`
 pub fn error(e: ClientError, message: &str) -> String {
     serde_json::json!({"type": "error", "code": e.code(), "message": message}).to_string()
+}
+
+/// An error answered on `/ws` with `{"type":"error",...}`; the connection stays open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientError {
+    /// Not a JSON object, or a field of the wrong type.
+    BadJson,
+    /// `type` missing or not one the server knows.
+    UnknownType,
+    /// A required field is missing.
+    MissingField,
+    /// Room name not 1-128 of `[A-Za-z0-9_.:-]`.
+    BadRoom,
+    /// Target client id malformed.
+    BadClientId,
+    /// `direct` to a client connected nowhere.
+    UnknownClient,
+    /// `data` larger than `rooms.max_payload_bytes`.
+    TooLarge,
+    /// Joining more than `rooms.max_rooms_per_connection` rooms.
+    TooManyRooms,
+    /// A binary frame on `/ws` (the rooms protocol is JSON text).
+    BinaryNotSupported,
+    /// The message could not be delivered across shards (mailbox full).
+    Overloaded,
+}
+
+impl ClientError {
+    /// Every variant, for metrics.
+    pub const ALL: [ClientError; 10] = [
+        ClientError::BadJson,
+        ClientError::UnknownType,
+        ClientError::MissingField,
+        ClientError::BadRoom,
+        ClientError::BadClientId,
+        ClientError::UnknownClient,
+        ClientError::TooLarge,
+        ClientError::TooManyRooms,
+        ClientError::BinaryNotSupported,
+        ClientError::Overloaded,
+    ];
+
+    /// The stable `code` string.
+    pub fn code(self) -> &'static str {
+        match self {
+            ClientError::BadJson => "bad_json",
+            ClientError::UnknownType => "unknown_type",
+            ClientError::MissingField => "missing_field",
+            ClientError::BadRoom => "bad_room",
+            ClientError::BadClientId => "bad_client_id",
+            ClientError::UnknownClient => "unknown_client",
+            ClientError::TooLarge => "too_large",
+            ClientError::TooManyRooms => "too_many_rooms",
+            ClientError::BinaryNotSupported => "binary_not_supported",
+            ClientError::Overloaded => "overloaded",
+        }
+    }
+
+    /// Index into per-code counters.
+    pub fn index(self) -> usize {
+        ClientError::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
 }
 
 /// The human text for each error code.
@@ -256,18 +283,6 @@ mod tests {
             assert!(v["type"].is_string());
         }
     }
-
-    #[test]
-    fn frames_match_tungstenite() {
-        for len in [0usize, 1, 125, 126, 65535, 65536, 70000] {
-            let payload = "x".repeat(len);
-            let mut ours = Vec::new();
-            push_text_frame(&mut ours, payload.as_bytes());
-            let mut theirs = Vec::new();
-            Frame::message(payload.clone(), OpCode::Data(Data::Text), true).format(&mut theirs).unwrap();
-            assert_eq!(ours, theirs, "len {len}");
-        }
-    }
 }
 
 #[cfg(test)]
@@ -300,14 +315,5 @@ mod fuzzish {
                 }
             }
         }
-    }
-
-    #[test]
-    fn ping_stamp_round_trips() {
-        let mut out = Vec::new();
-        ping_frame(&mut out, 123_456_789);
-        assert_eq!(out[0], 0x89);
-        assert_eq!(pong_stamp(&out[2..]), Some(123_456_789));
-        assert_eq!(pong_stamp(b"short"), None);
     }
 }

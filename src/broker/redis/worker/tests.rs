@@ -1,68 +1,90 @@
-//! The worker against the in-memory store: two simulated nodes, each with
-//! two shard mailboxes whose messages the tests read directly.
+//! The worker against the in-memory store: two simulated nodes, each with a
+//! recording sink in place of the application.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-
 use super::Worker;
-use crate::cluster::memory::{MemoryConnector, MemoryHub};
-use crate::cluster::{handle, BreakerState, ClusterCmd, ClusterHandle};
-use crate::config::Config;
-use crate::metrics::ShardMetrics;
-use crate::shard::mailbox::{mailbox, MailboxReceiver, ShardMsg};
-use crate::shard::table::ConnId;
-use crate::shard::{NodeShared, ShardHandle};
+use crate::broker::redis::memory::{MemoryConnector, MemoryHub};
+use crate::broker::redis::{BreakerState, RedisBroker};
+use crate::broker::{Broker, LocalNode, Sink};
+use crate::config::ClusterConfig;
+use crate::runtime::table::ConnId;
 
 const INTERVAL_MS: u64 = 50;
 
+/// What the worker handed to the application.
+#[derive(Debug, Clone, PartialEq)]
+enum Got {
+    Room(String, String),
+    Direct(String, Vec<u8>),
+    Unknown(ConnId, String),
+    Affinity(ConnId, String, String),
+}
+
+struct Rec {
+    id: String,
+    got: Mutex<Vec<Got>>,
+}
+
+impl Sink for Rec {
+    fn room(&self, room: &str, payload: &str) -> bool {
+        self.got.lock().unwrap().push(Got::Room(room.into(), payload.into()));
+        true
+    }
+    fn direct(&self, to: &str, frame: &[u8]) -> bool {
+        self.got.lock().unwrap().push(Got::Direct(to.into(), frame.to_vec()));
+        true
+    }
+    fn unknown_client(&self, from: ConnId, to: Arc<str>) -> bool {
+        self.got.lock().unwrap().push(Got::Unknown(from, to.to_string()));
+        true
+    }
+    fn affinity(&self, conn: ConnId, node: &str, url: &str) -> bool {
+        self.got.lock().unwrap().push(Got::Affinity(conn, node.into(), url.into()));
+        true
+    }
+    fn local(&self) -> LocalNode {
+        LocalNode {
+            node_id: self.id.clone(),
+            url: format!("ws://{}/ws", self.id),
+            shard_connections: vec![0, 0],
+            capacity_per_shard: 100,
+            handshake_p99_us: 0,
+            draining: false,
+            started_at: 1,
+        }
+    }
+}
+
 struct TestNode {
-    shared: Arc<NodeShared>,
-    boxes: Vec<MailboxReceiver>,
+    broker: RedisBroker,
+    rec: Arc<Rec>,
 }
 
 impl TestNode {
     fn start(hub: &MemoryHub, id: &str) -> TestNode {
-        let mut config = Config::default();
-        config.cluster.redis_url = "redis://memory".into();
-        config.cluster.sync_interval_ms = INTERVAL_MS;
-        let mut shards = Vec::new();
-        let mut boxes = Vec::new();
-        for _ in 0..2 {
-            let (tx, rx) = mailbox(1024).unwrap();
-            shards.push(ShardHandle { mailbox: tx, metrics: ShardMetrics::default() });
-            boxes.push(rx);
-        }
-        let (cluster, rx) = handle(&config);
-        let shared = Arc::new(NodeShared {
-            config,
-            node_id: id.into(),
-            advertise_url: format!("ws://{id}/ws"),
-            capacity_per_shard: 100,
-            shards,
-            draining: AtomicBool::new(false),
-            started_at: 1,
-            cluster,
-        });
-        let worker = Worker::new(shared.clone(), MemoryConnector(hub.clone()));
-        let rx: mpsc::Receiver<ClusterCmd> = rx.unwrap();
+        let config = ClusterConfig {
+            redis_url: "redis://memory".into(),
+            sync_interval_ms: INTERVAL_MS,
+            ..ClusterConfig::default()
+        };
+        let rec = Arc::new(Rec { id: id.into(), got: Mutex::new(Vec::new()) });
+        let (broker, rx) = RedisBroker::detached(config.sample_size);
+        let sink: Arc<dyn Sink> = rec.clone();
+        let worker = Worker::new(config, id.into(), sink, broker.status.clone(), MemoryConnector(hub.clone()));
         tokio::task::spawn_local(worker.run(rx));
-        TestNode { shared, boxes }
+        TestNode { broker, rec }
     }
 
-    fn cluster(&self) -> &ClusterHandle {
-        self.shared.cluster.as_ref().unwrap()
+    fn cluster(&self) -> &RedisBroker {
+        &self.broker
     }
 
-    /// Every message waiting in shard `i`'s mailbox.
-    fn drain(&self, i: usize) -> Vec<ShardMsg> {
-        self.boxes[i].rx.try_iter().collect()
-    }
-
-    fn drain_all(&self) -> Vec<ShardMsg> {
-        (0..self.boxes.len()).flat_map(|i| self.drain(i)).collect()
+    /// Everything delivered so far (taken).
+    fn drain_all(&self) -> Vec<Got> {
+        std::mem::take(&mut *self.rec.got.lock().unwrap())
     }
 }
 
@@ -70,12 +92,12 @@ fn conn(shard: usize, slot: usize) -> ConnId {
     ConnId::new(shard, slot, 1)
 }
 
-/// Collects what shard `i` of `node` receives until `n` messages arrived or
-/// two seconds passed (a loaded test machine may need more than an interval).
-async fn drain_until(node: &TestNode, i: usize, n: usize) -> Vec<ShardMsg> {
+/// Collects what `node` receives until `n` deliveries arrived or two
+/// seconds passed (a loaded test machine may need more than an interval).
+async fn drain_until(node: &TestNode, n: usize) -> Vec<Got> {
     let mut got = Vec::new();
     for _ in 0..200 {
-        got.extend(node.drain(i));
+        got.extend(node.drain_all());
         if got.len() >= n {
             break;
         }
@@ -107,8 +129,7 @@ async fn rooms_cross_nodes_once_and_skip_the_origin() {
         b.cluster().publish(Arc::from("other"), "{}");
         settle(2).await;
         let at_b = b.drain_all();
-        assert_eq!(at_b.len(), 2, "one Room per shard of b: {at_b:?}");
-        assert!(at_b.iter().all(|m| matches!(m, ShardMsg::Room { origin: None, .. })));
+        assert_eq!(at_b, vec![Got::Room("r".into(), "{\"type\":\"message\",\"n\":1}".into())], "once at b");
         assert!(a.drain_all().is_empty(), "a ignores its own message and 'other' has no members on a");
         // Interest gone on b: unsubscribed, nothing delivered there.
         b.cluster().room_interest(1, "r", false);
@@ -132,16 +153,10 @@ async fn direct_reaches_the_target_node_or_says_unknown() {
         a.cluster().direct(Arc::from("bob"), bytes::Bytes::from_static(b"frame"), conn(0, 3));
         settle(4).await;
         assert_eq!(hub.hash("ringside:conn:bob").get("node").map(String::as_str), Some("b"));
-        let home = b.shared.home_shard("bob");
-        let got = b.drain(home);
-        assert!(
-            matches!(&got[..], [ShardMsg::DirectRoute { to, frame, reply_to: None }] if &**to == "bob" && &frame[..] == b"frame"),
-            "{got:?}"
-        );
+        assert_eq!(b.drain_all(), vec![Got::Direct("bob".into(), b"frame".to_vec())]);
         a.cluster().direct(Arc::from("nobody"), bytes::Bytes::from_static(b"x"), conn(0, 3));
         settle(6).await;
-        let got = a.drain(0);
-        assert!(matches!(&got[..], [ShardMsg::UnknownClient { to, .. }] if &**to == "nobody"), "{got:?}");
+        assert_eq!(a.drain_all(), vec![Got::Unknown(conn(0, 3), "nobody".into())]);
         // Leaving deletes the key (only b's own entry).
         b.cluster().conn_closed(&Arc::from("bob"));
         settle(2).await;
@@ -187,15 +202,8 @@ async fn affinity_hint_names_the_previous_live_node() {
         settle(2).await;
         assert!(a.drain_all().is_empty(), "no hint on the affinity node itself");
         b.cluster().conn_opened(&Arc::from("carol"), conn(1, 2));
-        let got = drain_until(&b, 1, 1).await;
-        match &got[..] {
-            [ShardMsg::Deliver { conn: c, frame }] => {
-                assert_eq!(*c, conn(1, 2));
-                let text = String::from_utf8_lossy(frame);
-                assert!(text.contains("\"type\":\"affinity\"") && text.contains("ws://a/ws"), "{text}");
-            }
-            other => panic!("expected one affinity hint, got {other:?}"),
-        }
+        let got = drain_until(&b, 1).await;
+        assert_eq!(got, vec![Got::Affinity(conn(1, 2), "a".into(), "ws://a/ws".into())], "one affinity hint");
         for _ in 0..40 {
             if hub.string("ringside:affinity:carol").as_deref() == Some("b") {
                 break;
@@ -221,7 +229,7 @@ async fn breaker_fails_fast_then_reregisters() {
         assert_eq!(a.cluster().breaker(), BreakerState::Open);
         a.cluster().direct(Arc::from("x"), bytes::Bytes::new(), conn(1, 9));
         settle(1).await;
-        assert!(matches!(&a.drain(1)[..], [ShardMsg::UnknownClient { .. }]), "fails fast while open");
+        assert_eq!(a.drain_all(), vec![Got::Unknown(conn(1, 9), "x".into())], "fails fast while open");
         hub.set_down(false);
         // Backoff is capped at 2 s; the first retries come much sooner.
         for _ in 0..60 {

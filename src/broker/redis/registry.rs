@@ -3,13 +3,12 @@
 //! the `/cluster` view with its least-loaded pick.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
 use super::backend::Op;
 use super::keys;
-use crate::shard::NodeShared;
+use crate::broker::LocalNode;
 
 /// One node as the registry describes it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -46,27 +45,25 @@ fn health(full: bool, draining: bool) -> &'static str {
     }
 }
 
-/// This node's entry, from its shards' metrics.
-pub fn self_info(shared: &NodeShared) -> NodeInfo {
-    let connections = shared.connections() as u64;
-    let capacity = (shared.capacity_per_shard * shared.shards.len()) as u64;
-    let metrics: Vec<_> = shared.shards.iter().map(|s| &s.metrics).collect();
+/// This node's entry, from what the application reports.
+pub fn self_info(local: &LocalNode) -> NodeInfo {
+    let (connections, capacity) = (local.connections() as u64, local.capacity() as u64);
     NodeInfo {
-        node: shared.node_id.clone(),
-        url: shared.advertise_url.clone(),
-        shards: shared.shards.len() as u64,
+        node: local.node_id.clone(),
+        url: local.url.clone(),
+        shards: local.shard_connections.len() as u64,
         connections,
         capacity,
         utilization: connections as f64 / capacity.max(1) as f64,
-        handshake_p99_us: crate::metrics::handshake_p99_us(&metrics),
-        health: health(shared.all_full(), shared.is_draining()).to_string(),
+        handshake_p99_us: local.handshake_p99_us,
+        health: health(local.full(), local.draining).to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        started_at: shared.started_at,
+        started_at: local.started_at,
     }
 }
 
 /// The node hash, the node set membership, and one hash per shard pool.
-pub fn register_ops(shared: &NodeShared, me: &NodeInfo, ttl_ms: u64) -> Vec<Op> {
+pub fn register_ops(local: &LocalNode, me: &NodeInfo, ttl_ms: u64) -> Vec<Op> {
     let fields = vec![
         ("url", me.url.clone()),
         ("shards", me.shards.to_string()),
@@ -82,14 +79,13 @@ pub fn register_ops(shared: &NodeShared, me: &NodeInfo, ttl_ms: u64) -> Vec<Op> 
         Op::HSet { key: keys::node(&me.node), fields, ttl_ms },
         Op::SAdd { key: keys::NODES_SET.into(), member: me.node.clone() },
     ];
-    let max = shared.capacity_per_shard;
-    for (i, s) in shared.shards.iter().enumerate() {
-        let current = s.metrics.connections.load(Ordering::Relaxed);
+    let max = local.capacity_per_shard;
+    for (i, &current) in local.shard_connections.iter().enumerate() {
         let fields = vec![
             ("current", current.to_string()),
             ("max", max.to_string()),
             ("utilization", format!("{:.4}", current as f64 / max.max(1) as f64)),
-            ("health", health(current >= max, shared.is_draining()).to_string()),
+            ("health", health(current >= max, local.draining).to_string()),
         ];
         ops.push(Op::HSet { key: keys::pool(&me.node, i), fields, ttl_ms });
     }

@@ -1,4 +1,5 @@
-//! Messages between shards, and how a sleeping shard is woken.
+//! Messages between shards (the runtime's own and, generic, the
+//! application's), and how a sleeping shard is woken.
 //!
 //! Each shard owns one bounded crossbeam channel (lock-free MPMC array queue)
 //! and one wake socket pair. A sender pushes, then flips the shard's
@@ -14,14 +15,13 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use super::table::ConnId;
 
-/// A message for a shard.
+/// A message for a shard: the runtime's own, or one for its application.
 #[derive(Debug)]
-pub enum ShardMsg {
+pub enum ShardMsg<M> {
     /// A socket accepted by a full shard, handed to this one (least loaded).
     Adopt {
         /// The accepted socket.
@@ -29,55 +29,9 @@ pub enum ShardMsg {
         /// When it was accepted (handshake latency counts from here).
         accepted_at: Instant,
     },
-    /// A room message published elsewhere: deliver the pre-framed bytes to
-    /// local members of `room`, except `origin`.
-    Room {
-        /// Room name.
-        room: std::sync::Arc<str>,
-        /// A complete WebSocket text frame.
-        frame: Bytes,
-        /// The publisher (excluded). `None` when it came from another node.
-        origin: Option<ConnId>,
-    },
-    /// Sent to a client id's home shard: register `conn` as its live connection.
-    Register {
-        /// Client id.
-        client_id: std::sync::Arc<str>,
-        /// Its connection.
-        conn: ConnId,
-    },
-    /// Sent to the home shard when a connection with a client id closes.
-    Unregister {
-        /// Client id.
-        client_id: std::sync::Arc<str>,
-        /// The connection that closed (ignored if a newer one replaced it).
-        conn: ConnId,
-    },
-    /// Sent to the home shard of `to`: route a direct message.
-    DirectRoute {
-        /// Target client id.
-        to: std::sync::Arc<str>,
-        /// A complete WebSocket text frame for the target.
-        frame: Bytes,
-        /// The sender, told `unknown_client` if `to` is connected nowhere.
-        /// `None` when it came from another node.
-        reply_to: Option<ConnId>,
-    },
-    /// Deliver a pre-framed message to one connection of this shard.
-    Deliver {
-        /// Target connection.
-        conn: ConnId,
-        /// A complete WebSocket frame.
-        frame: Bytes,
-    },
-    /// Tell `conn` that its direct message found no one.
-    UnknownClient {
-        /// The sender.
-        conn: ConnId,
-        /// The target it asked for.
-        to: std::sync::Arc<str>,
-    },
-    /// Close `conn` with `code` (a newer connection took its client id, or rebalancing).
+    /// For the application ([`super::App::on_mail`]).
+    App(M),
+    /// Close `conn` with `code` (for example: a newer connection took its client id).
     Kick {
         /// Connection to close.
         conn: ConnId,
@@ -100,22 +54,22 @@ pub enum MailboxError {
 }
 
 /// The sending side of one shard's mailbox; shared by every thread.
-pub struct MailboxSender {
-    tx: Sender<ShardMsg>,
+pub struct MailboxSender<M> {
+    tx: Sender<ShardMsg<M>>,
     wake_pending: AtomicBool,
     wake_tx: StdUnixStream,
 }
 
 /// The receiving side, owned by the shard.
-pub struct MailboxReceiver {
+pub struct MailboxReceiver<M> {
     /// Messages.
-    pub rx: Receiver<ShardMsg>,
+    pub rx: Receiver<ShardMsg<M>>,
     /// Read end of the wake socket.
     pub wake_rx: StdUnixStream,
 }
 
 /// A new mailbox of `capacity` messages.
-pub fn mailbox(capacity: usize) -> io::Result<(MailboxSender, MailboxReceiver)> {
+pub fn mailbox<M>(capacity: usize) -> io::Result<(MailboxSender<M>, MailboxReceiver<M>)> {
     let (tx, rx) = crossbeam_channel::bounded(capacity);
     let (wake_tx, wake_rx) = StdUnixStream::pair()?;
     wake_tx.set_nonblocking(true)?;
@@ -123,9 +77,9 @@ pub fn mailbox(capacity: usize) -> io::Result<(MailboxSender, MailboxReceiver)> 
     Ok((MailboxSender { tx, wake_pending: AtomicBool::new(false), wake_tx }, MailboxReceiver { rx, wake_rx }))
 }
 
-impl MailboxSender {
+impl<M> MailboxSender<M> {
     /// Pushes `msg` and wakes the shard if it may be asleep. Never blocks.
-    pub fn send(&self, msg: ShardMsg) -> Result<(), MailboxError> {
+    pub fn send(&self, msg: ShardMsg<M>) -> Result<(), MailboxError> {
         match self.tx.try_send(msg) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(MailboxError::Full),
@@ -167,7 +121,7 @@ mod tests {
 
     #[test]
     fn wakes_once_per_batch_and_reports_full() {
-        let (tx, rx) = mailbox(16).unwrap();
+        let (tx, rx) = mailbox::<()>(16).unwrap();
         for _ in 0..3 {
             tx.send(ShardMsg::Shutdown).unwrap();
         }

@@ -1,22 +1,23 @@
-//! Cluster awareness through Redis, on its own thread.
+//! The Redis broker: cluster awareness through Redis, on its own thread.
 //!
-//! Shards never wait on Redis: they hand events to [`ClusterHandle`] (a
+//! Shards never wait on Redis: they hand events to [`RedisBroker`] (a
 //! bounded, non-blocking queue; a full queue drops the event and counts it)
 //! and the cluster thread does the Redis work. What comes back from other
-//! nodes reaches shards through their ordinary mailboxes
-//! ([`crate::shard::mailbox::ShardMsg`]).
+//! nodes goes to the application's [`Sink`], which routes it to shards
+//! through their ordinary mailboxes.
 //!
 //! [`worker`] is the loop; [`state`] what it remembers about this node;
 //! [`registry`] the node and pool entries; [`keys`] every key, channel and
 //! message format; [`breaker`] the circuit breaker; [`backend`] the narrow
 //! store interface, implemented by [`redis_backend`] (Redis or Redis
-//! Cluster) and by [`memory`] (the unit tests' double). docs/cluster.md
+//! Cluster) and, in unit tests, by an in-memory store double. docs/cluster.md
 //! describes the keys, messages and failure behaviour.
 
 pub mod backend;
 pub mod breaker;
 pub mod keys;
-pub mod memory;
+#[cfg(test)]
+mod memory;
 pub mod redis_backend;
 pub mod registry;
 pub mod state;
@@ -29,9 +30,10 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::config::Config;
-use crate::shard::table::ConnId;
-use crate::shard::NodeShared;
+use super::{Broker, SampleEntry, Sink};
+use crate::config::ClusterConfig;
+use crate::prom::{Kind, Text};
+use crate::runtime::table::ConnId;
 
 /// Events from shards to the cluster thread.
 #[derive(Debug)]
@@ -82,21 +84,6 @@ pub enum ClusterCmd {
     },
     /// Stop: deregister and exit.
     Shutdown,
-}
-
-/// One sampled connection.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SampleEntry {
-    /// Client id (or `echo` for /echo connections).
-    pub client_id: String,
-    /// Shard.
-    pub shard: usize,
-    /// Connection age, ms.
-    pub age_ms: u64,
-    /// Bytes queued for sending.
-    pub queued_bytes: usize,
-    /// Last measured ping round trip, µs (0 = not measured yet).
-    pub rtt_us: u64,
 }
 
 /// Circuit-breaker state, as shown in /metrics and /ready.
@@ -170,8 +157,9 @@ pub struct ClusterStatus {
 }
 
 /// The shards' side of the cluster thread.
-pub struct ClusterHandle {
+pub struct RedisBroker {
     tx: mpsc::Sender<ClusterCmd>,
+    sample_size: usize,
     /// Shared status.
     pub status: Arc<ClusterStatus>,
 }
@@ -179,124 +167,119 @@ pub struct ClusterHandle {
 /// Queue depth between shards and the cluster thread.
 const QUEUE: usize = 65536;
 
-/// A handle (and the receiver for [`spawn`]) when `cluster.redis_url` is set.
-pub fn handle(config: &Config) -> (Option<ClusterHandle>, Option<mpsc::Receiver<ClusterCmd>>) {
-    if config.cluster.redis_url.is_empty() {
-        return (None, None);
+impl RedisBroker {
+    /// Starts the cluster thread for node `node_id` (its first work is to
+    /// connect; until then cross-node operations fail fast).
+    pub fn start(
+        config: &ClusterConfig,
+        node_id: &str,
+        sink: Arc<dyn Sink>,
+    ) -> std::io::Result<(Self, JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let status = Arc::new(ClusterStatus::default());
+        let broker = RedisBroker { tx, sample_size: config.sample_size, status: status.clone() };
+        let (config, me) = (config.clone(), node_id.to_string());
+        let thread = std::thread::Builder::new()
+            .name("ringside-cluster".into())
+            .spawn(move || worker::run(config, me, sink, status, rx))?;
+        Ok((broker, thread))
     }
-    let (tx, rx) = mpsc::channel(QUEUE);
-    (Some(ClusterHandle { tx, status: Arc::new(ClusterStatus::default()) }), Some(rx))
-}
 
-/// Starts the cluster thread.
-pub fn spawn(shared: Arc<NodeShared>, rx: mpsc::Receiver<ClusterCmd>) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name("ringside-cluster".into()).spawn(move || worker::run(shared, rx))
-}
+    /// A broker whose queue the caller drains (unit tests drive the worker).
+    #[cfg(test)]
+    pub fn detached(sample_size: usize) -> (Self, mpsc::Receiver<ClusterCmd>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (RedisBroker { tx, sample_size, status: Arc::new(ClusterStatus::default()) }, rx)
+    }
 
-impl ClusterHandle {
     fn send(&self, cmd: ClusterCmd) {
         if self.tx.try_send(cmd).is_err() {
             self.status.dropped_events.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// A `/ws` client connected.
-    pub fn conn_opened(&self, client_id: &Arc<str>, conn: ConnId) {
-        self.send(ClusterCmd::ConnOpened { client_id: client_id.clone(), conn });
-    }
-
-    /// A `/ws` client left.
-    pub fn conn_closed(&self, client_id: &Arc<str>) {
-        self.send(ClusterCmd::ConnClosed { client_id: client_id.clone() });
-    }
-
-    /// First member joined / last member left `room` on `shard`.
-    pub fn room_interest(&self, shard: usize, room: &str, on: bool) {
-        self.send(ClusterCmd::RoomInterest { shard, room: Arc::from(room), on });
-    }
-
-    /// Forward a local publish to other nodes.
-    pub fn publish(&self, room: Arc<str>, payload: &str) {
-        self.send(ClusterCmd::Publish { room, payload: payload.to_string() });
-    }
-
-    /// Route a direct message to another node.
-    pub fn direct(&self, to: Arc<str>, frame: Bytes, from: ConnId) {
-        self.send(ClusterCmd::Direct { to, frame, from });
-    }
-
-    /// A shard's sample.
-    pub fn sample(&self, shard: usize, entries: Vec<SampleEntry>) {
-        self.send(ClusterCmd::Sample { shard, entries });
-    }
-
-    /// Ask the thread to deregister and stop.
-    pub fn shutdown(&self) {
-        let _ = self.tx.try_send(ClusterCmd::Shutdown);
-    }
-
     /// The breaker state.
     pub fn breaker(&self) -> BreakerState {
         BreakerState::from_u8(self.status.breaker.load(Ordering::Relaxed))
     }
+}
 
-    /// For `/ready`.
-    pub fn status_json(&self) -> serde_json::Value {
+impl Broker for RedisBroker {
+    fn conn_opened(&self, client_id: &Arc<str>, conn: ConnId) {
+        self.send(ClusterCmd::ConnOpened { client_id: client_id.clone(), conn });
+    }
+
+    fn conn_closed(&self, client_id: &Arc<str>) {
+        self.send(ClusterCmd::ConnClosed { client_id: client_id.clone() });
+    }
+
+    fn room_interest(&self, shard: usize, room: &str, on: bool) {
+        self.send(ClusterCmd::RoomInterest { shard, room: Arc::from(room), on });
+    }
+
+    fn publish(&self, room: Arc<str>, payload: &str) {
+        self.send(ClusterCmd::Publish { room, payload: payload.to_string() });
+    }
+
+    fn direct(&self, to: Arc<str>, frame: Bytes, from: ConnId) {
+        self.send(ClusterCmd::Direct { to, frame, from });
+    }
+
+    fn sample_size(&self) -> usize {
+        self.sample_size
+    }
+
+    fn sample(&self, shard: usize, entries: Vec<SampleEntry>) {
+        self.send(ClusterCmd::Sample { shard, entries });
+    }
+
+    fn shutdown(&self) {
+        let _ = self.tx.try_send(ClusterCmd::Shutdown);
+    }
+
+    fn ready_json(&self) -> Option<serde_json::Value> {
         let s = &self.status;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        serde_json::json!({
+        Some(serde_json::json!({
             "redis": self.breaker().name(),
             "dropped_events": g(&s.dropped_events),
             "redis_commands": g(&s.redis_commands),
             "redis_errors": g(&s.redis_errors),
             "reregistrations": g(&s.reregistrations),
             "subscribed_rooms": g(&s.subscribed_rooms),
-        })
+        }))
     }
 
-    /// For `/cluster`.
-    pub fn cluster_json(&self) -> serde_json::Value {
+    fn cluster_json(&self) -> serde_json::Value {
         self.status.nodes_json.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
-    /// Extra Prometheus lines.
-    pub fn metrics_text(&self) -> String {
+    fn render_metrics(&self, t: &mut Text) {
         let s = &self.status;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut out = String::new();
-        out.push_str("# HELP ringside_cluster_breaker_state Redis circuit breaker: 0 closed, 1 open, 2 half-open.\n# TYPE ringside_cluster_breaker_state gauge\n");
-        out.push_str(&format!(
-            "ringside_cluster_breaker_state{{state=\"{}\"}} {}\n",
-            self.breaker().name(),
-            self.breaker() as u8
-        ));
+        let help = "Redis circuit breaker: 0 closed, 1 open, 2 half-open.";
+        t.family("cluster_breaker_state", Kind::Gauge, help).sample(
+            "cluster_breaker_state",
+            &[("state", &self.breaker().name())],
+            self.breaker() as u8,
+        );
         for (name, help, v) in [
-            (
-                "cluster_dropped_events_total",
-                "Events not sent to the cluster thread (queue full).",
-                g(&s.dropped_events),
-            ),
-            ("cluster_redis_commands_total", "Redis commands issued.", g(&s.redis_commands)),
-            ("cluster_redis_errors_total", "Redis errors.", g(&s.redis_errors)),
-            ("cluster_reregistrations_total", "Re-registrations after Redis returned.", g(&s.reregistrations)),
-            ("cluster_remote_room_messages_total", "Room messages from other nodes.", g(&s.remote_room_messages)),
-            ("cluster_remote_direct_messages_total", "Direct messages from other nodes.", g(&s.remote_direct_messages)),
-            ("cluster_published_total", "Room messages published to other nodes.", g(&s.published)),
-            ("cluster_publish_dropped_total", "Room messages not forwarded (Redis away).", g(&s.publish_dropped)),
-            ("cluster_directs_sent_total", "Direct messages sent to other nodes.", g(&s.directs_sent)),
-            ("cluster_directs_unknown_total", "Direct messages answered unknown_client.", g(&s.directs_unknown)),
-            ("cluster_affinity_hints_total", "Affinity hints sent to clients.", g(&s.affinity_hints)),
-            ("cluster_mailbox_full_total", "Messages for shards refused by a full mailbox.", g(&s.mailbox_full)),
-            ("cluster_redis_batches_total", "Round trips to Redis.", g(&s.redis_batches)),
+            ("cluster_dropped_events_total", "Events not sent to the cluster thread (queue full).", &s.dropped_events),
+            ("cluster_redis_commands_total", "Redis commands issued.", &s.redis_commands),
+            ("cluster_redis_errors_total", "Redis errors.", &s.redis_errors),
+            ("cluster_reregistrations_total", "Re-registrations after Redis returned.", &s.reregistrations),
+            ("cluster_remote_room_messages_total", "Room messages from other nodes.", &s.remote_room_messages),
+            ("cluster_remote_direct_messages_total", "Direct messages from other nodes.", &s.remote_direct_messages),
+            ("cluster_published_total", "Room messages published to other nodes.", &s.published),
+            ("cluster_publish_dropped_total", "Room messages not forwarded (Redis away).", &s.publish_dropped),
+            ("cluster_directs_sent_total", "Direct messages sent to other nodes.", &s.directs_sent),
+            ("cluster_directs_unknown_total", "Direct messages answered unknown_client.", &s.directs_unknown),
+            ("cluster_affinity_hints_total", "Affinity hints sent to clients.", &s.affinity_hints),
+            ("cluster_mailbox_full_total", "Messages for shards refused by a full mailbox.", &s.mailbox_full),
+            ("cluster_redis_batches_total", "Round trips to Redis.", &s.redis_batches),
         ] {
-            out.push_str(&format!(
-                "# HELP ringside_{name} {help}\n# TYPE ringside_{name} counter\nringside_{name} {v}\n"
-            ));
+            t.single(name, Kind::Counter, help, g(v));
         }
-        out.push_str(&format!(
-            "# HELP ringside_cluster_subscribed_rooms Room channels subscribed.\n# TYPE ringside_cluster_subscribed_rooms gauge\nringside_cluster_subscribed_rooms {}\n",
-            g(&s.subscribed_rooms)
-        ));
-        out
+        t.single("cluster_subscribed_rooms", Kind::Gauge, "Room channels subscribed.", g(&s.subscribed_rooms));
     }
 }

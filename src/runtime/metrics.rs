@@ -1,4 +1,5 @@
-//! Counters, gauges and HDR histograms, rendered as Prometheus text.
+//! The runtime's counters, gauges and HDR histograms, per shard, and their
+//! Prometheus families.
 //!
 //! Each shard owns one [`ShardMetrics`] and is its only writer; `/metrics`
 //! (served by whichever shard the scrape lands on) only reads. Counters are
@@ -7,13 +8,14 @@
 //! the scraper ever take: uncontended, and off the delivery path (it is taken
 //! once per handshake and once per closed connection).
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use hdrhistogram::Histogram;
 
-use crate::error::{close, ClientError, Rejection};
+use crate::prom::{Kind, Text};
+use crate::transport::close;
+use crate::transport::http::Rejection;
 
 /// A counter with one writer thread and any number of readers.
 #[derive(Default, Debug)]
@@ -82,8 +84,6 @@ pub struct ShardMetrics {
     /// Closes by code: [`close::ALL`], then `none` (no close frame), then
     /// `other` (a client code not in the list).
     pub closed: [Counter; close::ALL.len() + 2],
-    /// `/ws` errors answered, by [`ClientError`].
-    pub client_errors: [Counter; ClientError::ALL.len()],
     /// WebSocket data messages received.
     pub messages_in: Counter,
     /// Bytes read from sockets.
@@ -132,7 +132,6 @@ impl Default for ShardMetrics {
             upgraded: Counter::default(),
             rejected: Default::default(),
             closed: Default::default(),
-            client_errors: Default::default(),
             messages_in: Counter::default(),
             bytes_in: Counter::default(),
             messages_out: Counter::default(),
@@ -196,196 +195,103 @@ const LATENCY_BUCKETS: [f64; 15] =
 /// Bucket bounds (seconds) for connection duration, from seed 000.
 const DURATION_BUCKETS: [f64; 11] = [0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0];
 
-/// What the renderer needs from the node besides shard metrics.
-pub struct NodeView<'a> {
-    /// Node id label.
-    pub node_id: &'a str,
-    /// Per-shard metrics, index = shard.
-    pub shards: Vec<&'a ShardMetrics>,
-    /// Per-shard mailbox depth.
-    pub mailbox_depth: Vec<usize>,
-    /// The node is draining.
-    pub draining: bool,
-    /// Extra lines (cluster state), already in Prometheus text.
-    pub extra: String,
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP ringside_{name} {help}\n# TYPE ringside_{name} {kind}");
-}
-
-fn per_shard(out: &mut String, v: &NodeView, name: &str, kind: &str, help: &str, f: impl Fn(&ShardMetrics) -> u64) {
-    header(out, name, kind, help);
-    for (i, m) in v.shards.iter().enumerate() {
-        let _ = writeln!(out, "ringside_{name}{{shard=\"{i}\"}} {}", f(m));
+fn per_shard(
+    t: &mut Text,
+    shards: &[&ShardMetrics],
+    name: &str,
+    kind: Kind,
+    help: &str,
+    f: impl Fn(&ShardMetrics) -> u64,
+) {
+    t.family(name, kind, help);
+    for (i, m) in shards.iter().enumerate() {
+        t.sample(name, &[("shard", &i)], f(m));
     }
 }
 
-fn histogram(out: &mut String, name: &str, help: &str, shard: usize, h: &Histogram<u64>, unit: f64, buckets: &[f64]) {
-    let _ = help;
-    for b in buckets {
-        let bound = (b / unit) as u64;
-        let n = if h.is_empty() { 0 } else { h.count_between(0, bound) };
-        let _ = writeln!(out, "ringside_{name}_bucket{{shard=\"{shard}\",le=\"{b}\"}} {n}");
-    }
-    let _ = writeln!(out, "ringside_{name}_bucket{{shard=\"{shard}\",le=\"+Inf\"}} {}", h.len());
-    let sum = h.mean() * h.len() as f64 * unit;
-    let _ = writeln!(out, "ringside_{name}_sum{{shard=\"{shard}\"}} {sum}");
-    let _ = writeln!(out, "ringside_{name}_count{{shard=\"{shard}\"}} {}", h.len());
+fn summed<const N: usize>(shards: &[&ShardMetrics], f: impl Fn(&ShardMetrics) -> &[Counter; N], i: usize) -> u64 {
+    shards.iter().map(|m| f(m)[i].get()).sum()
 }
 
-/// Renders every metric of the node in Prometheus text format 0.0.4.
-pub fn render(v: &NodeView) -> String {
-    let mut out = String::with_capacity(16 * 1024);
+/// Renders the runtime's metrics of every shard; `mailbox_depth[i]` is
+/// shard `i`'s waiting messages.
+pub fn render(t: &mut Text, shards: &[&ShardMetrics], mailbox_depth: &[usize]) {
+    use Kind::{Counter as C, Gauge as G};
     let load = |m: &ShardMetrics| m.connections.load(Ordering::Relaxed) as u64;
-    per_shard(
-        &mut out,
-        v,
-        "websocket_pool_connections_total",
-        "gauge",
-        "Connections holding a slot, per shard (pool).",
-        load,
-    );
-    header(&mut out, "websocket_pool_utilization_ratio", "gauge", "Slots in use / slots, per shard.");
-    for (i, m) in v.shards.iter().enumerate() {
+    let help = "Connections holding a slot, per shard (pool).";
+    per_shard(t, shards, "websocket_pool_connections_total", G, help, load);
+    t.family("websocket_pool_utilization_ratio", G, "Slots in use / slots, per shard.");
+    for (i, m) in shards.iter().enumerate() {
         let cap = m.capacity.load(Ordering::Relaxed).max(1) as f64;
-        let _ = writeln!(out, "ringside_websocket_pool_utilization_ratio{{shard=\"{i}\"}} {}", load(m) as f64 / cap);
+        t.sample("websocket_pool_utilization_ratio", &[("shard", &i)], load(m) as f64 / cap);
     }
-    per_shard(&mut out, v, "websocket_pool_capacity", "gauge", "Slots per shard.", |m| {
-        m.capacity.load(Ordering::Relaxed) as u64
-    });
-    per_shard(&mut out, v, "websockets_open", "gauge", "Upgraded WebSocket connections.", |m| {
-        m.websockets.load(Ordering::Relaxed) as u64
-    });
-    per_shard(&mut out, v, "overflow_sockets", "gauge", "Sockets held past capacity only to answer HTTP.", |m| {
-        m.overflow.load(Ordering::Relaxed) as u64
-    });
-    per_shard(
-        &mut out,
-        v,
-        "frame_readers",
-        "gauge",
-        "Connections holding a frame reader and its read buffer (last sweep); quiet ones give theirs back.",
-        |m| m.frame_readers.load(Ordering::Relaxed) as u64,
-    );
-    header(&mut out, "shard_driver_info", "gauge", "The io driver each shard runs (1 = in use).");
-    for (i, m) in v.shards.iter().enumerate() {
-        let _ = writeln!(out, "ringside_shard_driver_info{{shard=\"{i}\",driver=\"{}\"}} 1", m.driver().name());
+    let gauge = |a: &AtomicUsize| a.load(Ordering::Relaxed) as u64;
+    per_shard(t, shards, "websocket_pool_capacity", G, "Slots per shard.", |m| gauge(&m.capacity));
+    per_shard(t, shards, "websockets_open", G, "Upgraded WebSocket connections.", |m| gauge(&m.websockets));
+    let help = "Sockets held past capacity only to answer HTTP.";
+    per_shard(t, shards, "overflow_sockets", G, help, |m| gauge(&m.overflow));
+    let help = "Connections holding a frame reader and its read buffer (last sweep); quiet ones give theirs back.";
+    per_shard(t, shards, "frame_readers", G, help, |m| gauge(&m.frame_readers));
+    t.family("shard_driver_info", G, "The io driver each shard runs (1 = in use).");
+    for (i, m) in shards.iter().enumerate() {
+        t.sample("shard_driver_info", &[("shard", &i), ("driver", &m.driver().name())], 1);
     }
-    per_shard(&mut out, v, "connections_accepted_total", "counter", "Sockets accepted.", |m| m.accepted.get());
-    per_shard(&mut out, v, "connections_upgraded_total", "counter", "Successful WebSocket upgrades.", |m| {
-        m.upgraded.get()
-    });
-    header(
-        &mut out,
-        "websocket_pool_failover_total",
-        "counter",
-        "Sockets passed from a full shard to the least-loaded one.",
-    );
-    for (i, m) in v.shards.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "ringside_websocket_pool_failover_total{{from_pool=\"{i}\",reason=\"full\"}} {}",
-            m.handed_off.get()
-        );
+    per_shard(t, shards, "connections_accepted_total", C, "Sockets accepted.", |m| m.accepted.get());
+    per_shard(t, shards, "connections_upgraded_total", C, "Successful WebSocket upgrades.", |m| m.upgraded.get());
+    let help = "Sockets passed from a full shard to the least-loaded one.";
+    t.family("websocket_pool_failover_total", C, help);
+    for (i, m) in shards.iter().enumerate() {
+        t.sample("websocket_pool_failover_total", &[("from_pool", &i), ("reason", &"full")], m.handed_off.get());
     }
-    header(
-        &mut out,
-        "connections_rejected_total",
-        "counter",
-        "Requests refused, by reason (status in docs/protocol.md).",
-    );
+    let help = "Requests refused, by reason (status in docs/protocol.md).";
+    t.family("connections_rejected_total", C, help);
     for r in Rejection::ALL {
-        let n: u64 = v.shards.iter().map(|m| m.rejected[r.index()].get()).sum();
-        let _ = writeln!(
-            out,
-            "ringside_connections_rejected_total{{reason=\"{}\",status=\"{}\"}} {n}",
-            r.label(),
-            r.status()
-        );
+        let n = summed(shards, |m| &m.rejected, r.index());
+        t.sample("connections_rejected_total", &[("reason", &r.label()), ("status", &r.status())], n);
     }
-    header(
-        &mut out,
-        "connections_closed_total",
-        "counter",
-        "WebSocket closes by the close code that ended them (none = no close frame, other = a client code not listed).",
-    );
+    let help =
+        "WebSocket closes by the close code that ended them (none = no close frame, other = a client code not listed).";
+    t.family("connections_closed_total", C, help);
     let labels = close::ALL.iter().map(|c| c.to_string()).chain(["none".to_string(), "other".to_string()]);
     for (i, code) in labels.enumerate() {
-        let n: u64 = v.shards.iter().map(|m| m.closed[i].get()).sum();
-        let _ = writeln!(out, "ringside_connections_closed_total{{code=\"{code}\"}} {n}");
+        t.sample("connections_closed_total", &[("code", &code)], summed(shards, |m| &m.closed, i));
     }
-    header(&mut out, "client_errors_total", "counter", "Errors answered on /ws, by code; the connection stays open.");
-    for e in ClientError::ALL {
-        let n: u64 = v.shards.iter().map(|m| m.client_errors[e.index()].get()).sum();
-        let _ = writeln!(out, "ringside_client_errors_total{{code=\"{}\"}} {n}", e.code());
+    let help = "WebSocket data messages received.";
+    per_shard(t, shards, "messages_received_total", C, help, |m| m.messages_in.get());
+    per_shard(t, shards, "messages_sent_total", C, "Messages queued to connections.", |m| m.messages_out.get());
+    per_shard(t, shards, "bytes_received_total", C, "Bytes read from sockets.", |m| m.bytes_in.get());
+    per_shard(t, shards, "bytes_sent_total", C, "Bytes written to sockets.", |m| m.bytes_out.get());
+    let help = "Messages sent to other shards.";
+    per_shard(t, shards, "cross_shard_sent_total", C, help, |m| m.cross_shard_sent.get());
+    let help = "Sockets taken over from a full shard.";
+    per_shard(t, shards, "connections_adopted_total", C, help, |m| m.adopted.get());
+    let help = "Messages taken from this shard's mailbox.";
+    per_shard(t, shards, "cross_shard_received_total", C, help, |m| m.cross_shard_received.get());
+    let help = "Cross-shard messages this shard could not deliver (the target mailbox was full).";
+    per_shard(t, shards, "mailbox_full_total", C, help, |m| m.mailbox_full.get());
+    t.family("mailbox_depth", G, "Messages waiting in each shard's mailbox.");
+    for (i, d) in mailbox_depth.iter().enumerate() {
+        t.sample("mailbox_depth", &[("shard", &i)], d);
     }
-    per_shard(&mut out, v, "messages_received_total", "counter", "WebSocket data messages received.", |m| {
-        m.messages_in.get()
-    });
-    per_shard(&mut out, v, "messages_sent_total", "counter", "Messages queued to connections.", |m| {
-        m.messages_out.get()
-    });
-    per_shard(&mut out, v, "bytes_received_total", "counter", "Bytes read from sockets.", |m| m.bytes_in.get());
-    per_shard(&mut out, v, "bytes_sent_total", "counter", "Bytes written to sockets.", |m| m.bytes_out.get());
-    per_shard(&mut out, v, "cross_shard_sent_total", "counter", "Messages sent to other shards.", |m| {
-        m.cross_shard_sent.get()
-    });
-    per_shard(&mut out, v, "connections_adopted_total", "counter", "Sockets taken over from a full shard.", |m| {
-        m.adopted.get()
-    });
-    per_shard(&mut out, v, "cross_shard_received_total", "counter", "Messages taken from this shard's mailbox.", |m| {
-        m.cross_shard_received.get()
-    });
-    per_shard(
-        &mut out,
-        v,
-        "mailbox_full_total",
-        "counter",
-        "Cross-shard messages this shard could not deliver (the target mailbox was full).",
-        |m| m.mailbox_full.get(),
-    );
-    header(&mut out, "mailbox_depth", "gauge", "Messages waiting in each shard's mailbox.");
-    for (i, d) in v.mailbox_depth.iter().enumerate() {
-        let _ = writeln!(out, "ringside_mailbox_depth{{shard=\"{i}\"}} {d}");
-    }
-    per_shard(
-        &mut out,
-        v,
-        "send_queue_dropped_total",
-        "counter",
-        "Messages dropped for slow readers (policy drop).",
-        |m| m.send_queue_dropped.get(),
-    );
-    per_shard(
-        &mut out,
-        v,
-        "slow_consumer_closed_total",
-        "counter",
-        "Connections closed 1008 for slow reading (policy close).",
-        |m| m.slow_consumer_closed.get(),
-    );
-    per_shard(&mut out, v, "pings_sent_total", "counter", "Server pings sent to quiet clients.", |m| {
-        m.pings_sent.get()
-    });
-    header(&mut out, "websocket_connection_latency_seconds", "histogram", "Accept to 101 written.");
-    for (i, m) in v.shards.iter().enumerate() {
+    let help = "Messages dropped for slow readers (policy drop).";
+    per_shard(t, shards, "send_queue_dropped_total", C, help, |m| m.send_queue_dropped.get());
+    let help = "Connections closed 1008 for slow reading (policy close).";
+    per_shard(t, shards, "slow_consumer_closed_total", C, help, |m| m.slow_consumer_closed.get());
+    per_shard(t, shards, "pings_sent_total", C, "Server pings sent to quiet clients.", |m| m.pings_sent.get());
+    let name = "websocket_connection_latency_seconds";
+    t.family(name, Kind::Histogram, "Accept to 101 written.");
+    for (i, m) in shards.iter().enumerate() {
         if let Ok(h) = m.handshake_us.lock() {
-            histogram(&mut out, "websocket_connection_latency_seconds", "", i, &h, 1e-6, &LATENCY_BUCKETS);
+            t.histogram(name, &[("shard", &i)], &h, 1e-6, &LATENCY_BUCKETS);
         }
     }
-    header(&mut out, "websocket_connection_duration_seconds", "histogram", "Accept to close, of upgraded connections.");
-    for (i, m) in v.shards.iter().enumerate() {
+    let name = "websocket_connection_duration_seconds";
+    t.family(name, Kind::Histogram, "Accept to close, of upgraded connections.");
+    for (i, m) in shards.iter().enumerate() {
         if let Ok(h) = m.lifetime_ms.lock() {
-            histogram(&mut out, "websocket_connection_duration_seconds", "", i, &h, 1e-3, &DURATION_BUCKETS);
+            t.histogram(name, &[("shard", &i)], &h, 1e-3, &DURATION_BUCKETS);
         }
     }
-    header(&mut out, "draining", "gauge", "1 while the node drains for shutdown.");
-    let _ = writeln!(out, "ringside_draining {}", v.draining as u8);
-    header(&mut out, "node_info", "gauge", "Node identity and version.");
-    let _ = writeln!(out, "ringside_node_info{{node=\"{}\",version=\"{}\"}} 1", v.node_id, env!("CARGO_PKG_VERSION"));
-    out.push_str(&v.extra);
-    out
 }
 
 /// The handshake p99 across shards, µs (for `/cluster` and the Redis registry).
@@ -416,13 +322,9 @@ mod tests {
         m.record_close(close::GOING_AWAY);
         m.record_close(4242);
         m.rejected[Rejection::Full.index()].inc();
-        let text = render(&NodeView {
-            node_id: "n1",
-            shards: vec![&m],
-            mailbox_depth: vec![0],
-            draining: false,
-            extra: String::new(),
-        });
+        let mut t = Text::default();
+        render(&mut t, &[&m], &[0]);
+        let text = t.finish();
         assert!(
             text.contains("ringside_websocket_connection_latency_seconds_bucket{shard=\"0\",le=\"0.0005\"} 1"),
             "{text}"

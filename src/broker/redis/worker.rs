@@ -20,9 +20,9 @@ use super::breaker::Breaker;
 use super::registry::{self, NodeInfo};
 use super::state::State;
 use super::{keys, ClusterCmd, ClusterStatus};
-use crate::shard::mailbox::ShardMsg;
-use crate::shard::table::ConnId;
-use crate::shard::NodeShared;
+use crate::broker::Sink;
+use crate::config::ClusterConfig;
+use crate::runtime::table::ConnId;
 
 /// Events handled per batch at most (one or two round trips each).
 pub const MAX_BATCH: usize = 1024;
@@ -36,16 +36,22 @@ const MAX_PENDING_DIRECTS: usize = 4096;
 const AFFINITY_GATHER: Duration = Duration::from_millis(10);
 
 /// Runs until [`ClusterCmd::Shutdown`] (or until every handle is gone).
-pub fn run(shared: Arc<NodeShared>, rx: mpsc::Receiver<ClusterCmd>) {
+pub fn run(
+    config: ClusterConfig,
+    me: String,
+    sink: Arc<dyn Sink>,
+    status: Arc<ClusterStatus>,
+    rx: mpsc::Receiver<ClusterCmd>,
+) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
-        Err(e) => return eprintln!("ringside: cluster: cannot start runtime: {e}; running alone"),
+        Err(e) => return tracing::error!(error = %e, "cluster: cannot start its runtime; running alone"),
     };
-    let connector = match super::redis_backend::RedisConnector::new(&shared.config.cluster.redis_url) {
+    let connector = match super::redis_backend::RedisConnector::new(&config.redis_url) {
         Ok(c) => c,
-        Err(e) => return eprintln!("ringside: cluster: {e}; running alone"),
+        Err(e) => return tracing::error!(error = %e, "cluster: bad Redis URL; running alone"),
     };
-    rt.block_on(Worker::new(shared, connector).run(rx));
+    rt.block_on(Worker::new(config, me, sink, status, connector).run(rx));
 }
 
 /// A direct message whose target's node is being looked up.
@@ -58,7 +64,8 @@ struct PendingDirect {
 
 /// The cluster thread's state.
 pub struct Worker<C: Connector> {
-    shared: Arc<NodeShared>,
+    config: ClusterConfig,
+    sink: Arc<dyn Sink>,
     status: Arc<ClusterStatus>,
     connector: C,
     conn: Option<C::Conn>,
@@ -92,12 +99,18 @@ async fn recv_incoming(rx: &mut Option<UnboundedReceiver<Incoming>>) -> Incoming
 }
 
 impl<C: Connector> Worker<C> {
-    /// A worker for `shared`'s node using `connector`.
-    pub fn new(shared: Arc<NodeShared>, connector: C) -> Self {
-        let status = shared.cluster.as_ref().map(|h| h.status.clone()).unwrap_or_default();
+    /// A worker for node `me` using `connector`, delivering to `sink` and
+    /// reporting into `status`.
+    pub fn new(
+        config: ClusterConfig,
+        me: String,
+        sink: Arc<dyn Sink>,
+        status: Arc<ClusterStatus>,
+        connector: C,
+    ) -> Self {
         Self {
-            me: shared.node_id.clone(),
-            interval: Duration::from_millis(shared.config.cluster.sync_interval_ms),
+            me,
+            interval: Duration::from_millis(config.sync_interval_ms),
             status,
             connector,
             conn: None,
@@ -110,7 +123,8 @@ impl<C: Connector> Worker<C> {
             opened: Vec::new(),
             opened_due: Instant::now(),
             ever_connected: false,
-            shared,
+            config,
+            sink,
         }
     }
 
@@ -190,9 +204,7 @@ impl<C: Connector> Worker<C> {
                     payload: keys::encode_room(&self.me, &payload),
                 }),
                 ClusterCmd::Direct { to, frame, from } => directs.push(PendingDirect { to, frame, from, deadline }),
-                ClusterCmd::Sample { shard, entries } => {
-                    self.state.sample(shard, entries, self.shared.config.cluster.sample_size)
-                }
+                ClusterCmd::Sample { shard, entries } => self.state.sample(shard, entries, self.config.sample_size),
                 ClusterCmd::Shutdown => stop = true,
             }
         }
@@ -244,9 +256,9 @@ impl<C: Connector> Worker<C> {
     fn affinity_hint(&self, conn: ConnId, node: Option<String>) {
         let Some(node) = node.filter(|n| *n != self.me) else { return };
         let Some(info) = self.live.get(&node) else { return };
-        let frame = crate::protocol::text_frame(&crate::protocol::affinity(&node, &info.url));
         add(&self.status.affinity_hints, 1);
-        self.to_shard(conn.shard(), ShardMsg::Deliver { conn, frame });
+        let delivered = self.sink.affinity(conn, &node, &info.url);
+        self.count_delivery(delivered);
     }
 
     fn route_or_retry(&mut self, d: PendingDirect, node: Option<String>, routes: &mut Vec<(String, PendingDirect)>) {
@@ -302,15 +314,15 @@ impl<C: Connector> Worker<C> {
 
     fn unknown(&self, from: ConnId, to: Arc<str>) {
         add(&self.status.directs_unknown, 1);
-        self.to_shard(from.shard(), ShardMsg::UnknownClient { conn: from, to });
+        let delivered = self.sink.unknown_client(from, to);
+        self.count_delivery(delivered);
     }
 
-    fn to_shard(&self, shard: usize, msg: ShardMsg) -> bool {
-        let ok = self.shared.shards.get(shard).is_some_and(|s| s.mailbox.send(msg).is_ok());
-        if !ok {
+    /// Counts a message the sink could not hand to a shard (full mailbox).
+    fn count_delivery(&self, delivered: bool) {
+        if !delivered {
             add(&self.status.mailbox_full, 1);
         }
-        ok
     }
 
     /// A message from another node (or the connection dropping).
@@ -327,17 +339,13 @@ impl<C: Connector> Worker<C> {
                 return; // our own publish, already delivered locally
             }
             add(&self.status.remote_room_messages, 1);
-            let frame = crate::protocol::text_frame(body);
-            let room: Arc<str> = Arc::from(room);
-            for i in 0..self.shared.shards.len() {
-                self.to_shard(i, ShardMsg::Room { room: room.clone(), frame: frame.clone(), origin: None });
-            }
+            let delivered = self.sink.room(room, body);
+            self.count_delivery(delivered);
         } else if channel.starts_with(keys::INBOX_CHANNEL) {
             let Some((_, to, frame)) = keys::decode_direct(&payload) else { return };
             add(&self.status.remote_direct_messages, 1);
-            let to: Arc<str> = Arc::from(to);
-            let home = self.shared.home_shard(&to);
-            self.to_shard(home, ShardMsg::DirectRoute { to, frame: Bytes::copy_from_slice(frame), reply_to: None });
+            let delivered = self.sink.direct(to, frame);
+            self.count_delivery(delivered);
         }
     }
 
@@ -347,9 +355,10 @@ impl<C: Connector> Worker<C> {
         if !self.connected() {
             return self.publish_view();
         }
-        let me = registry::self_info(&self.shared);
-        let mut ops = registry::register_ops(&self.shared, &me, self.ms(keys::NODE_TTL_INTERVALS));
-        let affinity_ms = self.shared.config.cluster.affinity_ttl_secs * 1000;
+        let local = self.sink.local();
+        let me = registry::self_info(&local);
+        let mut ops = registry::register_ops(&local, &me, self.ms(keys::NODE_TTL_INTERVALS));
+        let affinity_ms = self.config.affinity_ttl_secs * 1000;
         let mut flush = self.state.take_flush(&self.me, self.ms(keys::CONN_TTL_INTERVALS), affinity_ms, self.ticks);
         ops.append(&mut flush.ops);
         if let Some(json) = self.state.sample_json() {
@@ -432,7 +441,7 @@ impl<C: Connector> Worker<C> {
     fn fail(&mut self, e: ClusterError) {
         add(&self.status.redis_errors, 1);
         if self.conn.take().is_some() {
-            eprintln!("ringside: cluster: {e}; breaker open, cross-node operations fail fast until Redis is back");
+            tracing::warn!(error = %e, "Redis down: breaker open, cross-node operations fail fast until it is back");
             self.swap_incoming = Some(None);
             self.breaker.on_failure(Instant::now());
         }
@@ -454,7 +463,7 @@ impl<C: Connector> Worker<C> {
             Err(e) => {
                 add(&self.status.redis_errors, 1);
                 if self.breaker.failures() == 0 {
-                    eprintln!("ringside: cluster: {e}; retrying with backoff");
+                    tracing::warn!(error = %e, "Redis unreachable; retrying with backoff");
                 }
                 self.breaker.on_failure(Instant::now());
                 return self.publish_view();
@@ -463,7 +472,7 @@ impl<C: Connector> Worker<C> {
         add(&self.status.redis_commands, 1);
         if let Err(e) = conn.subscribe(&[keys::inbox_channel(&self.me)]).await {
             add(&self.status.redis_errors, 1);
-            eprintln!("ringside: cluster: inbox subscribe: {e}");
+            tracing::warn!(error = %e, "Redis: inbox subscribe failed");
             self.breaker.on_failure(Instant::now());
             return self.publish_view();
         }
@@ -471,9 +480,12 @@ impl<C: Connector> Worker<C> {
         self.swap_incoming = Some(Some(rx));
         self.breaker.on_success();
         self.state.mark_all_dirty();
+        if !self.ever_connected {
+            tracing::info!(node = %self.me, "Redis up");
+        }
         if self.ever_connected {
             add(&self.status.reregistrations, 1);
-            eprintln!("ringside: cluster: Redis is back; re-registering");
+            tracing::info!("Redis is back; re-registering");
         }
         self.ever_connected = true;
         self.on_tick().await;
@@ -484,8 +496,8 @@ impl<C: Connector> Worker<C> {
         if !self.connected() {
             return;
         }
-        let mut ops = registry::deregister_ops(&self.me, self.shared.shards.len());
-        let affinity_ms = self.shared.config.cluster.affinity_ttl_secs * 1000;
+        let mut ops = registry::deregister_ops(&self.me, self.sink.local().shard_connections.len());
+        let affinity_ms = self.config.affinity_ttl_secs * 1000;
         for cid in self.state.clients.keys() {
             ops.push(Op::DelIfNode { key: keys::conn(cid), node: self.me.clone() });
             ops.push(Op::Set { key: keys::affinity(cid), value: self.me.as_bytes().to_vec(), ttl_ms: affinity_ms });
@@ -503,7 +515,7 @@ impl<C: Connector> Worker<C> {
             nodes.sort_by(|a, b| a.node.cmp(&b.node));
             registry::cluster_json(&self.me, redis, &nodes, false)
         } else {
-            registry::cluster_json(&self.me, redis, &[registry::self_info(&self.shared)], true)
+            registry::cluster_json(&self.me, redis, &[registry::self_info(&self.sink.local())], true)
         };
         if let Ok(mut v) = self.status.nodes_json.lock() {
             *v = view;

@@ -1,0 +1,89 @@
+//! The plain HTTP endpoints served on the client port: `/health`, `/ready`,
+//! `/metrics` and `/cluster`, and the node's state at upgrade time, as one
+//! connection sees them.
+
+use std::sync::atomic::Ordering;
+
+use super::http::{Endpoint, Responder};
+use super::{Edge, EdgeShared};
+use crate::prom::Text;
+use crate::runtime::table::ConnId;
+use crate::runtime::{Conns, NodeState};
+use crate::transport::http::Rejection;
+
+const TEXT: &str = "text/plain; charset=utf-8";
+const JSON: &str = "application/json";
+const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The node as connection `id` sees it: a socket kept past capacity
+/// (overflow) is refused as full, whatever the shard's own state.
+pub struct View<'a, C> {
+    /// The shard's connections.
+    pub cx: &'a C,
+    /// The connection asking.
+    pub id: ConnId,
+    /// Broker and application counters.
+    pub shared: &'a EdgeShared,
+}
+
+impl<C: Conns<Edge>> Responder for View<'_, C> {
+    fn endpoint(&self, e: Endpoint) -> (u16, &'static str, String) {
+        let node = self.cx.node();
+        match e {
+            Endpoint::Health => (200, TEXT, "ok\n".into()),
+            Endpoint::Ready => ready(node, self.shared),
+            Endpoint::Metrics => (200, PROMETHEUS, metrics(node, self.shared)),
+            Endpoint::Cluster => (200, JSON, format!("{}\n", self.shared.broker.cluster_json())),
+        }
+    }
+
+    fn admission(&self) -> Option<Rejection> {
+        self.cx.admission(self.id)
+    }
+
+    fn retry_after(&self) -> u32 {
+        self.cx.node().config.server.retry_after_secs
+    }
+}
+
+/// 200 while accepting; 503 when draining or when every shard is full.
+/// The body says which, shard by shard, plus the cluster link state.
+fn ready<M>(node: &NodeState<M>, shared: &EdgeShared) -> (u16, &'static str, String) {
+    let draining = node.is_draining();
+    let full = node.all_full();
+    let status = if draining {
+        "draining"
+    } else if full {
+        "full"
+    } else {
+        "ready"
+    };
+    let shards: Vec<_> = node
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({
+                "shard": i,
+                "connections": s.metrics.connections.load(Ordering::Relaxed),
+                "capacity": node.capacity_per_shard,
+                "driver": s.metrics.driver().name(),
+            })
+        })
+        .collect();
+    let mut body = serde_json::json!({"status": status, "node": node.node_id, "shards": shards});
+    if let Some(c) = shared.broker.ready_json() {
+        body["cluster"] = c;
+    }
+    let code = if draining || full { 503 } else { 200 };
+    (code, JSON, format!("{body}\n"))
+}
+
+fn metrics<M>(node: &NodeState<M>, shared: &EdgeShared) -> String {
+    let mut t = Text::with_capacity(16 * 1024);
+    let depth: Vec<usize> = node.shards.iter().map(|s| s.mailbox.len()).collect();
+    crate::runtime::metrics::render(&mut t, &node.metrics(), &depth);
+    super::metrics::render(&mut t, &shared.metrics, &node.node_id, node.is_draining());
+    shared.broker.render_metrics(&mut t);
+    t.finish()
+}

@@ -1,0 +1,25 @@
+//! The application's own counters (one set per shard, written only by that
+//! shard) and the node-level families that only the application knows.
+
+use super::protocol::ClientError;
+use crate::prom::{Kind, Text};
+use crate::runtime::metrics::Counter;
+
+/// One shard's application counters.
+#[derive(Debug, Default)]
+pub struct AppMetrics {
+    /// `/ws` errors answered, by [`ClientError`].
+    pub client_errors: [Counter; ClientError::ALL.len()],
+}
+
+/// Renders the application's families over every shard.
+pub fn render(t: &mut Text, shards: &[AppMetrics], node_id: &str, draining: bool) {
+    t.family("client_errors_total", Kind::Counter, "Errors answered on /ws, by code; the connection stays open.");
+    for e in ClientError::ALL {
+        let n: u64 = shards.iter().map(|m| m.client_errors[e.index()].get()).sum();
+        t.sample("client_errors_total", &[("code", &e.code())], n);
+    }
+    t.single("draining", Kind::Gauge, "1 while the node drains for shutdown.", draining as u8);
+    t.family("node_info", Kind::Gauge, "Node identity and version.");
+    t.sample("node_info", &[("node", &node_id), ("version", &env!("CARGO_PKG_VERSION"))], 1);
+}

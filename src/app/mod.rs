@@ -1,0 +1,372 @@
+//! Application: what the node says over WebSocket and HTTP. The `/ws` rooms
+//! protocol (join, leave, publish, direct, echo, ping), `/echo`, and the
+//! plain endpoints, written against the runtime's narrow [`Conns`]
+//! interface so that it runs without sockets in unit tests.
+//!
+//! One [`Edge`] per shard owns that shard's room index and the directory
+//! entries of the client ids whose home is that shard. Cross-shard work goes
+//! through the mailbox as [`AppMsg`]; cross-node work through the
+//! [`Broker`], whose deliveries come back through [`Delivery`].
+
+pub mod endpoints;
+pub mod http;
+pub mod metrics;
+pub mod protocol;
+pub mod rooms;
+mod ws;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tungstenite::Message;
+
+use crate::broker::{Broker, LocalNode, Sink};
+use crate::runtime::table::ConnId;
+use crate::runtime::{Answer, App, Conns, NodeState};
+use crate::transport::frame;
+use http::Route;
+use metrics::AppMetrics;
+use protocol::ClientError;
+use rooms::Rooms;
+
+/// A message for a shard's application.
+#[derive(Debug)]
+pub enum AppMsg {
+    /// A room message published elsewhere: deliver the pre-framed bytes to
+    /// local members of `room`, except `origin`.
+    Room {
+        /// Room name.
+        room: Arc<str>,
+        /// A complete WebSocket text frame.
+        frame: Bytes,
+        /// The publisher (excluded). `None` when it came from another node.
+        origin: Option<ConnId>,
+    },
+    /// Sent to a client id's home shard: register `conn` as its live connection.
+    Register {
+        /// Client id.
+        client_id: Arc<str>,
+        /// Its connection.
+        conn: ConnId,
+    },
+    /// Sent to the home shard when a connection with a client id closes.
+    Unregister {
+        /// Client id.
+        client_id: Arc<str>,
+        /// The connection that closed (ignored if a newer one replaced it).
+        conn: ConnId,
+    },
+    /// Sent to the home shard of `to`: route a direct message.
+    DirectRoute {
+        /// Target client id.
+        to: Arc<str>,
+        /// A complete WebSocket text frame for the target.
+        frame: Bytes,
+        /// The sender, told `unknown_client` if `to` is connected nowhere.
+        /// `None` when it came from another node.
+        reply_to: Option<ConnId>,
+    },
+    /// Deliver a pre-framed message to one connection of this shard.
+    Deliver {
+        /// Target connection.
+        conn: ConnId,
+        /// A complete WebSocket frame.
+        frame: Bytes,
+    },
+    /// Tell `conn` that its direct message found no one.
+    UnknownClient {
+        /// The sender.
+        conn: ConnId,
+    },
+    /// Close `conn` with `code` (a newer connection took its client id).
+    Kick {
+        /// Connection to close.
+        conn: ConnId,
+        /// Close code.
+        code: u16,
+        /// Close reason.
+        reason: &'static str,
+    },
+}
+
+/// What the application keeps per connection.
+#[derive(Debug, Default)]
+pub struct Session {
+    /// Endpoint, once upgraded.
+    pub route: Route,
+    /// Client id on `/ws`.
+    pub client_id: Option<Arc<str>>,
+    /// Rooms joined on `/ws`.
+    pub rooms: Vec<Rc<str>>,
+}
+
+/// What every shard's application shares: the broker and every shard's
+/// application counters.
+pub struct EdgeShared {
+    /// Cross-node operations.
+    pub broker: Arc<dyn Broker>,
+    /// Counters, index = shard (each written only by its shard).
+    pub metrics: Vec<AppMetrics>,
+}
+
+/// One shard's application.
+pub struct Edge {
+    shard: usize,
+    shared: Arc<EdgeShared>,
+    rooms: RefCell<Rooms>,
+    /// Client ids whose home is this shard → their live connection.
+    directory: RefCell<HashMap<Arc<str>, ConnId>>,
+    id_counter: Cell<u64>,
+}
+
+/// The shard that keeps `client_id`'s directory entry.
+pub fn home_shard(client_id: &str, shards: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    client_id.hash(&mut h);
+    (h.finish() % shards.max(1) as u64) as usize
+}
+
+impl Edge {
+    /// Shard `shard`'s application; `capacity` presizes the directory (growing
+    /// a large table mid-run costs a copy and, with mimalloc, a fresh region).
+    pub fn new(shard: usize, shared: Arc<EdgeShared>, capacity: usize) -> Self {
+        Edge {
+            shard,
+            shared,
+            rooms: RefCell::new(Rooms::default()),
+            directory: RefCell::new(HashMap::with_capacity(capacity)),
+            id_counter: Cell::new(0),
+        }
+    }
+
+    fn broker(&self) -> &dyn Broker {
+        &*self.shared.broker
+    }
+
+    /// A generated client id: 10 random hex digits (unique with overwhelming
+    /// odds across nodes) followed by the shard and a per-shard counter in hex
+    /// (certain on this node).
+    fn generate_client_id(&self) -> String {
+        let n = self.id_counter.get().wrapping_add(1);
+        self.id_counter.set(n);
+        format!("{:010x}{:x}{:x}", fastrand::u64(..) >> 24, self.shard, n)
+    }
+
+    /// Queues an error message and counts it.
+    fn send_error<C: Conns<Self>>(&self, cx: &C, id: ConnId, e: ClientError) {
+        self.shared.metrics[self.shard].client_errors[e.index()].inc();
+        cx.send_text(id, &protocol::error(e, protocol::error_text(e)));
+    }
+
+    /// Delivers a room frame to local members except `origin`.
+    fn deliver_room<C: Conns<Self>>(&self, cx: &C, room: &str, frame: &Bytes, origin: Option<ConnId>) {
+        let rooms = self.rooms.borrow();
+        for &member in rooms.members(room).iter().filter(|m| Some(**m) != origin) {
+            // The outcome is counted inside offer (drops, slow-consumer closes).
+            cx.send_frame(member, frame);
+        }
+    }
+
+    fn register<C: Conns<Self>>(&self, cx: &C, client_id: Arc<str>, conn: ConnId) {
+        let old = self.directory.borrow_mut().insert(client_id, conn);
+        if let Some(old) = old.filter(|o| *o != conn) {
+            let reason = "replaced by a newer connection with the same client_id";
+            let kick = AppMsg::Kick { conn: old, code: crate::transport::close::REPLACED, reason };
+            let _ = cx.send_to(old.shard(), kick);
+        }
+    }
+
+    fn route_direct<C: Conns<Self>>(&self, cx: &C, to: Arc<str>, frame: Bytes, reply_to: Option<ConnId>) {
+        let target = self.directory.borrow().get(&to).copied();
+        match (target, reply_to) {
+            (Some(conn), _) if conn.shard() == self.shard => {
+                cx.send_frame(conn, &frame);
+            }
+            (Some(conn), _) => {
+                let _ = cx.send_to(conn.shard(), AppMsg::Deliver { conn, frame });
+            }
+            (None, Some(from)) => self.broker().direct(to, frame, from),
+            (None, None) => {}
+        }
+    }
+}
+
+impl App for Edge {
+    type Msg = AppMsg;
+    type Conn = Session;
+
+    fn on_request<C: Conns<Self>>(&self, cx: &C, id: ConnId, head: &[u8]) -> Answer {
+        let max = cx.node().config.server.max_request_bytes;
+        let view = endpoints::View { cx, id, shared: &self.shared };
+        match http::decide(head, max, &view) {
+            http::Decision::NeedMore => Answer::NeedMore,
+            http::Decision::Respond { bytes, rejected } => Answer::Respond { bytes, rejected },
+            http::Decision::Upgrade { route, client_id, response, consumed } => {
+                let client_id: Option<Arc<str>> = match route {
+                    Route::Rooms => Some(client_id.unwrap_or_else(|| self.generate_client_id()).into()),
+                    Route::Echo => None,
+                };
+                cx.state(id, |s| {
+                    s.route = route;
+                    s.client_id = client_id;
+                });
+                Answer::Upgrade { response, consumed }
+            }
+        }
+    }
+
+    fn on_open<C: Conns<Self>>(&self, cx: &C, id: ConnId) {
+        let Some(Some(cid)) = cx.state(id, |s| s.client_id.clone()) else { return };
+        let node = cx.node();
+        cx.send_text(id, &protocol::welcome(&cid, &node.node_id, self.shard));
+        self.broker().conn_opened(&cid, id);
+        let home = home_shard(&cid, node.shards.len());
+        let _ = cx.send_to(home, AppMsg::Register { client_id: cid, conn: id });
+    }
+
+    fn on_message<C: Conns<Self>>(&self, cx: &C, id: ConnId, msg: Message) {
+        let route = cx.state(id, |s| s.route).unwrap_or_default();
+        match (route, msg) {
+            (Route::Echo, Message::Text(t)) => {
+                cx.send_text(id, t.as_str());
+            }
+            (Route::Echo, Message::Binary(b)) => {
+                cx.offer(id, b.len() + frame::MAX_HEADER, |out| frame::push_data(out, frame::Kind::Binary, &b));
+            }
+            (Route::Rooms, Message::Text(t)) => self.rooms_message(cx, id, t.as_str()),
+            (Route::Rooms, _) => self.send_error(cx, id, ClientError::BinaryNotSupported),
+            _ => {}
+        }
+    }
+
+    fn on_close<C: Conns<Self>>(&self, cx: &C, id: ConnId, state: Session) {
+        let mut emptied = Vec::new();
+        {
+            let mut rooms = self.rooms.borrow_mut();
+            for room in &state.rooms {
+                if rooms.leave(room, id) {
+                    emptied.push(room.clone());
+                }
+            }
+        }
+        for room in emptied {
+            self.broker().room_interest(self.shard, &room, false);
+        }
+        if let Some(client_id) = state.client_id {
+            self.broker().conn_closed(&client_id);
+            let home = home_shard(&client_id, cx.node().shards.len());
+            let _ = cx.send_to(home, AppMsg::Unregister { client_id, conn: id });
+        }
+    }
+
+    fn on_mail<C: Conns<Self>>(&self, cx: &C, msg: AppMsg) {
+        match msg {
+            AppMsg::Room { room, frame, origin } => self.deliver_room(cx, &room, &frame, origin),
+            AppMsg::Register { client_id, conn } => self.register(cx, client_id, conn),
+            AppMsg::Unregister { client_id, conn } => {
+                let mut dir = self.directory.borrow_mut();
+                if dir.get(&client_id) == Some(&conn) {
+                    dir.remove(&client_id);
+                }
+            }
+            AppMsg::DirectRoute { to, frame, reply_to } => self.route_direct(cx, to, frame, reply_to),
+            AppMsg::Deliver { conn, frame } => {
+                cx.send_frame(conn, &frame);
+            }
+            AppMsg::UnknownClient { conn } => self.send_error(cx, conn, ClientError::UnknownClient),
+            AppMsg::Kick { conn, code, reason } => cx.close(conn, code, reason),
+        }
+    }
+
+    fn on_sweep<C: Conns<Self>>(&self, cx: &C) -> Vec<ConnId> {
+        let k = self.broker().sample_size();
+        if k == 0 {
+            return Vec::new();
+        }
+        let sampled = cx.sample(k);
+        let entries = sampled
+            .iter()
+            .map(|s| crate::broker::SampleEntry {
+                client_id: cx
+                    .state(s.id, |st| st.client_id.as_deref().unwrap_or("echo").to_string())
+                    .unwrap_or_default(),
+                shard: self.shard,
+                age_ms: s.age_ms,
+                queued_bytes: s.queued_bytes,
+                rtt_us: s.rtt_us as u64,
+            })
+            .collect();
+        self.broker().sample(self.shard, entries);
+        // Ping those without one outstanding, so the next sample has a fresh round trip.
+        sampled.iter().filter(|s| !s.ping_outstanding).map(|s| s.id).collect()
+    }
+}
+
+/// The application's side of the broker: frames what other nodes send and
+/// routes it to the right shards' mailboxes.
+pub struct Delivery {
+    node: Arc<NodeState<AppMsg>>,
+}
+
+impl Delivery {
+    /// Delivery into `node`'s shards.
+    pub fn new(node: Arc<NodeState<AppMsg>>) -> Self {
+        Delivery { node }
+    }
+
+    fn to_shard(&self, shard: usize, msg: AppMsg) -> bool {
+        let msg = crate::runtime::mailbox::ShardMsg::App(msg);
+        self.node.shards.get(shard).is_some_and(|s| s.mailbox.send(msg).is_ok())
+    }
+}
+
+impl Sink for Delivery {
+    fn room(&self, room: &str, payload: &str) -> bool {
+        let frame = frame::text(payload);
+        let room: Arc<str> = Arc::from(room);
+        let mut all = true;
+        for i in 0..self.node.shards.len() {
+            all &= self.to_shard(i, AppMsg::Room { room: room.clone(), frame: frame.clone(), origin: None });
+        }
+        all
+    }
+
+    fn direct(&self, to: &str, frame: &[u8]) -> bool {
+        if !protocol::valid_client_id(to) {
+            return true; // nobody can have that id: nothing to deliver
+        }
+        let to: Arc<str> = Arc::from(to);
+        let home = home_shard(&to, self.node.shards.len());
+        self.to_shard(home, AppMsg::DirectRoute { to, frame: Bytes::copy_from_slice(frame), reply_to: None })
+    }
+
+    fn unknown_client(&self, from: ConnId, _to: Arc<str>) -> bool {
+        self.to_shard(from.shard(), AppMsg::UnknownClient { conn: from })
+    }
+
+    fn affinity(&self, conn: ConnId, node: &str, url: &str) -> bool {
+        let frame = frame::text(&protocol::affinity(node, url));
+        self.to_shard(conn.shard(), AppMsg::Deliver { conn, frame })
+    }
+
+    fn local(&self) -> LocalNode {
+        let n = &self.node;
+        LocalNode {
+            node_id: n.node_id.clone(),
+            url: n.advertise_url.clone(),
+            shard_connections: n
+                .shards
+                .iter()
+                .map(|s| s.metrics.connections.load(std::sync::atomic::Ordering::Relaxed))
+                .collect(),
+            capacity_per_shard: n.capacity_per_shard,
+            handshake_p99_us: crate::runtime::metrics::handshake_p99_us(&n.metrics()),
+            draining: n.is_draining(),
+            started_at: n.started_at,
+        }
+    }
+}

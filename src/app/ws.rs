@@ -1,0 +1,93 @@
+//! The `/ws` JSON protocol's handlers: join, leave, publish, direct, echo
+//! and ping, on top of the shard's room index and directory.
+
+use std::sync::Arc;
+
+use super::protocol::{self, ClientError, Request};
+use super::{home_shard, AppMsg, Edge};
+use crate::runtime::table::ConnId;
+use crate::runtime::Conns;
+use crate::transport::frame;
+
+impl Edge {
+    /// One JSON message on `/ws`.
+    pub(super) fn rooms_message<C: Conns<Self>>(&self, cx: &C, id: ConnId, text: &str) {
+        let cfg = &cx.node().config.rooms;
+        let req = match protocol::parse(text, cfg.max_payload_bytes) {
+            Ok(r) => r,
+            Err(e) => return self.send_error(cx, id, e),
+        };
+        let Some(Some(from)) = cx.state(id, |s| s.client_id.clone()) else { return };
+        match req {
+            Request::Join(room) => self.join(cx, id, &room),
+            Request::Leave(room) => self.leave(cx, id, &room),
+            Request::Publish { room, data } => self.publish(cx, id, &room, &protocol::room_message(&room, &from, data)),
+            Request::Direct { to, data } => {
+                let frame = frame::text(&protocol::direct_message(&from, data));
+                let to: Arc<str> = Arc::from(&*to);
+                let home = home_shard(&to, cx.node().shards.len());
+                if cx.send_to(home, AppMsg::DirectRoute { to, frame, reply_to: Some(id) }).is_err() {
+                    self.send_error(cx, id, ClientError::Overloaded);
+                }
+            }
+            Request::Echo(data) => {
+                cx.send_text(id, &protocol::echo(data));
+            }
+            Request::Ping(x) => {
+                cx.send_text(id, &protocol::pong(x));
+            }
+        }
+    }
+
+    fn join<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str) {
+        let max = cx.node().config.rooms.max_rooms_per_connection;
+        let Some((already, full)) = cx.state(id, |s| (s.rooms.iter().any(|r| &**r == room), s.rooms.len() >= max))
+        else {
+            return;
+        };
+        if !already {
+            if full {
+                return self.send_error(cx, id, ClientError::TooManyRooms);
+            }
+            let (name, first) = self.rooms.borrow_mut().join(room, id);
+            cx.state(id, |s| s.rooms.push(name));
+            if first {
+                self.broker().room_interest(self.shard, room, true);
+            }
+        }
+        cx.send_text(id, &protocol::room_ack("joined", room));
+    }
+
+    fn leave<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str) {
+        let was_member = cx.state(id, |s| match s.rooms.iter().position(|r| &**r == room) {
+            Some(i) => {
+                s.rooms.swap_remove(i);
+                true
+            }
+            None => false,
+        });
+        let Some(was_member) = was_member else { return };
+        if was_member && self.rooms.borrow_mut().leave(room, id) {
+            self.broker().room_interest(self.shard, room, false);
+        }
+        cx.send_text(id, &protocol::room_ack("left", room));
+    }
+
+    /// Sends one shared frame to every other shard first (so they start
+    /// writing while this one does), then delivers to local members, then
+    /// hands the payload to the broker for other nodes.
+    fn publish<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str, payload: &str) {
+        let frame = frame::text(payload);
+        let room_arc: Arc<str> = Arc::from(room);
+        let mut lost = false;
+        for to in (0..cx.node().shards.len()).filter(|s| *s != self.shard) {
+            let msg = AppMsg::Room { room: room_arc.clone(), frame: frame.clone(), origin: Some(id) };
+            lost |= cx.send_to(to, msg).is_err();
+        }
+        self.deliver_room(cx, room, &frame, Some(id));
+        self.broker().publish(room_arc, payload);
+        if lost {
+            self.send_error(cx, id, ClientError::Overloaded);
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Broker: what crosses nodes, behind one trait. [`memory`] serves a single
+//! node (and any number of nodes in one process, for tests); [`redis`]
+//! serves a cluster through Redis on its own thread.
+//!
+//! The broker moves opaque payloads and keeps the cluster's registry; it
+//! builds no WebSocket frame and reads no shard state. What arrives from
+//! other nodes it hands to a [`Sink`], which the application implements
+//! (framing the payload and routing it to its shards); what it needs to know
+//! about this node it asks the sink for ([`Sink::local`]).
+//!
+//! Every call on [`Broker`] returns at once: a broker never makes a shard
+//! wait.
+
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::prom::Text;
+use crate::runtime::table::ConnId;
+
+/// Cross-node operations, called from shard threads.
+pub trait Broker: Send + Sync {
+    /// A `/ws` client connected as `conn`.
+    fn conn_opened(&self, client_id: &Arc<str>, conn: ConnId);
+    /// A `/ws` client disconnected.
+    fn conn_closed(&self, client_id: &Arc<str>);
+    /// The first local member joined `room` on `shard` (`on`), or the last left.
+    fn room_interest(&self, shard: usize, room: &str, on: bool);
+    /// A local client published `payload` (a `message` envelope) to `room`:
+    /// deliver it to the other nodes' members.
+    fn publish(&self, room: Arc<str>, payload: &str);
+    /// A direct message (`frame`, ready for the target) whose target is not
+    /// on this node; `from` is told `unknown_client` through the sink if
+    /// nobody has it.
+    fn direct(&self, to: Arc<str>, frame: Bytes, from: ConnId);
+    /// How many connections per shard the broker wants in each sample (0 = none).
+    fn sample_size(&self) -> usize;
+    /// A shard's periodic sample of its connections.
+    fn sample(&self, shard: usize, entries: Vec<SampleEntry>);
+    /// The broker's state for `/ready` (`None` for a single node).
+    fn ready_json(&self) -> Option<serde_json::Value>;
+    /// The `/cluster` body: live nodes and the least-loaded one.
+    fn cluster_json(&self) -> serde_json::Value;
+    /// The broker's Prometheus families.
+    fn render_metrics(&self, t: &mut Text);
+    /// Deregister and stop (graceful shutdown).
+    fn shutdown(&self);
+}
+
+/// Where a broker delivers what comes from other nodes. Implemented by the
+/// application; each method returns false when the message could not be
+/// handed to a shard (a full mailbox), which the broker counts.
+pub trait Sink: Send + Sync + 'static {
+    /// A room message published on another node.
+    fn room(&self, room: &str, payload: &str) -> bool;
+    /// A direct message for `to`, who is connected to this node.
+    fn direct(&self, to: &str, frame: &[u8]) -> bool;
+    /// `from`'s direct message to `to` found nobody.
+    fn unknown_client(&self, from: ConnId, to: Arc<str>) -> bool;
+    /// `conn`'s affinity node is another live one, reachable at `url`.
+    fn affinity(&self, conn: ConnId, node: &str, url: &str) -> bool;
+    /// This node's own figures, for the registry.
+    fn local(&self) -> LocalNode;
+}
+
+/// This node as the registry describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalNode {
+    /// Node id.
+    pub node_id: String,
+    /// URL clients use to reach it.
+    pub url: String,
+    /// Slotted connections per shard.
+    pub shard_connections: Vec<usize>,
+    /// Slots per shard.
+    pub capacity_per_shard: usize,
+    /// Upgrade latency p99, µs.
+    pub handshake_p99_us: u64,
+    /// Draining for shutdown.
+    pub draining: bool,
+    /// Unix seconds at start.
+    pub started_at: u64,
+}
+
+impl LocalNode {
+    /// Slotted connections in all.
+    pub fn connections(&self) -> usize {
+        self.shard_connections.iter().sum()
+    }
+
+    /// Slots in all.
+    pub fn capacity(&self) -> usize {
+        self.capacity_per_shard * self.shard_connections.len()
+    }
+
+    /// Every shard is full.
+    pub fn full(&self) -> bool {
+        self.shard_connections.iter().all(|c| *c >= self.capacity_per_shard)
+    }
+}
+
+/// One sampled connection.
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleEntry {
+    /// Client id (or `echo` for /echo connections).
+    pub client_id: String,
+    /// Shard.
+    pub shard: usize,
+    /// Connection age, ms.
+    pub age_ms: u64,
+    /// Bytes queued for sending.
+    pub queued_bytes: usize,
+    /// Last measured ping round trip, µs (0 = not measured yet).
+    pub rtt_us: u64,
+}

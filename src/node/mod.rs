@@ -1,0 +1,164 @@
+//! Node: configuration in, a running node out. Wires the layers together:
+//! listeners and the fd budget ([`listen`]), the shared node state, the
+//! application per shard, the broker (in memory, or Redis when
+//! `cluster.redis_url` is set), the shard threads, and the drain.
+
+pub mod listen;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::app::metrics::AppMetrics;
+use crate::app::{AppMsg, Delivery, Edge, EdgeShared};
+use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::RedisBroker;
+use crate::broker::{Broker, Sink};
+use crate::config::Config;
+use crate::runtime::mailbox::{mailbox, ShardMsg};
+use crate::runtime::metrics::ShardMetrics;
+use crate::runtime::{thread, NodeState, ShardHandle};
+
+/// A running node.
+pub struct Node {
+    state: Arc<NodeState<AppMsg>>,
+    shared: Arc<EdgeShared>,
+    threads: Vec<JoinHandle<()>>,
+    local_addr: SocketAddr,
+}
+
+impl Node {
+    /// Validates `config`, binds, and starts every shard. Returns once every
+    /// shard is serving, or the first shard's reason for not starting.
+    pub fn start(config: Config) -> io::Result<Node> {
+        config.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let n = match config.server.shards {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        };
+        let s = &config.server;
+        let capacity = listen::capacity_per_shard(s.max_connections_per_shard, s.overflow_per_shard, n);
+        let listeners = listen::bind_all(s.listen, n, s.backlog)?;
+        let local_addr = listeners[0].local_addr()?;
+        let (state, receivers) = node_state(config, n, capacity, local_addr)?;
+        let sink: Arc<dyn Sink> = Arc::new(Delivery::new(state.clone()));
+        let mut threads = Vec::with_capacity(n + 1);
+        let broker: Arc<dyn Broker> = if state.config.cluster.redis_url.is_empty() {
+            Arc::new(MemoryBroker::alone(sink))
+        } else {
+            let (b, t) = RedisBroker::start(&state.config.cluster, &state.node_id, sink)?;
+            threads.push(t);
+            Arc::new(b)
+        };
+        let shared = Arc::new(EdgeShared { broker, metrics: (0..n).map(|_| AppMetrics::default()).collect() });
+        let (ready_tx, ready_rx) = mpsc::channel();
+        for (i, (listener, rx)) in listeners.into_iter().zip(receivers).enumerate() {
+            let (state, shared, ready) = (state.clone(), shared.clone(), ready_tx.clone());
+            let make_app = move || Edge::new(i, shared, capacity);
+            let t = std::thread::Builder::new()
+                .name(format!("ringside-shard-{i}"))
+                .spawn(move || thread::run(i, state, make_app, listener, rx, ready))?;
+            threads.push(t);
+        }
+        for _ in 0..n {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(io::Error::other("a shard thread died while starting")),
+            }
+        }
+        tracing::info!(
+            node = %state.node_id, addr = %local_addr, shards = n, slots_per_shard = capacity,
+            "listening on {local_addr} with {n} shard(s), {capacity} slots each"
+        );
+        Ok(Node { state, shared, threads, local_addr })
+    }
+
+    /// The address the shards listen on (port 0 resolved).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// What the shards share (metrics, config).
+    pub fn state(&self) -> &Arc<NodeState<AppMsg>> {
+        &self.state
+    }
+
+    /// Drains: stop accepting, close every connection with 1001, and wait
+    /// up to `shutdown.drain_timeout_ms` for the shards to finish.
+    pub fn shutdown(self) {
+        let started = Instant::now();
+        let timeout = Duration::from_millis(self.state.config.shutdown.drain_timeout_ms);
+        let deadline = started + timeout;
+        let open = self.state.connections();
+        self.state.draining.store(true, Ordering::Release);
+        for s in &self.state.shards {
+            while s.mailbox.send(ShardMsg::Shutdown).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        self.shared.broker.shutdown();
+        let mut left = 0;
+        for t in self.threads {
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                left += 1;
+            }
+        }
+        let remaining = self.state.connections();
+        tracing::info!(
+            connections_at_start = open,
+            connections_left = remaining,
+            threads_left = left,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "drain finished: {open} connection(s) closed with 1001 in {} ms, {remaining} left",
+            started.elapsed().as_millis()
+        );
+    }
+}
+
+type Receivers = Vec<crate::runtime::mailbox::MailboxReceiver<AppMsg>>;
+
+/// The state every shard shares, and each shard's mailbox receiver.
+fn node_state(
+    config: Config,
+    n: usize,
+    capacity: usize,
+    local_addr: SocketAddr,
+) -> io::Result<(Arc<NodeState<AppMsg>>, Receivers)> {
+    let node_id = match config.server.node_id.as_str() {
+        "" => format!("node-{:08x}", fastrand::u32(..)),
+        id => id.to_string(),
+    };
+    let advertise_url = match config.server.advertise_url.as_str() {
+        "" => format!("ws://{local_addr}/ws"),
+        url => url.to_string(),
+    };
+    let mut shards = Vec::with_capacity(n);
+    let mut receivers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (tx, rx) = mailbox(config.server.mailbox_capacity)?;
+        let metrics = ShardMetrics::default();
+        metrics.capacity.store(capacity, Ordering::Relaxed);
+        shards.push(ShardHandle { mailbox: tx, metrics });
+        receivers.push(rx);
+    }
+    let started_at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let state = NodeState {
+        config,
+        node_id,
+        advertise_url,
+        capacity_per_shard: capacity,
+        shards,
+        draining: AtomicBool::new(false),
+        started_at,
+    };
+    Ok((Arc::new(state), receivers))
+}

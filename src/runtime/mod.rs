@@ -1,0 +1,210 @@
+//! Connection runtime: shards, the slab table, mailboxes, timers, byte
+//! budgets and the one close path. It drives the [`crate::transport`] and
+//! serves an [`App`], which it knows only through that trait.
+//!
+//! - [`shard`]: one shard's state and the operations on connections
+//!   (offer, close, remove), implementing [`Conns`] for the application.
+//! - [`session`]: one connection's life: HTTP head, upgrade, read loop,
+//!   writer, lingering close.
+//! - [`accept`]: the SO_REUSEPORT accept loop and hand-off to the least
+//!   loaded shard.
+//! - [`sweep`]: the per-shard timer sweep.
+//! - [`table`], [`mailbox`], [`metrics`]: the slab, the cross-shard
+//!   channel, and the single-writer counters.
+
+pub mod accept;
+pub mod mailbox;
+pub mod metrics;
+pub mod session;
+pub mod shard;
+pub mod sweep;
+pub mod table;
+pub mod thread;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tungstenite::Message;
+
+use crate::config::Config;
+use crate::transport::http::Rejection;
+use mailbox::{MailboxError, MailboxSender};
+use metrics::ShardMetrics;
+use table::ConnId;
+
+/// What happened to a message offered to a connection's send queue.
+/// Backpressure is a return value, never a silent drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Queued; it will be written in order.
+    Queued,
+    /// The queue was full and the policy is `drop`: this message is lost for
+    /// this connection (counted).
+    Dropped,
+    /// The queue was full and the policy is `close`: the connection is being
+    /// closed with 1008. Also returned for a connection that is already closing.
+    Closed,
+    /// No such connection (closed, or a stale id).
+    Gone,
+}
+
+/// The application's answer to a request head.
+#[derive(Debug, PartialEq)]
+pub enum Answer {
+    /// The head is not complete yet: read more.
+    NeedMore,
+    /// Send these bytes, then close. `rejected` says why, if it is a refusal.
+    Respond {
+        /// A complete HTTP response.
+        bytes: Vec<u8>,
+        /// The refusal reason (counted), or `None` for a served endpoint.
+        rejected: Option<Rejection>,
+    },
+    /// Upgrade: send `response` (the 101), then speak WebSocket.
+    Upgrade {
+        /// The `101 Switching Protocols` response.
+        response: Vec<u8>,
+        /// Bytes of the head; anything after belongs to the WebSocket.
+        consumed: usize,
+    },
+}
+
+/// One connection as the sweeper sampled it (for the cluster sample).
+#[derive(Debug, Clone, Copy)]
+pub struct Sampled {
+    /// The connection.
+    pub id: ConnId,
+    /// Age, ms.
+    pub age_ms: u64,
+    /// Bytes queued or in flight.
+    pub queued_bytes: usize,
+    /// Last ping round trip, µs (0 = none yet).
+    pub rtt_us: u32,
+    /// A server ping is outstanding.
+    pub ping_outstanding: bool,
+}
+
+/// What the runtime calls on the application. One value per shard, owned by
+/// the shard thread. Every hook gets the narrow [`Conns`] interface, so the
+/// application can be driven in unit tests by an in-memory implementation.
+pub trait App: Sized + 'static {
+    /// What other shards and threads send this application (rooms, directs).
+    type Msg: Send + 'static;
+    /// Per-connection application state, kept in the connection's table entry.
+    type Conn: Default + 'static;
+
+    /// A request head arrived (possibly incomplete: `head` is everything read
+    /// so far). Route it, answer it or accept the upgrade.
+    fn on_request<C: Conns<Self>>(&self, cx: &C, id: ConnId, head: &[u8]) -> Answer;
+    /// The upgrade was accepted; the 101 is queued and not yet written, so
+    /// whatever this queues goes out in the same write.
+    fn on_open<C: Conns<Self>>(&self, cx: &C, id: ConnId);
+    /// A complete text or binary message arrived.
+    fn on_message<C: Conns<Self>>(&self, cx: &C, id: ConnId, msg: Message);
+    /// The connection is gone (after the close); its state is handed back.
+    fn on_close<C: Conns<Self>>(&self, cx: &C, id: ConnId, state: Self::Conn);
+    /// A message from the mailbox.
+    fn on_mail<C: Conns<Self>>(&self, cx: &C, msg: Self::Msg);
+    /// Once per sweep, after the timers. Returns connections to ping now.
+    fn on_sweep<C: Conns<Self>>(&self, cx: &C) -> Vec<ConnId>;
+}
+
+/// What the application may do with the connections of its shard: the only
+/// way it reaches the runtime.
+pub trait Conns<A: App> {
+    /// This shard's index.
+    fn shard_id(&self) -> usize;
+    /// The node's shared state (config, other shards' mailboxes and gauges).
+    fn node(&self) -> &NodeState<A::Msg>;
+    /// Offers `len` bytes, written by `write`, to `id`'s send queue; the size
+    /// check comes first, so a full queue costs no copy.
+    fn offer(&self, id: ConnId, len: usize, write: impl FnOnce(&mut Vec<u8>)) -> SendOutcome;
+    /// Starts the close handshake with `code` and `reason`.
+    fn close(&self, id: ConnId, code: u16, reason: &'static str);
+    /// Sends to shard `to` (this one included: its own mailbox keeps order).
+    fn send_to(&self, to: usize, msg: A::Msg) -> Result<(), MailboxError>;
+    /// Runs `f` on `id`'s application state, if `id` is current. `f` must not
+    /// call back into `Conns` (the table is borrowed while it runs).
+    fn state<R>(&self, id: ConnId, f: impl FnOnce(&mut A::Conn) -> R) -> Option<R>;
+    /// `Some(reason)` when an upgrade of `id` must be refused now (full, draining).
+    fn admission(&self, id: ConnId) -> Option<Rejection>;
+    /// Up to `k` open connections, uniformly sampled.
+    fn sample(&self, k: usize) -> Vec<Sampled>;
+
+    /// Queues a pre-built frame.
+    fn send_frame(&self, id: ConnId, frame: &[u8]) -> SendOutcome {
+        self.offer(id, frame.len(), |out| out.extend_from_slice(frame))
+    }
+
+    /// Frames `payload` as text and queues it.
+    fn send_text(&self, id: ConnId, payload: &str) -> SendOutcome {
+        let len = payload.len() + crate::transport::frame::MAX_HEADER;
+        self.offer(id, len, |out| crate::transport::frame::push_text(out, payload.as_bytes()))
+    }
+}
+
+/// What every shard (and the main thread) shares: configuration, identity,
+/// and each shard's mailbox and metrics. Nothing here is locked on the
+/// delivery path.
+pub struct NodeState<M> {
+    /// Effective configuration.
+    pub config: Config,
+    /// This node's id.
+    pub node_id: String,
+    /// URL clients use to reach this node.
+    pub advertise_url: String,
+    /// Slots per shard after the fd-limit cap.
+    pub capacity_per_shard: usize,
+    /// One handle per shard, index = shard id.
+    pub shards: Vec<ShardHandle<M>>,
+    /// Set once on SIGTERM/SIGINT.
+    pub draining: AtomicBool,
+    /// Unix seconds at start.
+    pub started_at: u64,
+}
+
+/// A shard as seen from outside: its mailbox and its metrics.
+pub struct ShardHandle<M> {
+    /// Where to send it messages.
+    pub mailbox: MailboxSender<M>,
+    /// Its counters (read-only from other threads).
+    pub metrics: ShardMetrics,
+}
+
+impl<M> NodeState<M> {
+    /// The least-loaded shard other than `except` with a free slot.
+    pub fn least_loaded_with_room(&self, except: usize) -> Option<usize> {
+        self.shards
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != except)
+            .map(|(i, s)| (s.metrics.connections.load(Ordering::Relaxed), i))
+            .filter(|(load, _)| *load < self.capacity_per_shard)
+            .min()
+            .map(|(_, i)| i)
+    }
+
+    /// True when every shard's slots are taken.
+    pub fn all_full(&self) -> bool {
+        self.shards.iter().all(|s| s.metrics.connections.load(Ordering::Relaxed) >= self.capacity_per_shard)
+    }
+
+    /// True once shutdown started.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Total slotted connections.
+    pub fn connections(&self) -> usize {
+        self.shards.iter().map(|s| s.metrics.connections.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Slots in all.
+    pub fn capacity(&self) -> usize {
+        self.capacity_per_shard * self.shards.len()
+    }
+
+    /// Every shard's metrics.
+    pub fn metrics(&self) -> Vec<&ShardMetrics> {
+        self.shards.iter().map(|s| &s.metrics).collect()
+    }
+}

@@ -1,0 +1,261 @@
+//! One shard: a monoio runtime on its own thread, pinned to one core, with
+//! its own SO_REUSEPORT listener, slab table and application state. Other
+//! threads reach it only through its mailbox.
+//!
+//! Everything here runs on the shard thread; `RefCell` borrows are never held
+//! across an `.await`, nor while the application runs.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use monoio::io::Canceller;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::{Role, WebSocketConfig as WsConfig, WebSocketContext};
+
+use super::mailbox::{MailboxError, ShardMsg};
+use super::metrics::ShardMetrics;
+use super::table::{Conn, ConnId, Phase, Table};
+use super::{accept, App, Conns, NodeState, Sampled, SendOutcome};
+use crate::config::SlowConsumerPolicy;
+use crate::transport::close;
+use crate::transport::frame::{self, Io};
+use crate::transport::http::Rejection;
+
+/// One shard's state, owned by its thread.
+pub struct Shard<A: App> {
+    /// Shard index.
+    pub id: usize,
+    /// What all shards share.
+    pub node: Arc<NodeState<A::Msg>>,
+    /// Connections.
+    pub table: RefCell<Table<A::Conn>>,
+    /// The application this shard serves.
+    pub app: A,
+    /// The one read buffer all of this shard's connections share.
+    pub read_buf: RefCell<Box<[u8]>>,
+    /// tungstenite settings for new contexts.
+    pub ws_config: WsConfig,
+    /// Set when draining started.
+    pub draining: Cell<bool>,
+    /// Cancels the pending accept on shutdown.
+    pub accept_cancel: RefCell<Option<Canceller>>,
+    epoch: Instant,
+}
+
+/// Size of the shared read buffer: one recv takes at most this much.
+const READ_BUF: usize = 64 * 1024;
+
+impl<A: App> Shard<A> {
+    /// A new shard state serving `app`.
+    pub fn new(id: usize, node: Arc<NodeState<A::Msg>>, app: A) -> Rc<Self> {
+        let w = &node.config.websocket;
+        let ws_config = WsConfig::default()
+            .read_buffer_size(w.read_buffer_bytes)
+            .write_buffer_size(0)
+            .max_write_buffer_size(usize::MAX)
+            .max_message_size(Some(w.max_message_bytes))
+            .max_frame_size(Some(w.max_frame_bytes));
+        Rc::new(Shard {
+            id,
+            table: RefCell::new(Table::with_capacity(
+                id,
+                node.capacity_per_shard + node.config.server.overflow_per_shard,
+            )),
+            app,
+            read_buf: RefCell::new(vec![0u8; READ_BUF].into_boxed_slice()),
+            ws_config,
+            draining: Cell::new(false),
+            accept_cancel: RefCell::new(None),
+            epoch: Instant::now(),
+            node,
+        })
+    }
+
+    /// This shard's metrics.
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.node.shards[self.id].metrics
+    }
+
+    /// Milliseconds since the shard started (coarse clock for timers).
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Microseconds since the shard started (ping stamps).
+    pub fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// A fresh tungstenite context (allocated on first need only).
+    pub fn new_context(&self) -> Box<WebSocketContext> {
+        Box::new(WebSocketContext::new(Role::Server, Some(self.ws_config)))
+    }
+
+    /// Sends a runtime message to shard `to`, counting the outcome.
+    pub fn send_msg(&self, to: usize, msg: ShardMsg<A::Msg>) -> Result<(), MailboxError> {
+        let r = self.node.shards[to].mailbox.send(msg);
+        match r {
+            Ok(()) => self.metrics().cross_shard_sent.inc(),
+            Err(_) => self.metrics().mailbox_full.inc(),
+        }
+        r
+    }
+
+    /// Starts a writer for `c` unless one is running.
+    pub fn kick_writer(self: &Rc<Self>, id: ConnId, c: &mut Conn<A::Conn>) {
+        if c.writing || c.out.is_empty() {
+            return;
+        }
+        let Some(stream) = c.stream.clone() else { return };
+        c.writing = true;
+        monoio::spawn(super::session::write_loop(self.clone(), id, stream));
+    }
+
+    /// The one close path: sends a close frame (`code`, `reason`) and moves
+    /// `id` to `Closing`; `discard` drops what was queued (a slow reader would
+    /// never get it). A socket still in its HTTP phase is shut down instead.
+    pub fn start_close(self: &Rc<Self>, id: ConnId, code: u16, reason: &'static str, discard: bool) {
+        let deadline = self.now_ms() + self.node.config.websocket.close_timeout_ms;
+        let mut table = self.table.borrow_mut();
+        let Some(c) = table.get_mut(id) else { return };
+        match c.phase {
+            Phase::Open => {}
+            // Not upgraded: nothing to say in WebSocket terms.
+            Phase::Http => return c.abort(self.now_ms()),
+            Phase::Closing => return,
+        }
+        c.closing(deadline, code);
+        if discard {
+            c.out.clear();
+        }
+        let ctx = c.ctx.get_or_insert_with(|| self.new_context());
+        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+        let mut io = Io { input: &[], out: &mut c.out };
+        if ctx.close(&mut io, Some(frame)).is_err() {
+            frame::push_close(&mut c.out, code, reason);
+        }
+        if c.out.is_empty() {
+            c.abort(self.now_ms());
+        }
+        self.kick_writer(id, c);
+    }
+
+    /// Removes a finished connection and hands its state to the application.
+    pub fn remove_conn(self: &Rc<Self>, id: ConnId) {
+        let Some(c) = self.table.borrow_mut().remove(id) else { return };
+        let m = self.metrics();
+        m.connections.store(self.table.borrow().slotted(), Ordering::Relaxed);
+        if !c.slotted {
+            m.overflow.fetch_sub(1, Ordering::Relaxed);
+        }
+        if c.phase != Phase::Http && c.upgraded {
+            m.websockets.fetch_sub(1, Ordering::Relaxed);
+            m.record_close(c.close_code);
+            m.record_lifetime(c.accepted_at.elapsed().as_millis() as u64);
+        }
+        self.app.on_close(self, id, c.app);
+    }
+
+    /// Handles one mailbox message. Returns false on `Shutdown`.
+    pub fn handle(self: &Rc<Self>, msg: ShardMsg<A::Msg>) -> bool {
+        self.metrics().cross_shard_received.inc();
+        match msg {
+            ShardMsg::Adopt { stream, accepted_at } => {
+                self.metrics().adopted.inc();
+                match monoio::net::TcpStream::from_std(stream) {
+                    Ok(s) => accept::start_conn(self, s, accepted_at),
+                    Err(e) => tracing::warn!(shard = self.id, error = %e, "adopting a socket failed"),
+                }
+            }
+            ShardMsg::App(m) => self.app.on_mail(self, m),
+            ShardMsg::Kick { conn, code, reason } => self.start_close(conn, code, reason, false),
+            ShardMsg::Shutdown => return false,
+        }
+        true
+    }
+
+    /// Starts draining: no more accepts, every connection closed with 1001.
+    pub fn begin_drain(self: &Rc<Self>) {
+        self.draining.set(true);
+        if let Some(c) = self.accept_cancel.borrow_mut().take() {
+            c.cancel();
+        }
+        // Sockets still in their HTTP request finish it: /ready and upgrades
+        // get 503 draining (bounded by the handshake timeout). Open
+        // WebSockets get 1001.
+        let ids: Vec<ConnId> =
+            self.table.borrow_mut().iter_mut().filter(|(_, c)| c.phase != Phase::Http).map(|(id, _)| id).collect();
+        for id in ids {
+            self.start_close(id, close::GOING_AWAY, "server shutting down", false);
+        }
+    }
+}
+
+impl<A: App> Conns<A> for Rc<Shard<A>> {
+    fn shard_id(&self) -> usize {
+        self.id
+    }
+
+    fn node(&self) -> &NodeState<A::Msg> {
+        &self.node
+    }
+
+    fn offer(&self, id: ConnId, len: usize, write: impl FnOnce(&mut Vec<u8>)) -> SendOutcome {
+        let policy = self.node.config.websocket.slow_consumer;
+        let cap = self.node.config.websocket.send_queue_bytes;
+        let mut table = self.table.borrow_mut();
+        let Some(c) = table.get_mut(id) else { return SendOutcome::Gone };
+        if c.phase != Phase::Open {
+            return SendOutcome::Closed;
+        }
+        if c.queued() + len > cap && c.queued() > 0 {
+            drop(table);
+            return match policy {
+                SlowConsumerPolicy::Drop => {
+                    self.metrics().send_queue_dropped.inc();
+                    SendOutcome::Dropped
+                }
+                SlowConsumerPolicy::Close => {
+                    self.metrics().slow_consumer_closed.inc();
+                    self.start_close(id, close::POLICY, "send queue full: reading too slowly", true);
+                    SendOutcome::Closed
+                }
+            };
+        }
+        write(&mut c.out);
+        self.metrics().messages_out.inc();
+        self.kick_writer(id, c);
+        SendOutcome::Queued
+    }
+
+    fn close(&self, id: ConnId, code: u16, reason: &'static str) {
+        self.start_close(id, code, reason, false);
+    }
+
+    fn send_to(&self, to: usize, msg: A::Msg) -> Result<(), MailboxError> {
+        self.send_msg(to, ShardMsg::App(msg))
+    }
+
+    fn state<R>(&self, id: ConnId, f: impl FnOnce(&mut A::Conn) -> R) -> Option<R> {
+        self.table.borrow_mut().get_mut(id).map(|c| f(&mut c.app))
+    }
+
+    fn admission(&self, id: ConnId) -> Option<Rejection> {
+        let overflow = self.table.borrow().get(id).is_some_and(|c| !c.slotted);
+        if self.draining.get() || self.node.is_draining() {
+            Some(Rejection::Draining)
+        } else if overflow {
+            Some(Rejection::Full)
+        } else {
+            None
+        }
+    }
+
+    fn sample(&self, k: usize) -> Vec<Sampled> {
+        self.sample_open(k)
+    }
+}

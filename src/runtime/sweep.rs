@@ -1,0 +1,106 @@
+//! Timers: one sweep per shard, every `websocket.sweep_interval_ms`.
+//!
+//! Per-connection timers would cost a timer-wheel entry per connection and a
+//! re-arm per message. Instead the sweep walks the table once: handshake
+//! timeout, server ping after `ping_interval_ms` of silence, close 4001 after
+//! `idle_timeout_ms`, the close deadline, and freeing idle frame readers;
+//! then the application's own per-sweep work (the cluster sample).
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::shard::Shard;
+use super::table::{ConnId, Phase};
+use super::{App, Sampled, SendOutcome};
+use crate::runtime::Conns;
+use crate::transport::close;
+use crate::transport::frame;
+use crate::transport::http::Rejection;
+use crate::transport::socket::shutdown;
+
+impl<A: App> Shard<A> {
+    /// Runs the timers once.
+    pub fn sweep(self: &Rc<Self>) {
+        let w = &self.node.config.websocket;
+        let handshake_timeout = Duration::from_millis(self.node.config.server.handshake_timeout_ms);
+        let now = self.now_ms();
+        let mut pings = Vec::new();
+        let mut idle = Vec::new();
+        let mut readers = 0;
+        {
+            let mut table = self.table.borrow_mut();
+            for (id, c) in table.iter_mut() {
+                let quiet = now.saturating_sub(c.last_rx_ms);
+                let reader_idle = c.ctx.as_ref().is_some_and(|ctx| ctx.can_write()) && c.boundary.at_rest();
+                if c.phase == Phase::Open && quiet >= w.sweep_interval_ms && reader_idle {
+                    // Quiet at a frame boundary: give the read buffer back.
+                    c.ctx = None;
+                }
+                readers += c.ctx.is_some() as usize;
+                match c.phase {
+                    Phase::Http if c.accepted_at.elapsed() > handshake_timeout => {
+                        self.metrics().rejected[Rejection::HandshakeTimeout.index()].inc();
+                        c.abort(now);
+                    }
+                    Phase::Open if quiet > w.idle_timeout_ms => idle.push(id),
+                    Phase::Open if quiet > w.ping_interval_ms && !c.ping_sent => {
+                        c.ping_sent = true;
+                        pings.push(id);
+                    }
+                    Phase::Closing if now > c.close_deadline_ms => shutdown(c.fd, libc::SHUT_RDWR),
+                    _ => {}
+                }
+            }
+        }
+        self.metrics().frame_readers.store(readers, Ordering::Relaxed);
+        pings.extend(self.app.on_sweep(self));
+        for id in pings {
+            self.ping(id);
+        }
+        for id in idle {
+            self.start_close(id, close::IDLE_TIMEOUT, "idle timeout: no data or pong", true);
+        }
+    }
+
+    /// Sends a server ping stamped with the shard clock (the pong gives the RTT).
+    fn ping(self: &Rc<Self>, id: ConnId) {
+        let stamp = self.now_us();
+        if self.offer(id, frame::PING_LEN, |out| frame::push_ping(out, stamp)) == SendOutcome::Queued {
+            self.metrics().pings_sent.inc();
+        }
+    }
+
+    /// Up to `k` open connections, uniformly sampled (reservoir sampling:
+    /// one pass, k entries).
+    pub fn sample_open(&self, k: usize) -> Vec<Sampled> {
+        let mut picked: Vec<Sampled> = Vec::with_capacity(k);
+        if k == 0 {
+            return picked;
+        }
+        let mut seen = 0usize;
+        let mut table = self.table.borrow_mut();
+        for (id, c) in table.iter_mut() {
+            if c.phase != Phase::Open {
+                continue;
+            }
+            seen += 1;
+            let slot =
+                if picked.len() < k { Some(picked.len()) } else { Some(fastrand::usize(..seen)).filter(|i| *i < k) };
+            let Some(slot) = slot else { continue };
+            let entry = Sampled {
+                id,
+                age_ms: c.accepted_at.elapsed().as_millis() as u64,
+                queued_bytes: c.queued(),
+                rtt_us: c.rtt_us,
+                ping_outstanding: c.ping_sent,
+            };
+            if slot == picked.len() {
+                picked.push(entry);
+            } else {
+                picked[slot] = entry;
+            }
+        }
+        picked
+    }
+}
