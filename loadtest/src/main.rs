@@ -4,7 +4,8 @@
 //! schedule in W worker processes (this binary re-executed as `__worker`), whose
 //! HDR histograms and counters are merged exactly into one report directory
 //! (`summary.json`, `.hgrm` files, `percentiles.svg`, `README.md`).
-//! `loadtest index results/` rebuilds `results/README.md` from every summary.
+//! `loadtest index results/` rebuilds `results/README.md` from every summary;
+//! `loadtest replot results/` redraws the runs' plots and READMEs.
 
 mod clock;
 mod fake_rooms;
@@ -52,6 +53,13 @@ enum Cmd {
         #[arg(default_value = "results")]
         dir: PathBuf,
     },
+    /// Redraw percentiles.svg and rewrite README.md of every run below DIR from its
+    /// summary.json and .hgrm files (both left as they are; hand-written text after
+    /// the generated part of a README is kept).
+    Replot {
+        /// Results directory (or one run directory).
+        dir: PathBuf,
+    },
     /// Internal: one worker process of a run.
     #[command(name = "__worker", hide = true)]
     Worker {
@@ -92,6 +100,16 @@ fn main() {
             }
             Err(e) => {
                 eprintln!("loadtest index: {e}");
+                1
+            }
+        },
+        Cmd::Replot { dir } => match report::replot(&dir) {
+            Ok(n) => {
+                eprintln!("loadtest: redrew {n} runs below {}", dir.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("loadtest replot: {e}");
                 1
             }
         },
