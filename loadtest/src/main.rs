@@ -4,6 +4,8 @@
 //! schedule in W worker processes (this binary re-executed as `__worker`), whose
 //! HDR histograms and counters are merged exactly into one report directory
 //! (`summary.json`, `.hgrm` files, `percentiles.svg`, `README.md`).
+//! Reports go to `target/loadtest/` unless `--out` says otherwise (the committed
+//! `results/` directory is written only when asked for by name).
 //! `loadtest index results/` rebuilds `results/README.md` from every summary;
 //! `loadtest replot results/` redraws the runs' plots and READMEs.
 
@@ -117,4 +119,28 @@ fn main() {
         Cmd::FakeRooms { listen } => fake_rooms::main(&listen),
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out_of(args: &[&str]) -> PathBuf {
+        match Cli::try_parse_from(args).unwrap().cmd {
+            Cmd::Connect(c) | Cmd::Echo(c) | Cmd::Fanout(c) | Cmd::Churn(c) => c.run.out,
+            other => panic!("not a scenario: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reports_default_outside_the_committed_results() {
+        for scen in ["connect", "echo", "fanout", "churn"] {
+            let out = out_of(&["loadtest", scen]);
+            assert_eq!(out, PathBuf::from(run::DEFAULT_OUT));
+            assert!(out.starts_with("target"), "git-ignored by the root .gitignore's /target");
+            assert!(!out.starts_with("results"));
+        }
+        // Writing into results/ still works when asked for by name.
+        assert_eq!(out_of(&["loadtest", "echo", "--out", "results/x"]), PathBuf::from("results/x"));
+    }
 }
