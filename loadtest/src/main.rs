@@ -4,7 +4,10 @@
 //! schedule in W worker processes (this binary re-executed as `__worker`), whose
 //! HDR histograms and counters are merged exactly into one report directory
 //! (`summary.json`, `.hgrm` files, `percentiles.svg`, `README.md`).
-//! `loadtest index results/` rebuilds `results/README.md` from every summary.
+//! Reports go to `target/loadtest/` unless `--out` says otherwise (the committed
+//! `results/` directory is written only when asked for by name).
+//! `loadtest index results/` rebuilds `results/README.md` from every summary;
+//! `loadtest replot results/` redraws the runs' plots and READMEs.
 
 mod clock;
 mod fake_rooms;
@@ -52,6 +55,13 @@ enum Cmd {
         #[arg(default_value = "results")]
         dir: PathBuf,
     },
+    /// Redraw percentiles.svg and rewrite README.md of every run below DIR from its
+    /// summary.json and .hgrm files (both left as they are; hand-written text after
+    /// the generated part of a README is kept).
+    Replot {
+        /// Results directory (or one run directory).
+        dir: PathBuf,
+    },
     /// Internal: one worker process of a run.
     #[command(name = "__worker", hide = true)]
     Worker {
@@ -95,8 +105,42 @@ fn main() {
                 1
             }
         },
+        Cmd::Replot { dir } => match report::replot(&dir) {
+            Ok(n) => {
+                eprintln!("loadtest: redrew {n} runs below {}", dir.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("loadtest replot: {e}");
+                1
+            }
+        },
         Cmd::Worker { task } => worker::main(&task),
         Cmd::FakeRooms { listen } => fake_rooms::main(&listen),
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out_of(args: &[&str]) -> PathBuf {
+        match Cli::try_parse_from(args).unwrap().cmd {
+            Cmd::Connect(c) | Cmd::Echo(c) | Cmd::Fanout(c) | Cmd::Churn(c) => c.run.out,
+            other => panic!("not a scenario: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reports_default_outside_the_committed_results() {
+        for scen in ["connect", "echo", "fanout", "churn"] {
+            let out = out_of(&["loadtest", scen]);
+            assert_eq!(out, PathBuf::from(run::DEFAULT_OUT));
+            assert!(out.starts_with("target"), "git-ignored by the root .gitignore's /target");
+            assert!(!out.starts_with("results"));
+        }
+        // Writing into results/ still works when asked for by name.
+        assert_eq!(out_of(&["loadtest", "echo", "--out", "results/x"]), PathBuf::from("results/x"));
+    }
 }

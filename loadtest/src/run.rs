@@ -20,11 +20,16 @@ use crate::stats::{decode_hist, new_hist, Stats};
 use crate::sysinfo::{self, ServerSample};
 use crate::worker::{FromWorker, Go, Task};
 
+/// Where run directories go without `--out`, relative to the working directory.
+pub const DEFAULT_OUT: &str = "target/loadtest";
+
 /// Flags about the run rather than the load.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunOpts {
     /// Directory the run directory `<UTC date>-<scenario>-<label>/` is created in.
-    #[arg(long, default_value = "results")]
+    /// The default is not committed (`/target` is git-ignored); name `results/...`
+    /// explicitly to add a run to the repository's results.
+    #[arg(long, default_value = DEFAULT_OUT)]
     pub out: PathBuf,
     /// Label in the run directory name. Default: the host part of the first URL.
     #[arg(long)]

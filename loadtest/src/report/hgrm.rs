@@ -1,6 +1,8 @@
 //! The standard HdrHistogram percentile-distribution text (`.hgrm`), as Java's
 //! `outputPercentileDistribution(out, 5, 1000.0)` prints it: values recorded in
-//! microseconds, printed in milliseconds.
+//! microseconds, printed in milliseconds. The file is complete (it runs to the
+//! maximum whatever the sample count); the plot and the tables are the ones
+//! that stop where the sample count does (see `quantile.rs`).
 
 use std::fmt::Write as _;
 
@@ -10,7 +12,7 @@ use hdrhistogram::Histogram;
 const US_PER_MS: f64 = 1000.0;
 
 /// Percentile ticks per half distance, the Java default.
-const TICKS_PER_HALF: u32 = 5;
+pub const TICKS_PER_HALF: u32 = 5;
 
 /// Renders `h` (microseconds) as `.hgrm` text with values in milliseconds.
 pub fn render(name: &str, h: &Histogram<u64>) -> String {
@@ -38,8 +40,8 @@ pub fn render(name: &str, h: &Histogram<u64>) -> String {
     s
 }
 
-/// Parses `(value_ms, percentile, total_count)` rows back out of `.hgrm` text.
-#[cfg(test)]
+/// Parses `(value_ms, percentile, total_count)` rows back out of `.hgrm` text
+/// (the header and the `#[` footer lines are skipped).
 pub fn parse_rows(text: &str) -> Vec<(f64, f64, u64)> {
     text.lines()
         .filter_map(|l| {

@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::rss::{self, NotMeaningful};
+
 /// Finds files named `name` under `dir`, sorted by path.
-fn find(dir: &Path, name: &str, out: &mut Vec<PathBuf>) {
+pub fn find(dir: &Path, name: &str, out: &mut Vec<PathBuf>) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
@@ -60,13 +62,25 @@ pub fn headline(v: &Value) -> String {
     }
 }
 
-fn row(root: &Path, path: &Path, v: &Value) -> String {
+/// The "server RSS/conn" cell: bytes, `n/a (tag)` with a footnote for the tag when the
+/// server was sampled but the figure is not meaningful, `-` when not sampled.
+/// Decided from the raw samples (see rss.rs), so older summaries that stored a
+/// negative figure read the same as new ones.
+pub fn rss_cell(v: &Value) -> (String, Option<NotMeaningful>) {
+    match rss::from_summary(v) {
+        Some(Ok(b)) => (format!("{b:.0} B"), None),
+        Some(Err(why)) => (format!("n/a ({})", why.tag()), Some(why)),
+        None => ("-".into(), None),
+    }
+}
+
+fn row(root: &Path, path: &Path, v: &Value, notes: &mut Vec<NotMeaningful>) -> String {
     let dir = path.parent().unwrap_or(root);
     let rel = dir.strip_prefix(root).unwrap_or(dir).display().to_string();
     let c = &v["connections"];
     let srv = v.get("server");
-    let rss =
-        srv.and_then(|s| s["rss_delta_per_connection_bytes"].as_f64()).map_or("-".into(), |b| format!("{b:.0} B"));
+    let (rss, why) = rss_cell(v);
+    notes.extend(why);
     let scpu = srv.map_or("-".into(), |s| format!("{}%", s["cpu_percent_of_one_core"]));
     let ok = v["checks"].as_object().is_some_and(|m| m.values().all(|x| x == &Value::Bool(true)));
     format!(
@@ -96,6 +110,7 @@ pub fn rebuild(root: &Path) -> std::io::Result<usize> {
          |---|---|---|---|---|---|---|---|---|\n",
     );
     let mut n = 0;
+    let mut notes = Vec::new();
     for p in &summaries {
         let Ok(text) = std::fs::read_to_string(p) else {
             continue;
@@ -103,8 +118,13 @@ pub fn rebuild(root: &Path) -> std::io::Result<usize> {
         let Ok(v) = serde_json::from_str::<Value>(&text) else {
             continue;
         };
-        s += &row(root, p, &v);
+        s += &row(root, p, &v, &mut notes);
         n += 1;
+    }
+    s += "\nserver RSS/conn: (RSS at the held sample - RSS before the run) / connections established; \
+          `-` where the server was not sampled (no `--server-pid`).\n\n";
+    for why in NotMeaningful::ALL.into_iter().filter(|w| notes.contains(w)) {
+        s += &format!("- n/a ({}): {}.\n", why.tag(), why.explain());
     }
     let mut comparisons = Vec::new();
     find(root, "comparison.md", &mut comparisons);

@@ -1,9 +1,13 @@
 //! Run reports: `summary.json` with the fixed key set, one `.hgrm` per
 //! histogram, a percentile plot (`percentiles.svg`) and a `README.md` with the
-//! command and a short table, in `<out>/<UTC date>-<scenario>-<label>/`.
+//! command and a short table, in `<out>/<UTC date>-<scenario>-<label>/`; and
+//! [`replot`], which redraws the plot and README of committed runs from their
+//! `summary.json` and `.hgrm` files.
 
 pub mod hgrm;
 pub mod index;
+pub mod quantile;
+pub mod rss;
 pub mod svg;
 
 use std::path::{Path, PathBuf};
@@ -155,14 +159,17 @@ fn server_json(meta: &RunMeta, stats: &Stats, received: u64) -> Option<Value> {
     let (b, a) = (meta.server.before?, meta.server.after?);
     let held = meta.server.held;
     let cpu = a.cpu_seconds - b.cpu_seconds;
-    let alive = stats.get("connections.established").max(1);
-    let per_conn = held.map(|h| (h.rss_bytes as f64 - b.rss_bytes as f64) / alive as f64);
+    let per_conn = rss::per_connection(b.rss_bytes, held.map(|h| h.rss_bytes), stats.get("connections.established"));
     Some(json!({
         "pid": meta.opts.server_pid,
         "rss_bytes_before": b.rss_bytes,
         "rss_bytes_held": held.map(|h| h.rss_bytes),
         "rss_bytes_after": a.rss_bytes,
-        "rss_delta_per_connection_bytes": per_conn.map(round3),
+        // Raw growth (may be negative); the per-connection figure is null when it
+        // is not meaningful, and the note says why (see rss.rs).
+        "rss_delta_bytes": held.map(|h| h.rss_bytes as i64 - b.rss_bytes as i64),
+        "rss_delta_per_connection_bytes": per_conn.ok().map(round3),
+        "rss_per_connection_note": per_conn.err().map(rss::NotMeaningful::code),
         "cpu_seconds": round3(cpu),
         "cpu_percent_of_one_core": round3(100.0 * cpu / meta.wall_seconds.max(1e-9)),
         "messages_per_cpu_second": if cpu > 0.0 { round3(received as f64 / cpu) } else { 0.0 },
@@ -193,6 +200,43 @@ pub fn checks(v: &Value) -> Value {
     let failures: u64 = v["failures"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
     c.insert("no_failures".into(), json!(failures == 0));
     Value::Object(c)
+}
+
+/// The quantiles the per-run table lists, with their `summary.json` keys.
+const TABLE_QUANTILES: [(f64, &str, &str); 4] =
+    [(0.5, "p50", "p50"), (0.9, "p90", "p90"), (0.99, "p99", "p99"), (0.999, "p999", "p99.9")];
+
+/// The latency table of a run: one row per non-empty histogram; a quantile its
+/// sample count does not resolve (see [`quantile::supported`]) is `-`, with a
+/// footnote, and the last column is the maximum.
+pub fn latency_table(latency: &Value) -> String {
+    let mut s = String::from("| histogram | count |");
+    for (_, _, head) in TABLE_QUANTILES {
+        s += &format!(" {head} |");
+    }
+    s += " max |\n|---|---|---|---|---|---|---|\n";
+    let mut cut = false;
+    if let Some(m) = latency.as_object() {
+        for (name, q) in m.iter().filter(|(_, q)| q["count"].as_u64().unwrap_or(0) > 0) {
+            let n = q["count"].as_u64().unwrap_or(0);
+            s += &format!("| {name} | {n} |");
+            for (p, key, _) in TABLE_QUANTILES {
+                if quantile::supported(p, n) {
+                    s += &format!(" {} |", q[key]);
+                } else {
+                    cut = true;
+                    s += " - |";
+                }
+            }
+            s += &format!(" {} |\n", q["max"]);
+        }
+    }
+    if cut {
+        s += "\n`-`: not resolved by the sample count. With n samples only quantiles up to 1 - 1/n \
+              have a sample beyond them (p99 needs 100 samples, p99.9 needs 1,000); higher ones would \
+              only restate the maximum, which is the last column.\n";
+    }
+    s
 }
 
 fn round3(x: f64) -> f64 {
@@ -232,18 +276,61 @@ pub fn write_files(dir: &Path, summary: &Value, stats: &Stats) -> std::io::Resul
     for (name, h) in &stats.hists {
         if !h.is_empty() {
             std::fs::write(dir.join(format!("{name}.hgrm")), hgrm::render(name, h))?;
-            plotted.push((name.as_str(), h));
+            plotted.push(svg::Series::from_hist(name, h));
         }
     }
-    let title = format!(
+    std::fs::write(dir.join("percentiles.svg"), svg::render(&plot_title(summary), &plotted))?;
+    std::fs::write(dir.join("README.md"), readme(summary))?;
+    Ok(())
+}
+
+fn plot_title(summary: &Value) -> String {
+    format!(
         "{} {} ({})",
         summary["scenario"].as_str().unwrap_or_default(),
         summary["label"].as_str().unwrap_or_default(),
         summary["started_utc"].as_str().unwrap_or_default()
-    );
-    std::fs::write(dir.join("percentiles.svg"), svg::render(&title, &plotted))?;
-    std::fs::write(dir.join("README.md"), readme(summary))?;
-    Ok(())
+    )
+}
+
+/// The line the generated part of a run's README ends with; anything a person
+/// appended below it is kept by [`replot`].
+const README_END: &str = "![percentiles](percentiles.svg)";
+
+/// Redraws `percentiles.svg` and rewrites `README.md` of every run directory below
+/// `root` from its `summary.json` and `.hgrm` files, which are left untouched (as is
+/// any hand-written text after the generated part of the README). Returns the
+/// number of runs redrawn.
+pub fn replot(root: &Path) -> std::io::Result<usize> {
+    let mut found = Vec::new();
+    index::find(root, "summary.json", &mut found);
+    found.sort();
+    for p in &found {
+        let dir = p.parent().unwrap_or(root);
+        let bad = |e: serde_json::Error| std::io::Error::other(format!("{}: {e}", p.display()));
+        let summary: Value = serde_json::from_str(&std::fs::read_to_string(p)?).map_err(bad)?;
+        let mut hgrms: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|f| f.extension().is_some_and(|x| x == "hgrm"))
+            .collect();
+        hgrms.sort_by_key(|f| f.file_stem().map(|s| s.to_os_string()));
+        let mut series = Vec::new();
+        for f in hgrms {
+            let name = f.file_stem().unwrap_or_default().to_string_lossy().to_string();
+            series.extend(svg::Series::from_hgrm(&name, &std::fs::read_to_string(&f)?));
+        }
+        std::fs::write(dir.join("percentiles.svg"), svg::render(&plot_title(&summary), &series))?;
+        let old = std::fs::read_to_string(dir.join("README.md")).unwrap_or_default();
+        let tail = old.find(README_END).map_or("", |i| old[i + README_END.len()..].trim_start_matches('\n'));
+        let mut text = readme(&summary);
+        if !tail.trim().is_empty() {
+            text += "\n";
+            text += tail;
+        }
+        std::fs::write(dir.join("README.md"), text)?;
+    }
+    Ok(found.len())
 }
 
 fn print_checks(summary: &Value) {
@@ -298,10 +385,15 @@ pub fn readme(v: &Value) -> String {
         s += &format!("| {label} | {val} |\n");
     }
     if let Some(srv) = v.get("server") {
+        let per_conn = match rss::from_summary(v) {
+            Some(Ok(b)) => format!("{}", round3(b)),
+            Some(Err(why)) => format!("n/a: {}", why.explain()),
+            None => "-".into(),
+        };
         s += &format!(
-            "| server RSS before / held / after (bytes) | {} / {} / {} |\n| server RSS delta per connection (bytes) | {} |\n| server CPU s (% of one core) | {} ({}%) |\n| server fds before / held / after | {} / {} / {} |\n",
+            "| server RSS before / held / after (bytes) | {} / {} / {} |\n| server RSS delta per connection (bytes) | {per_conn} |\n| server CPU s (% of one core) | {} ({}%) |\n| server fds before / held / after | {} / {} / {} |\n",
             srv["rss_bytes_before"], srv["rss_bytes_held"], srv["rss_bytes_after"],
-            srv["rss_delta_per_connection_bytes"], srv["cpu_seconds"], srv["cpu_percent_of_one_core"],
+            srv["cpu_seconds"], srv["cpu_percent_of_one_core"],
             srv["fds_before"], srv["fds_held"], srv["fds_after"]
         );
     }
@@ -310,15 +402,8 @@ pub fn readme(v: &Value) -> String {
             f.iter().filter(|(_, n)| n.as_u64() != Some(0)).map(|(k, n)| format!("{k} {n}")).collect();
         s += &format!("| failures | {} |\n", if nz.is_empty() { "none".into() } else { nz.join(", ") });
     }
-    s += "\nLatency, microseconds (`_from_intended`: measured from the scheduled start, coordinated-omission corrected):\n\n| histogram | count | p50 | p90 | p99 | p99.9 | max |\n|---|---|---|---|---|---|---|\n";
-    if let Some(m) = v["latency_us"].as_object() {
-        for (name, q) in m.iter().filter(|(_, q)| q["count"].as_u64() != Some(0)) {
-            s += &format!(
-                "| {name} | {} | {} | {} | {} | {} | {} |\n",
-                q["count"], q["p50"], q["p90"], q["p99"], q["p999"], q["max"]
-            );
-        }
-    }
+    s += "\nLatency, microseconds (`_from_intended`: measured from the scheduled start, coordinated-omission corrected):\n\n";
+    s += &latency_table(&v["latency_us"]);
     s += "\nChecks: ";
     s += &v["checks"].to_string();
     s += "\n\n![percentiles](percentiles.svg)\n";

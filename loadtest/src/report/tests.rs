@@ -1,4 +1,6 @@
-//! Report tests: the summary key set, files written, index rebuild.
+//! Report tests: the summary key set, files written, index rebuild, the
+//! per-connection RSS figure (never a negative number), the quantile cut-off
+//! of the per-run table, and redrawing committed runs.
 
 use super::*;
 use crate::params::Params;
@@ -21,7 +23,7 @@ fn meta(dir: &Path, scenario: Scenario) -> RunMeta {
         machine: crate::sysinfo::machine(),
         server: ServerSamples {
             before: Some(ServerSample { rss_bytes: 1000, cpu_seconds: 1.0, fds: 5 }),
-            held: Some(ServerSample { rss_bytes: 11_000, cpu_seconds: 1.5, fds: 15 }),
+            held: Some(ServerSample { rss_bytes: 10_001_000, cpu_seconds: 1.5, fds: 15 }),
             after: Some(ServerSample { rss_bytes: 2000, cpu_seconds: 3.0, fds: 5 }),
         },
         workers_crashed: 0,
@@ -77,7 +79,9 @@ fn summary_has_the_required_keys() {
         assert!(v["server"][k].is_u64(), "server.{k}");
     }
     assert_eq!(v["server"]["cpu_seconds"], json!(2.0));
-    assert_eq!(v["server"]["rss_delta_per_connection_bytes"], json!(1000.0));
+    assert_eq!(v["server"]["rss_delta_per_connection_bytes"], json!(1_000_000.0));
+    assert_eq!(v["server"]["rss_delta_bytes"], json!(10_000_000));
+    assert!(v["server"]["rss_per_connection_note"].is_null());
     for r in FAILURE_REASONS {
         assert!(v["failures"][r].is_u64(), "failures.{r}");
     }
@@ -121,5 +125,105 @@ fn writes_run_files_and_index() {
     assert_eq!(index::rebuild(&dir).unwrap(), 2);
     let idx = std::fs::read_to_string(dir.join("README.md")).unwrap();
     assert!(idx.contains(&name) && idx.contains("upgrade p99 0.25 ms"), "{idx}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn falling_rss_is_recorded_raw_but_gives_no_per_connection_figure() {
+    let mut m = meta(Path::new("/tmp"), Scenario::Connect);
+    // The server's RSS went down between the baseline and the held sample.
+    m.server.before = Some(ServerSample { rss_bytes: 51_605_504, cpu_seconds: 1.0, fds: 15 });
+    m.server.held = Some(ServerSample { rss_bytes: 42_852_352, cpu_seconds: 1.5, fds: 5015 });
+    let v = summarize(&m, &stats());
+    assert_eq!(v["server"]["rss_bytes_before"], json!(51_605_504));
+    assert_eq!(v["server"]["rss_bytes_held"], json!(42_852_352));
+    assert_eq!(v["server"]["rss_delta_bytes"], json!(42_852_352 - 51_605_504));
+    assert!(v["server"]["rss_delta_per_connection_bytes"].is_null());
+    assert_eq!(v["server"]["rss_per_connection_note"], json!("rss_fell"));
+    let r = readme(&v);
+    assert!(r.contains("| server RSS delta per connection (bytes) | n/a: RSS fell"), "{r}");
+    // Too little growth to tell: 10 connections, 10 kB.
+    m.server.held = Some(ServerSample { rss_bytes: 51_615_504, cpu_seconds: 1.5, fds: 25 });
+    let v = summarize(&m, &stats());
+    assert!(v["server"]["rss_delta_per_connection_bytes"].is_null());
+    assert_eq!(v["server"]["rss_per_connection_note"], json!("below_noise"));
+}
+
+#[test]
+fn index_never_prints_a_negative_rss_figure() {
+    let dir = tmpdir("index-rss");
+    // A summary as older harness versions wrote it: a negative derived figure.
+    let old = json!({
+        "scenario": "connect",
+        "connections": {"attempted": 5000, "established": 5000, "alive_at_end": 5000},
+        "latency_us": {"upgrade_from_intended": {"p99": 4055, "count": 5000}},
+        "client": {"cpu_percent_of_one_core": 10.957},
+        "server": {"rss_bytes_before": 51_605_504u64, "rss_bytes_held": 42_852_352u64,
+                   "rss_delta_per_connection_bytes": -1750.63, "cpu_percent_of_one_core": 9.79},
+        "checks": {"all_established": true},
+    });
+    let mut fresh = old.clone();
+    fresh["server"]["rss_bytes_held"] = json!(51_605_504u64 + 6_360_000);
+    let mut churn = old.clone();
+    churn["scenario"] = json!("churn");
+    churn["server"]["rss_bytes_held"] = Value::Null;
+    let mut unsampled = old.clone();
+    unsampled.as_object_mut().unwrap().remove("server");
+    for (name, v) in [("a-old", &old), ("b-fresh", &fresh), ("c-churn", &churn), ("d-none", &unsampled)] {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        std::fs::write(dir.join(name).join("summary.json"), v.to_string()).unwrap();
+    }
+    assert_eq!(index::rebuild(&dir).unwrap(), 4);
+    let idx = std::fs::read_to_string(dir.join("README.md")).unwrap();
+    let rows: Vec<&str> = idx.lines().filter(|l| l.starts_with("| [")).collect();
+    let rss_col = |row: &str| row.split(" | ").nth(5).unwrap().to_string();
+    assert_eq!(rows.iter().map(|r| rss_col(r)).collect::<Vec<_>>(), ["n/a (fell)", "1272 B", "n/a (no hold)", "-"]);
+    assert!(!idx.contains("-1751") && !idx.contains("| -1"), "{idx}");
+    assert!(idx.contains("- n/a (fell): RSS fell between the baseline and the held sample"), "{idx}");
+    assert!(idx.contains("- n/a (no hold): "), "{idx}");
+    assert!(!idx.contains("- n/a (noise): "), "only the footnotes used: {idx}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn latency_table_stops_at_what_the_sample_count_resolves() {
+    let lat = json!({
+        "rtt": {"count": 2_000_000, "p50": 300, "p90": 2400, "p99": 7500, "p999": 11000, "max": 17855},
+        "ping": {"count": 500, "p50": 100, "p90": 120, "p99": 150, "p999": 170, "max": 171},
+        "few": {"count": 50, "p50": 10, "p90": 12, "p99": 13, "p999": 13, "max": 13},
+        "empty": {"count": 0, "p50": 0, "p90": 0, "p99": 0, "p999": 0, "max": 0},
+    });
+    let t = latency_table(&lat);
+    assert!(t.contains("| rtt | 2000000 | 300 | 2400 | 7500 | 11000 | 17855 |"), "{t}");
+    // 500 samples: p99 (5 beyond) is shown, p99.9 (half a sample beyond) is not.
+    assert!(t.contains("| ping | 500 | 100 | 120 | 150 | - | 171 |"), "{t}");
+    assert!(t.contains("| few | 50 | 10 | 12 | - | - | 13 |"), "{t}");
+    assert!(!t.contains("| empty |"));
+    assert!(t.contains("`-`: not resolved by the sample count"));
+    let full = latency_table(&json!({"rtt": lat["rtt"].clone()}));
+    assert!(!full.contains("not resolved"), "no footnote when nothing is cut");
+}
+
+#[test]
+fn replot_redraws_from_committed_files_and_keeps_hand_written_text() {
+    let dir = tmpdir("replot");
+    let m = meta(&dir, Scenario::Connect);
+    let run = write_run(&m, stats()).unwrap();
+    let summary = std::fs::read_to_string(run.join("summary.json")).unwrap();
+    let hgrm = std::fs::read_to_string(run.join("upgrade.hgrm")).unwrap();
+    let svg = std::fs::read_to_string(run.join("percentiles.svg")).unwrap();
+    let readme = std::fs::read_to_string(run.join("README.md")).unwrap();
+    std::fs::write(run.join("README.md"), format!("{readme}\n## How this run differs\n\nBy hand.\n")).unwrap();
+    std::fs::write(run.join("percentiles.svg"), "stale").unwrap();
+    assert_eq!(replot(&dir).unwrap(), 1);
+    // The plot drawn from the .hgrm files is the one drawn from the histograms.
+    assert_eq!(std::fs::read_to_string(run.join("percentiles.svg")).unwrap(), svg);
+    let again = std::fs::read_to_string(run.join("README.md")).unwrap();
+    assert_eq!(again, format!("{readme}\n## How this run differs\n\nBy hand.\n"));
+    assert_eq!(std::fs::read_to_string(run.join("summary.json")).unwrap(), summary);
+    assert_eq!(std::fs::read_to_string(run.join("upgrade.hgrm")).unwrap(), hgrm);
+    // Idempotent.
+    replot(&dir).unwrap();
+    assert_eq!(std::fs::read_to_string(run.join("README.md")).unwrap(), again);
     std::fs::remove_dir_all(&dir).unwrap();
 }
