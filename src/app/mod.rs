@@ -370,3 +370,6 @@ impl Sink for Delivery {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,247 @@
+//! The application driven without sockets: each shard's [`Edge`] runs over
+//! an in-memory [`Conns`] that records the frames it would send, and the
+//! real mailboxes carry the cross-shard messages between them.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use tungstenite::Message;
+
+use super::metrics::AppMetrics;
+use super::{AppMsg, Delivery, Edge, EdgeShared, Session};
+use crate::broker::memory::MemoryBroker;
+use crate::config::Config;
+use crate::runtime::mailbox::{mailbox, MailboxError, MailboxReceiver, ShardMsg};
+use crate::runtime::metrics::ShardMetrics;
+use crate::runtime::table::ConnId;
+use crate::runtime::{Answer, App, Conns, NodeState, Sampled, SendOutcome, ShardHandle};
+use crate::transport::http::Rejection;
+
+/// One shard's connections, in memory.
+struct MemConns {
+    shard: usize,
+    node: Arc<NodeState<AppMsg>>,
+    conns: RefCell<HashMap<ConnId, (Session, Vec<u8>)>>,
+    closed: RefCell<Vec<(ConnId, u16)>>,
+    next: RefCell<usize>,
+}
+
+impl Conns<Edge> for MemConns {
+    fn shard_id(&self) -> usize {
+        self.shard
+    }
+    fn node(&self) -> &NodeState<AppMsg> {
+        &self.node
+    }
+    fn offer(&self, id: ConnId, _len: usize, write: impl FnOnce(&mut Vec<u8>)) -> SendOutcome {
+        match self.conns.borrow_mut().get_mut(&id) {
+            Some((_, out)) => {
+                write(out);
+                SendOutcome::Queued
+            }
+            None => SendOutcome::Gone,
+        }
+    }
+    fn close(&self, id: ConnId, code: u16, _reason: &'static str) {
+        self.closed.borrow_mut().push((id, code));
+    }
+    fn send_to(&self, to: usize, msg: AppMsg) -> Result<(), MailboxError> {
+        self.node.shards[to].mailbox.send(ShardMsg::App(msg))
+    }
+    fn state<R>(&self, id: ConnId, f: impl FnOnce(&mut Session) -> R) -> Option<R> {
+        self.conns.borrow_mut().get_mut(&id).map(|(s, _)| f(s))
+    }
+    fn admission(&self, _id: ConnId) -> Option<Rejection> {
+        None
+    }
+    fn sample(&self, _k: usize) -> Vec<Sampled> {
+        Vec::new()
+    }
+}
+
+/// A node of `n` shards: each shard's application, its connections and its mailbox.
+struct Harness {
+    shards: Vec<(Edge, MemConns)>,
+    boxes: Vec<MailboxReceiver<AppMsg>>,
+}
+
+impl Harness {
+    fn new(n: usize) -> Harness {
+        let mut handles = Vec::new();
+        let mut boxes = Vec::new();
+        for _ in 0..n {
+            let (tx, rx) = mailbox(1024).unwrap();
+            handles.push(ShardHandle { mailbox: tx, metrics: ShardMetrics::default() });
+            boxes.push(rx);
+        }
+        let node = Arc::new(NodeState {
+            config: Config::default(),
+            node_id: "n1".into(),
+            advertise_url: "ws://n1/ws".into(),
+            capacity_per_shard: 100,
+            shards: handles,
+            draining: AtomicBool::new(false),
+            started_at: 0,
+        });
+        let broker = Arc::new(MemoryBroker::alone(Arc::new(Delivery::new(node.clone()))));
+        let shared = Arc::new(EdgeShared { broker, metrics: (0..n).map(|_| AppMetrics::default()).collect() });
+        let shards = (0..n)
+            .map(|i| {
+                let cx = MemConns {
+                    shard: i,
+                    node: node.clone(),
+                    conns: RefCell::default(),
+                    closed: RefCell::default(),
+                    next: RefCell::new(1),
+                };
+                (Edge::new(i, shared.clone(), 16), cx)
+            })
+            .collect();
+        Harness { shards, boxes }
+    }
+
+    /// Upgrades a new connection on `shard` at `path`; returns its id and what it was sent.
+    fn connect(&mut self, shard: usize, path: &str) -> ConnId {
+        let (edge, cx) = &self.shards[shard];
+        let slot = cx.next.replace_with(|n| *n + 1);
+        let id = ConnId::new(shard, slot, 1);
+        cx.conns.borrow_mut().insert(id, (Session::default(), Vec::new()));
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n");
+        assert!(matches!(edge.on_request(cx, id, req.as_bytes()), Answer::Upgrade { .. }));
+        edge.on_open(cx, id);
+        self.pump();
+        id
+    }
+
+    fn send(&mut self, id: ConnId, text: &str) {
+        let (edge, cx) = &self.shards[id.shard()];
+        edge.on_message(cx, id, Message::text(text));
+        self.pump();
+    }
+
+    fn disconnect(&mut self, id: ConnId) {
+        let (edge, cx) = &self.shards[id.shard()];
+        let (state, _) = cx.conns.borrow_mut().remove(&id).unwrap();
+        edge.on_close(cx, id, state);
+        self.pump();
+    }
+
+    /// Delivers every mailbox message until all are empty.
+    fn pump(&mut self) {
+        loop {
+            let mut any = false;
+            for (i, rx) in self.boxes.iter().enumerate() {
+                while let Ok(msg) = rx.rx.try_recv() {
+                    any = true;
+                    let (edge, cx) = &self.shards[i];
+                    match msg {
+                        ShardMsg::App(m) => edge.on_mail(cx, m),
+                        other => panic!("the application sent a runtime message: {other:?}"),
+                    }
+                }
+            }
+            if !any {
+                return;
+            }
+        }
+    }
+
+    /// The JSON messages `id` was sent since the last call (taken).
+    fn received(&self, id: ConnId) -> Vec<serde_json::Value> {
+        let (_, cx) = &self.shards[id.shard()];
+        let out = std::mem::take(&mut cx.conns.borrow_mut().get_mut(&id).unwrap().1);
+        text_frames(&out)
+            .iter()
+            .map(|t| serde_json::from_str(t).unwrap_or(serde_json::Value::String(t.clone())))
+            .collect()
+    }
+}
+
+/// Splits unmasked server frames; every one must be a final text frame.
+fn text_frames(mut b: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        assert_eq!(b[0], 0x81, "final text frame");
+        let (len, head) = match b[1] {
+            126 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+            127 => panic!("no huge frames here"),
+            n => (n as usize, 2),
+        };
+        out.push(String::from_utf8(b[head..head + len].to_vec()).unwrap());
+        b = &b[head + len..];
+    }
+    out
+}
+
+#[test]
+fn welcome_then_rooms_across_shards_exclude_the_sender() {
+    let mut h = Harness::new(2);
+    let a = h.connect(0, "/ws?client_id=alice");
+    let b = h.connect(1, "/ws?client_id=bob");
+    let welcome = h.received(a);
+    assert_eq!(welcome[0]["type"], "welcome");
+    assert_eq!((welcome[0]["client_id"].as_str(), welcome[0]["node"].as_str()), (Some("alice"), Some("n1")));
+    h.received(b);
+    h.send(a, r#"{"type":"join","room":"r"}"#);
+    h.send(b, r#"{"type":"join","room":"r"}"#);
+    assert_eq!(h.received(a), vec![serde_json::json!({"type":"joined","room":"r"})]);
+    h.received(b);
+    h.send(a, r#"{"type":"publish","room":"r","data":{"n":1}}"#);
+    assert_eq!(h.received(b), vec![serde_json::json!({"type":"message","room":"r","from":"alice","data":{"n":1}})]);
+    assert!(h.received(a).is_empty(), "the publisher gets no copy");
+    h.send(b, r#"{"type":"leave","room":"r"}"#);
+    h.received(b);
+    h.send(a, r#"{"type":"publish","room":"r","data":2}"#);
+    assert!(h.received(b).is_empty(), "left the room");
+}
+
+#[test]
+fn direct_messages_route_through_the_home_shard_or_answer_unknown() {
+    let mut h = Harness::new(2);
+    let a = h.connect(0, "/ws?client_id=alice");
+    let b = h.connect(1, "/ws?client_id=bob");
+    h.received(a);
+    h.received(b);
+    h.send(a, r#"{"type":"direct","to":"bob","data":"hi"}"#);
+    assert_eq!(h.received(b), vec![serde_json::json!({"type":"direct","from":"alice","data":"hi"})]);
+    h.send(a, r#"{"type":"direct","to":"nobody","data":1}"#);
+    let got = h.received(a);
+    assert_eq!((got.len(), got[0]["code"].as_str()), (1, Some("unknown_client")), "{got:?}");
+    h.disconnect(b);
+    h.send(a, r#"{"type":"direct","to":"bob","data":"late"}"#);
+    assert_eq!(h.received(a)[0]["code"], "unknown_client", "bob's directory entry went with him");
+}
+
+#[test]
+fn a_second_connection_with_the_same_id_replaces_the_first_with_4000() {
+    let mut h = Harness::new(2);
+    let first = h.connect(0, "/ws?client_id=carol");
+    let second = h.connect(1, "/ws?client_id=carol");
+    assert_eq!(*h.shards[0].1.closed.borrow(), vec![(first, crate::transport::close::REPLACED)]);
+    assert!(h.shards[1].1.closed.borrow().is_empty());
+    h.received(second);
+    let a = h.connect(0, "/ws?client_id=dave");
+    h.received(a);
+    h.send(a, r#"{"type":"direct","to":"carol","data":1}"#);
+    assert_eq!(h.received(second).len(), 1, "the newer connection is the one registered");
+}
+
+#[test]
+fn errors_are_answered_with_codes_and_counted_and_echo_echoes() {
+    let mut h = Harness::new(1);
+    let a = h.connect(0, "/ws");
+    let welcome = h.received(a);
+    assert!(welcome[0]["client_id"].as_str().is_some_and(|id| !id.is_empty()), "a generated id");
+    h.send(a, "not json");
+    h.send(a, r#"{"type":"join","room":"bad room"}"#);
+    let codes: Vec<_> = h.received(a).iter().map(|v| v["code"].as_str().unwrap().to_string()).collect();
+    assert_eq!(codes, ["bad_json", "bad_room"]);
+    let m = &h.shards[0].0.shared.metrics[0];
+    assert_eq!(m.client_errors[super::protocol::ClientError::BadJson.index()].get(), 1);
+    let e = h.connect(0, "/echo");
+    assert!(h.received(e).is_empty(), "no welcome on /echo");
+    h.send(e, "same bytes back");
+    assert_eq!(h.received(e), vec![serde_json::Value::String("same bytes back".into())]);
+}
