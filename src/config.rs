@@ -7,7 +7,7 @@
 //! [`Config::validate`] refuses nonsense with an error that names the key.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 
 use std::fmt;
@@ -47,6 +47,11 @@ pub enum DriverChoice {
     Epoll,
 }
 
+impl DriverChoice {
+    /// The accepted spellings, as in TOML, env and flags.
+    pub const NAMES: [&'static str; 3] = ["auto", "io_uring", "epoll"];
+}
+
 /// What happens when a connection's send queue is full.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -57,11 +62,18 @@ pub enum SlowConsumerPolicy {
     Drop,
 }
 
+impl SlowConsumerPolicy {
+    /// The accepted spellings, as in TOML, env and flags.
+    pub const NAMES: [&'static str; 2] = ["close", "drop"];
+}
+
 /// `[server]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address every shard listens on with SO_REUSEPORT. Default `127.0.0.1:8080`.
+    /// A host name (`localhost:8080`) is resolved when the value is read and
+    /// the first address it resolves to is kept.
     pub listen: SocketAddr,
     /// Number of shards (threads, runtimes, listeners). `0` = one per core. Default 0.
     pub shards: usize,
@@ -232,16 +244,16 @@ impl Config {
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| ConfigError::new("--config", format!("{}: {e}", path.display())))?;
-            let file_tree: toml::Value =
-                toml::from_str(&text).map_err(|e| ConfigError::new(&path.display().to_string(), e.to_string()))?;
-            merge(&mut tree, file_tree, "")?;
+            let file_tree: toml::Value = toml::from_str(&text).map_err(|e| syntax_error(path, &text, &e))?;
+            merge(&mut tree, file_tree, "").map_err(|e| at_file_line(e, path, &text))?;
         }
         let vars: BTreeMap<String, String> = env.into_iter().collect();
         for (name, value) in vars {
             if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
                 let key = env_key(&tree, rest)
                     .ok_or_else(|| ConfigError::new(&name, "no such setting (expected RINGSIDE_<SECTION>_<KEY>)"))?;
-                set_key(&mut tree, &key, &value)?;
+                set_key(&mut tree, &key, &value)
+                    .map_err(|e| ConfigError::new(&e.key, format!("{} (from {name})", e.reason)))?;
             }
         }
         from_tree(tree)
@@ -257,6 +269,18 @@ impl Config {
 
     /// Refuses values that cannot work, naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // Every refusal below also says what was given: this `check` wraps the
+        // free function of that name and appends the key's current value.
+        let tree = toml::Value::try_from(self).ok();
+        let check = |ok: bool, key: &str, why: &str| -> Result<(), ConfigError> {
+            if ok {
+                return Ok(());
+            }
+            match tree.as_ref().and_then(|t| lookup(t, key)) {
+                Some(given) => check(false, key, &format!("{why} (got {given})")),
+                None => check(false, key, why),
+            }
+        };
         let s = &self.server;
         let w = &self.websocket;
         check(s.backlog >= 1, "server.backlog", "must be at least 1")?;
@@ -330,7 +354,166 @@ fn check(ok: bool, key: &str, why: &str) -> Result<(), ConfigError> {
 }
 
 fn from_tree(tree: toml::Value) -> Result<Config, ConfigError> {
-    Config::deserialize(tree).map_err(|e| ConfigError::new("config", e.to_string()))
+    Config::deserialize(tree.clone()).map_err(|e| {
+        // Every leaf was checked when it was set, so this should not happen;
+        // if it does, find the key that fails on its own to name it.
+        let leaves = tree.as_table().into_iter().flatten().flat_map(|(section, inner)| {
+            inner.as_table().into_iter().flatten().map(move |(name, v)| (format!("{section}.{name}"), v.clone()))
+        });
+        leaves
+            .filter_map(|(key, v)| check_leaf(&key, v).err())
+            .next()
+            .unwrap_or_else(|| ConfigError::new("config", one_line(e.message())))
+    })
+}
+
+/// `section.key` in `tree`, as TOML would write it (strings quoted).
+fn lookup(tree: &toml::Value, key: &str) -> Option<String> {
+    let (section, name) = key.split_once('.')?;
+    Some(tree.get(section)?.get(name)?.to_string())
+}
+
+/// Checks one value for `section.key` as the field's type will read it,
+/// returning it in the form to store (a resolved `server.listen`). Errors
+/// name the key, the value given and what is allowed, on one line.
+fn check_leaf(key: &str, value: toml::Value) -> Result<toml::Value, ConfigError> {
+    let allowed: &[&str] = match key {
+        "server.listen" => {
+            let raw = value.as_str().ok_or_else(|| ConfigError::new(key, format!("expected a string, got {value}")))?;
+            return resolve_listen(key, raw).map(|a| toml::Value::String(a.to_string()));
+        }
+        "server.driver" => &DriverChoice::NAMES,
+        "websocket.slow_consumer" => &SlowConsumerPolicy::NAMES,
+        _ => &[],
+    };
+    if !allowed.is_empty() {
+        return match value.as_str() {
+            Some(v) if allowed.contains(&v) => Ok(value),
+            _ => Err(ConfigError::new(key, format!("{value} is not one of {}", allowed.join(", ")))),
+        };
+    }
+    let (section, name) = key.split_once('.').ok_or_else(|| ConfigError::new(key, "expected section.key"))?;
+    let mut tree = toml::Value::try_from(Config::default()).map_err(ConfigError::internal)?;
+    let slot =
+        tree.get_mut(section).and_then(|t| t.get_mut(name)).ok_or_else(|| ConfigError::new(key, "unknown setting"))?;
+    *slot = value.clone();
+    match Config::deserialize(tree) {
+        Ok(_) => Ok(value),
+        Err(e) => Err(ConfigError::new(key, describe(&value, e.message()))),
+    }
+}
+
+/// One line for a serde refusal of `value`: integers out of range say the range.
+fn describe(value: &toml::Value, message: &str) -> String {
+    let range = |ty: &str| match ty {
+        "u8" => Some(u8::MAX as u64),
+        "u16" => Some(u16::MAX as u64),
+        "u32" => Some(u32::MAX as u64),
+        "u64" => Some(u64::MAX),
+        "usize" => Some(usize::MAX as u64),
+        _ => None,
+    };
+    match (value, message.rsplit_once("expected ")) {
+        (toml::Value::Integer(i), Some((_, ty))) if range(ty.trim()).is_some() => {
+            let max = range(ty.trim()).unwrap_or_default();
+            format!("{i} is out of range (0 to {max})")
+        }
+        _ => format!("{value}: {}", one_line(message)),
+    }
+}
+
+/// `server.listen`: `ip:port`, `[v6]:port` or `host:port`; a host name is
+/// resolved now and the first address kept.
+fn resolve_listen(key: &str, raw: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(addr) = raw.trim().parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    const FORMS: &str = "expected host:port, e.g. 0.0.0.0:8080, [::1]:8080 or localhost:8080";
+    let bad = |why: &str| ConfigError::new(key, format!("{raw:?} {why}; {FORMS}"));
+    let text = raw.trim();
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(bad("has no port"));
+    };
+    if host.is_empty() {
+        return Err(bad("has no host"));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(bad("is an IPv6 address without brackets"));
+    }
+    if port.parse::<u16>().is_err() {
+        return Err(bad(&format!("has no valid port ({port:?} is not 0-65535)")));
+    }
+    let mut addrs = text
+        .to_socket_addrs()
+        .map_err(|e| ConfigError::new(key, format!("cannot resolve {raw:?}: {}", one_line(&e.to_string()))))?;
+    addrs.next().ok_or_else(|| ConfigError::new(key, format!("{raw:?} resolves to no address")))
+}
+
+/// Joins a multi-line message into one line.
+fn one_line(s: &str) -> String {
+    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+}
+
+/// A TOML syntax error in `path`, on one line: the key (when the line has
+/// one), the file, line and column, and what the parser expected.
+fn syntax_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let file = path.display().to_string();
+    let Some(span) = e.span() else {
+        return ConfigError::new(&file, format!("TOML syntax error: {}", one_line(e.message())));
+    };
+    let start = span.start.min(text.len());
+    let line = text[..start].matches('\n').count() + 1;
+    let column = text[..start].rfind('\n').map_or(start, |nl| start - nl - 1) + 1;
+    let reason = format!("TOML syntax error at {file} line {line}, column {column}: {}", one_line(e.message()));
+    match key_on_line(text, line) {
+        Some(key) => ConfigError::new(&key, reason),
+        None => ConfigError::new(&file, reason),
+    }
+}
+
+/// `section.key` of a `key = ...` line (1-based), from the `[section]` above it.
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let mut section = String::new();
+    for (i, l) in text.lines().enumerate() {
+        let l = l.trim();
+        if i + 1 == line {
+            let (name, _) = l.split_once('=')?;
+            let name = name.trim().trim_matches('"');
+            if name.is_empty() || name.starts_with('[') {
+                return None;
+            }
+            return Some(if section.is_empty() { name.to_string() } else { format!("{section}.{name}") });
+        }
+        if let Some(h) = l.strip_prefix('[').and_then(|h| h.split(']').next()) {
+            section = h.trim().trim_matches('"').to_string();
+        }
+    }
+    None
+}
+
+/// Appends where in the file `e.key` is set, when it can be found.
+fn at_file_line(e: ConfigError, path: &Path, text: &str) -> ConfigError {
+    match file_line(text, &e.key) {
+        Some(line) => ConfigError::new(&e.key, format!("{} ({} line {line})", e.reason, path.display())),
+        None => e,
+    }
+}
+
+/// The 1-based line where `key` (`section` or `section.key`) is written in `text`.
+fn file_line(text: &str, key: &str) -> Option<usize> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut table = doc.get_ref();
+    let mut span = None;
+    for part in key.split('.') {
+        let (k, v) = table.iter().find(|(k, _)| k.get_ref() == part)?;
+        span = Some(k.span());
+        match v.get_ref() {
+            toml::de::DeValue::Table(t) => table = t,
+            _ => break,
+        }
+    }
+    let start = span?.start.min(text.len());
+    Some(text[..start].matches('\n').count() + 1)
 }
 
 /// Deep-merges `src` into `dst`, refusing keys the defaults do not have.
@@ -346,9 +529,9 @@ fn merge(dst: &mut toml::Value, src: toml::Value, path: &str) -> Result<(), Conf
         }
         (d, s) => {
             if std::mem::discriminant(d) != std::mem::discriminant(&s) {
-                return Err(ConfigError::new(path, format!("expected {}, got {}", d.type_str(), s.type_str())));
+                return Err(ConfigError::new(path, format!("expected {}, got {} {s}", d.type_str(), s.type_str())));
             }
-            *d = s;
+            *d = check_leaf(path, s)?;
             Ok(())
         }
     }
@@ -385,7 +568,7 @@ fn set_key(tree: &mut toml::Value, key: &str, raw: &str) -> Result<(), ConfigErr
         }
         _ => toml::Value::String(raw.to_string()),
     };
-    *slot = value;
+    *slot = check_leaf(key, value)?;
     Ok(())
 }
 
@@ -421,6 +604,130 @@ impl std::error::Error for ConfigError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A temp file holding `text`, unique per test.
+    fn file(name: &str, text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("ringside-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join(name);
+        std::fs::write(&f, text).unwrap();
+        f
+    }
+
+    /// The error's text, asserted to be one line.
+    fn one(e: ConfigError) -> String {
+        let text = e.to_string();
+        assert!(!text.contains('\n'), "not one line: {text:?}");
+        text
+    }
+
+    #[test]
+    fn enum_errors_name_the_key_the_value_and_the_choices() {
+        let f = file("enum.toml", "[server]\ndriver = \"bogus\"\n");
+        let e = one(Config::load(Some(&f), vec![]).unwrap_err());
+        assert!(
+            e.starts_with("invalid configuration: server.driver: \"bogus\" is not one of auto, io_uring, epoll"),
+            "{e}"
+        );
+        assert!(e.ends_with("enum.toml line 2)"), "{e}");
+        let e = one(Config::default().set("server.driver", "bogus").unwrap_err());
+        assert_eq!(e, "invalid configuration: server.driver: \"bogus\" is not one of auto, io_uring, epoll");
+        let env = vec![("RINGSIDE_WEBSOCKET_SLOW_CONSUMER".to_string(), "later".to_string())];
+        let e = one(Config::load(None, env).unwrap_err());
+        assert_eq!(
+            e,
+            "invalid configuration: websocket.slow_consumer: \"later\" is not one of close, drop \
+             (from RINGSIDE_WEBSOCKET_SLOW_CONSUMER)"
+        );
+        let f = file("enum-type.toml", "[server]\ndriver = 1\n");
+        let e = one(Config::load(Some(&f), vec![]).unwrap_err());
+        assert!(e.contains("server.driver: expected string, got integer 1"), "{e}");
+    }
+
+    #[test]
+    fn enum_names_are_exactly_the_variants() {
+        for v in [DriverChoice::Auto, DriverChoice::IoUring, DriverChoice::Epoll] {
+            let name = toml::Value::try_from(v).unwrap();
+            assert!(DriverChoice::NAMES.contains(&name.as_str().unwrap()), "{name}");
+        }
+        for v in [SlowConsumerPolicy::Close, SlowConsumerPolicy::Drop] {
+            let name = toml::Value::try_from(v).unwrap();
+            assert!(SlowConsumerPolicy::NAMES.contains(&name.as_str().unwrap()), "{name}");
+        }
+        for name in DriverChoice::NAMES {
+            Config::default().set("server.driver", name).unwrap();
+        }
+        for name in SlowConsumerPolicy::NAMES {
+            Config::default().set("websocket.slow_consumer", name).unwrap();
+        }
+    }
+
+    #[test]
+    fn listen_accepts_addresses_and_host_names() {
+        let mut c = Config::default();
+        c.set("server.listen", "localhost:8080").unwrap();
+        assert_eq!(c.server.listen.port(), 8080);
+        assert!(c.server.listen.ip().is_loopback(), "{}", c.server.listen);
+        c.set("server.listen", "127.0.0.1:0").unwrap();
+        assert_eq!(c.server.listen, SocketAddr::from(([127, 0, 0, 1], 0)));
+        c.set("server.listen", "[::1]:9000").unwrap();
+        assert_eq!(c.server.listen, "[::1]:9000".parse::<SocketAddr>().unwrap());
+        let f = file("listen.toml", "[server]\nlisten = \"localhost:9001\"\n");
+        assert_eq!(Config::load(Some(&f), vec![]).unwrap().server.listen.port(), 9001);
+    }
+
+    #[test]
+    fn listen_errors_are_one_line() {
+        let e = one(Config::default().set("server.listen", "nonsense").unwrap_err());
+        assert!(
+            e.starts_with("invalid configuration: server.listen: \"nonsense\" has no port; expected host:port"),
+            "{e}"
+        );
+        let e = one(Config::default().set("server.listen", "localhost").unwrap_err());
+        assert!(e.starts_with("invalid configuration: server.listen: \"localhost\" has no port"), "{e}");
+        let e = one(Config::default().set("server.listen", "localhost:http2").unwrap_err());
+        assert!(e.contains("server.listen: \"localhost:http2\" has no valid port"), "{e}");
+        let e = one(Config::default().set("server.listen", "::1:80").unwrap_err());
+        assert!(e.contains("without brackets"), "{e}");
+        let f = file("listen-bad.toml", "[server]\nshards = 1\nlisten = \"nonsense\"\n");
+        let e = one(Config::load(Some(&f), vec![]).unwrap_err());
+        assert!(e.contains("server.listen: \"nonsense\"") && e.ends_with("listen-bad.toml line 3)"), "{e}");
+    }
+
+    #[test]
+    fn toml_syntax_errors_are_one_line_with_key_and_line() {
+        let f = file("syntax.toml", "[server]\nshards = 2\ndriver = \n");
+        let e = one(Config::load(Some(&f), vec![]).unwrap_err());
+        assert!(e.starts_with("invalid configuration: server.driver: TOML syntax error at "), "{e}");
+        assert!(e.contains("syntax.toml line 3, column 10: "), "{e}");
+        let f = file("syntax2.toml", "[server\n");
+        let e = one(Config::load(Some(&f), vec![]).unwrap_err());
+        assert!(e.contains("syntax2.toml: TOML syntax error at ") && e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_integers_say_the_range() {
+        let f = file("range.toml", "[server]\nbacklog = -1\n");
+        let e = one(Config::load(Some(&f), vec![]).unwrap_err());
+        assert!(e.starts_with("invalid configuration: server.backlog: -1 is out of range (0 to 4294967295)"), "{e}");
+        let e = one(Config::default().set("server.shards", "-2").unwrap_err());
+        assert!(e.starts_with("invalid configuration: server.shards: -2 is out of range (0 to "), "{e}");
+        let e = one(Config::default().set("server.shards", "two").unwrap_err());
+        assert_eq!(e, "invalid configuration: server.shards: not an integer: \"two\"");
+    }
+
+    #[test]
+    fn validate_says_what_was_given() {
+        let mut c = Config::default();
+        c.server.ring_entries = 1000;
+        assert_eq!(
+            one(c.validate().unwrap_err()),
+            "invalid configuration: server.ring_entries: power of two >= 8 (got 1000)"
+        );
+        let mut c = Config::default();
+        c.set("cluster.redis_url", "http://x").unwrap();
+        assert!(one(c.validate().unwrap_err()).ends_with("(got \"http://x\")"));
+    }
 
     #[test]
     fn defaults_are_valid() {
