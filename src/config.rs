@@ -32,6 +32,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Cluster state in Redis (optional).
     pub cluster: ClusterConfig,
+    /// Per-address and per-connection limits against abusive clients.
+    pub limits: LimitsConfig,
 }
 
 /// Which io driver a shard runs.
@@ -111,6 +113,24 @@ pub struct ServerConfig {
     pub mailbox_capacity: usize,
     /// `Retry-After` seconds sent with 503 when the node is full or draining. Default 5.
     pub retry_after_secs: u32,
+    /// Address of the internal listener for `/metrics` and `/cluster` (and
+    /// `/health`, `/ready`). Empty = no internal listener: those endpoints are
+    /// served on the client port. Default empty (development); production
+    /// sets it to a private address.
+    pub admin_listen: String,
+    /// Serve `/metrics` and `/cluster` on the client port too. Default true;
+    /// `false` answers them 404 there (`/health` and `/ready` stay for the
+    /// balancer's checks).
+    pub public_internal_endpoints: bool,
+    /// Proxies whose PROXY protocol header (v1 or v2) and `X-Forwarded-For`
+    /// are believed: CIDRs or addresses, e.g. `["127.0.0.1", "10.0.0.0/8"]`.
+    /// From any other peer a PROXY header is refused (400) and
+    /// `X-Forwarded-For` ignored. Default empty (trust nobody).
+    pub trusted_proxies: Vec<String>,
+    /// Browser `Origin` values allowed to upgrade (exact match, e.g.
+    /// `https://app.example.com`); others get 403. Requests without `Origin`
+    /// (non-browser clients) pass. Default empty = any origin.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -130,6 +150,10 @@ impl Default for ServerConfig {
             max_request_bytes: 8192,
             handshake_timeout_ms: 5000,
             mailbox_capacity: 16384,
+            admin_listen: String::new(),
+            public_internal_endpoints: true,
+            trusted_proxies: Vec::new(),
+            allowed_origins: Vec::new(),
             retry_after_secs: 5,
         }
     }
@@ -162,6 +186,19 @@ pub struct WebSocketConfig {
     pub close_timeout_ms: u64,
     /// How often each shard sweeps its table for timers. Default 1000 ms.
     pub sweep_interval_ms: u64,
+    /// A frame or fragmented message that has started must complete within
+    /// this, else close 1008 (a peer that trickles one byte at a time holds
+    /// its bytes only this long). Checked by the sweep. Default 10000 ms.
+    pub message_timeout_ms: u64,
+    /// Bytes a shard holds in unfinished frames and fragmented messages, all
+    /// connections together; the connection that would go past it is closed
+    /// 1013 (try again later). Default 67108864 (64 MiB).
+    pub max_unfinished_bytes_per_shard: usize,
+    /// Bytes of the shard's mailbox taken by messages for connections (room
+    /// and direct frames); past it they are refused (`overloaded`) while
+    /// control messages (register, kick, shutdown) always pass. Default
+    /// 67108864 (64 MiB).
+    pub mailbox_bytes: usize,
 }
 
 impl Default for WebSocketConfig {
@@ -176,6 +213,9 @@ impl Default for WebSocketConfig {
             idle_timeout_ms: 60_000,
             close_timeout_ms: 2_000,
             sweep_interval_ms: 1_000,
+            message_timeout_ms: 10_000,
+            max_unfinished_bytes_per_shard: 64 << 20,
+            mailbox_bytes: 64 << 20,
         }
     }
 }
@@ -189,11 +229,14 @@ pub struct RoomsConfig {
     /// Largest `data` in a publish or direct message; larger answers
     /// `too_large` and the connection stays open. Default 16384.
     pub max_payload_bytes: usize,
+    /// Publishing to a room needs membership; otherwise error `not_joined`.
+    /// Default true (a client cannot spray rooms it does not read).
+    pub publish_requires_join: bool,
 }
 
 impl Default for RoomsConfig {
     fn default() -> Self {
-        Self { max_rooms_per_connection: 64, max_payload_bytes: 16 * 1024 }
+        Self { max_rooms_per_connection: 64, max_payload_bytes: 16 * 1024, publish_requires_join: true }
     }
 }
 
@@ -209,6 +252,52 @@ pub struct ShutdownConfig {
 impl Default for ShutdownConfig {
     fn default() -> Self {
         Self { drain_timeout_ms: 10_000 }
+    }
+}
+
+/// `[limits]`: what one address or one connection may take. Each refusal
+/// is counted by reason in `/metrics` (docs/metrics.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Open connections (upgraded or not) per client address, node-wide;
+    /// more get 429. 0 = off. Default 0 (production: 256).
+    pub max_connections_per_ip: u32,
+    /// New connections per second per client address (token bucket); more get
+    /// 429 with `Retry-After`. 0 = off. Default 0 (production: 20).
+    pub connection_rate_per_ip: f64,
+    /// Burst of new connections per address above the rate. Default 50.
+    pub connection_burst_per_ip: u32,
+    /// Sockets per shard that have not finished their upgrade, counted apart
+    /// from WebSocket slots. When full, the oldest pending handshake of the
+    /// address holding the most is dropped for the newcomer. Default 4096.
+    pub max_handshakes_per_shard: usize,
+    /// Share of a shard's handshake slots one address may hold; more are
+    /// closed at once. Default 256.
+    pub max_handshakes_per_ip: usize,
+    /// Messages per second per connection (token bucket); more answer error
+    /// `rate_limited` (on `/ws`) or are dropped (on `/echo`). 0 = off. Default
+    /// 0 (production: 100).
+    pub messages_per_second: f64,
+    /// Burst above the message rate. Default 200.
+    pub message_burst: u32,
+    /// Refused messages in a row after which the connection is closed 1008.
+    /// Default 100.
+    pub rate_limit_strikes: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections_per_ip: 0,
+            connection_rate_per_ip: 0.0,
+            connection_burst_per_ip: 50,
+            max_handshakes_per_shard: 4096,
+            max_handshakes_per_ip: 256,
+            messages_per_second: 0.0,
+            message_burst: 200,
+            rate_limit_strikes: 100,
+        }
     }
 }
 
@@ -323,6 +412,24 @@ impl Config {
             "must leave 512 bytes of envelope under websocket.max_message_bytes",
         )?;
         check(self.shutdown.drain_timeout_ms >= 10, "shutdown.drain_timeout_ms", "at least 10")?;
+        check(w.message_timeout_ms >= 100, "websocket.message_timeout_ms", "must be at least 100")?;
+        check(
+            w.max_unfinished_bytes_per_shard >= w.max_frame_bytes,
+            "websocket.max_unfinished_bytes_per_shard",
+            "must be >= websocket.max_frame_bytes (one full frame must fit)",
+        )?;
+        check(w.mailbox_bytes >= 64 * 1024, "websocket.mailbox_bytes", "must be at least 65536")?;
+        let l = &self.limits;
+        check(l.connection_rate_per_ip >= 0.0, "limits.connection_rate_per_ip", "must be >= 0")?;
+        check(l.messages_per_second >= 0.0, "limits.messages_per_second", "must be >= 0")?;
+        check(l.max_handshakes_per_shard >= 1, "limits.max_handshakes_per_shard", "must be at least 1")?;
+        check(l.max_handshakes_per_ip >= 1, "limits.max_handshakes_per_ip", "must be at least 1")?;
+        check(l.rate_limit_strikes >= 1, "limits.rate_limit_strikes", "must be at least 1")?;
+        check(
+            s.admin_listen.is_empty() || s.admin_listen.parse::<SocketAddr>().is_ok(),
+            "server.admin_listen",
+            "expected ip:port, e.g. 127.0.0.1:9090, or empty",
+        )?;
         check(self.cluster.sync_interval_ms >= 50, "cluster.sync_interval_ms", "at least 50")?;
         let url = &self.cluster.redis_url;
         check(
@@ -566,6 +673,10 @@ fn set_key(tree: &mut toml::Value, key: &str, raw: &str) -> Result<(), ConfigErr
         toml::Value::Float(_) => {
             toml::Value::Float(raw.trim().parse().map_err(|_| ConfigError::new(key, format!("not a number: {raw:?}")))?)
         }
+        // Lists from a flag or an environment variable: comma-separated.
+        toml::Value::Array(_) => toml::Value::Array(
+            raw.split(',').map(str::trim).filter(|v| !v.is_empty()).map(|v| toml::Value::String(v.into())).collect(),
+        ),
         _ => toml::Value::String(raw.to_string()),
     };
     *slot = check_leaf(key, value)?;

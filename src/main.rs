@@ -113,6 +113,9 @@ fn abort_on_panic() {
 }
 
 fn main() -> ExitCode {
+    // First, so that a SIGTERM at any moment after exec is a drain, never
+    // the default action (exit 143 without a word).
+    let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]);
     let args = Args::parse();
     init_logging(&args);
     abort_on_panic();
@@ -128,7 +131,6 @@ fn main() -> ExitCode {
         tracing::info!("configuration OK");
         return ExitCode::SUCCESS;
     }
-    let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]);
     let mut signals = match signals {
         Ok(s) => s,
         Err(e) => {

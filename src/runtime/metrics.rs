@@ -104,6 +104,16 @@ pub struct ShardMetrics {
     pub slow_consumer_closed: Counter,
     /// Server pings sent.
     pub pings_sent: Counter,
+    /// Connections closed 1013 because the shard's unfinished-bytes budget was spent.
+    pub unfinished_closed: Counter,
+    /// Connections closed 1008 because a frame or message did not complete in time.
+    pub message_timeouts: Counter,
+    /// Times a connection's reading was paused because its output was over the cap.
+    pub read_paused: Counter,
+    /// Bytes held in unfinished frames and fragmented messages (gauge).
+    pub unfinished_bytes: AtomicUsize,
+    /// Bytes queued for sending, all connections (gauge, as of the last sweep).
+    pub queued_bytes: AtomicUsize,
     /// Slotted connections (the shard's load, read for least-loaded selection).
     pub connections: AtomicUsize,
     /// Upgraded connections right now.
@@ -142,6 +152,11 @@ impl Default for ShardMetrics {
             send_queue_dropped: Counter::default(),
             slow_consumer_closed: Counter::default(),
             pings_sent: Counter::default(),
+            unfinished_closed: Counter::default(),
+            message_timeouts: Counter::default(),
+            read_paused: Counter::default(),
+            unfinished_bytes: AtomicUsize::new(0),
+            queued_bytes: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             websockets: AtomicUsize::new(0),
             overflow: AtomicUsize::new(0),
@@ -278,6 +293,16 @@ pub fn render(t: &mut Text, shards: &[&ShardMetrics], mailbox_depth: &[usize]) {
     let help = "Connections closed 1008 for slow reading (policy close).";
     per_shard(t, shards, "slow_consumer_closed_total", C, help, |m| m.slow_consumer_closed.get());
     per_shard(t, shards, "pings_sent_total", C, "Server pings sent to quiet clients.", |m| m.pings_sent.get());
+    let help = "Connections closed 1013: the shard's budget for unfinished frames and messages was spent.";
+    per_shard(t, shards, "unfinished_budget_closed_total", C, help, |m| m.unfinished_closed.get());
+    let help = "Connections closed 1008: a frame or message did not complete within websocket.message_timeout_ms.";
+    per_shard(t, shards, "message_timeouts_total", C, help, |m| m.message_timeouts.get());
+    let help = "Times reading a connection was paused because its output was over websocket.send_queue_bytes.";
+    per_shard(t, shards, "read_paused_total", C, help, |m| m.read_paused.get());
+    let help = "Bytes held in unfinished frames and fragmented messages (as of the last sweep).";
+    per_shard(t, shards, "unfinished_bytes", G, help, |m| gauge(&m.unfinished_bytes));
+    let help = "Bytes queued for sending on all connections, including writes in flight (as of the last sweep).";
+    per_shard(t, shards, "send_queue_bytes", G, help, |m| gauge(&m.queued_bytes));
     let name = "websocket_connection_latency_seconds";
     t.family(name, Kind::Histogram, "Accept to 101 written.");
     for (i, m) in shards.iter().enumerate() {

@@ -20,7 +20,7 @@ use tungstenite::error::{CapacityError, Error as WsError};
 use tungstenite::Message;
 
 use super::shard::Shard;
-use super::table::{ConnId, Phase};
+use super::table::{Conn, ConnId, Phase};
 use super::{Answer, App};
 use crate::transport::close;
 use crate::transport::frame::{self, Io};
@@ -142,6 +142,13 @@ async fn upgrade<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: Co
 }
 
 /// The read loop of an open connection.
+///
+/// Fairness: one `recv` of at most the shared buffer per turn; when it came
+/// back full (more may be waiting) the task yields to the shard's other
+/// tasks before reading again, so one flooding peer cannot starve its
+/// neighbours, the mailbox or the sweeper. Backpressure: while the
+/// connection's output is over its cap, it is not read at all (its peer's
+/// TCP window fills instead of our memory).
 async fn read_loop<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId) -> Next {
     loop {
         if stream.readable().await.is_err() {
@@ -155,7 +162,7 @@ async fn read_loop<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: 
                         shard.metrics().bytes_in.add(n as u64);
                         let next = process_input(shard, id, &buf[..n]);
                         if next == Next::Continue && n == buf.len() {
-                            None // maybe more waiting: read again before sleeping
+                            None // maybe more waiting: read again after others had a turn
                         } else {
                             Some(next)
                         }
@@ -165,13 +172,52 @@ async fn read_loop<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: 
                 }
             };
             flush(shard, stream, id).await;
+            if over_cap(shard, id) {
+                shard.metrics().read_paused.inc();
+                wait_writer(shard, id).await;
+            }
             match next {
-                None => continue,
+                None => yield_now().await,
                 Some(Next::Continue) => break,
                 Some(Next::Linger) => return Next::Linger,
             }
         }
     }
+}
+
+/// The connection's output is over `websocket.send_queue_bytes`.
+fn over_cap<A: App>(shard: &Shard<A>, id: ConnId) -> bool {
+    let cap = shard.node.config.websocket.send_queue_bytes;
+    shard.table.borrow().get(id).is_some_and(|c| c.phase == Phase::Open && c.queued() > cap)
+}
+
+/// Waits until no writer runs for `id` (its queue was written out or failed).
+async fn wait_writer<A: App>(shard: &Rc<Shard<A>>, id: ConnId) {
+    poll_fn(|cx| {
+        let mut table = shard.table.borrow_mut();
+        match table.get_mut(id) {
+            Some(c) if c.writing => {
+                c.flush_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            _ => Poll::Ready(()),
+        }
+    })
+    .await;
+}
+
+/// Lets every other ready task of the shard run once.
+pub async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await;
 }
 
 /// Writes what is queued, inline, unless a writer task already is.
@@ -193,53 +239,119 @@ async fn flush<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: Conn
 
 /// Feeds `data` to the connection's frame reader and hands every message
 /// it completes to the application.
+///
+/// Only whole frames reach tungstenite: the bytes of a frame still arriving
+/// wait in the connection's own `partial` buffer, which grows as they come
+/// (tungstenite would reserve the announced length at once). What a
+/// connection holds unfinished counts against the shard's budget.
 fn process_input<A: App>(shard: &Rc<Shard<A>>, id: ConnId, data: &[u8]) -> Next {
     let mut messages = Vec::new();
-    let next = {
+    let w = &shard.node.config.websocket;
+    let (next, over) = {
         let now = shard.now_ms();
-        let deadline = now + shard.node.config.websocket.close_timeout_ms;
+        let deadline = now + w.close_timeout_ms;
         let mut table = shard.table.borrow_mut();
         let Some(c) = table.get_mut(id) else { return Next::Linger };
         c.last_rx_ms = now;
         c.ping_sent = false;
-        c.boundary.feed(data);
-        // Taken out for the loop (a Box move) so that the connection's own
-        // methods stay callable while tungstenite reads.
-        let mut ctx = c.ctx.take().unwrap_or_else(|| shard.new_context());
-        let mut out = std::mem::take(&mut c.out);
-        let mut io = Io { input: data, out: &mut out };
-        let next = loop {
-            match ctx.read(&mut io) {
-                Ok(m @ (Message::Text(_) | Message::Binary(_))) => messages.push(m),
-                Ok(Message::Close(frame)) => {
-                    c.closing(deadline, frame.map(|f| u16::from(f.code)).unwrap_or(close::NORMAL));
-                }
-                Ok(Message::Pong(p)) => {
-                    if let Some(sent) = frame::pong_stamp(&p) {
-                        c.rtt_us = shard.now_us().saturating_sub(sent).min(u32::MAX as u64) as u32;
-                    }
-                }
-                Ok(_) => {}
-                Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break Next::Continue,
-                Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => break Next::Linger,
-                Err(e) => {
-                    let (code, reason) = classify(&e);
-                    c.closing(deadline, code);
-                    frame::push_close(io.out, code, reason);
-                    break Next::Linger;
-                }
+        let cut = c.boundary.feed(data, w.max_frame_bytes as u64);
+        let mut stash = std::mem::take(&mut c.partial);
+        let had = !stash.is_empty();
+        let owned;
+        let input: &[u8] = match (had, cut) {
+            (false, _) => &data[..cut],
+            (true, 0) => {
+                stash.extend_from_slice(data);
+                &[]
+            }
+            (true, _) => {
+                stash.extend_from_slice(&data[..cut]);
+                owned = std::mem::take(&mut stash);
+                &owned
             }
         };
-        c.ctx = Some(ctx);
-        c.out = out;
-        next
+        if !(had && cut == 0) {
+            stash.extend_from_slice(&data[cut..]);
+        }
+        // An emptied buffer gives its allocation back (idle connections hold none).
+        c.partial = if stash.is_empty() { Vec::new() } else { stash };
+        let next =
+            if input.is_empty() { Next::Continue } else { read_frames(shard, c, input, deadline, &mut messages) };
+        c.unfinished_since_ms = match (c.boundary.at_rest(), c.unfinished_since_ms) {
+            (true, _) => 0,
+            (false, 0) => now.max(1),
+            (false, t) => t,
+        };
+        let over_budget = account_unfinished(shard, c);
+        (next, (over_budget, c.queued() > w.send_queue_bytes))
     };
+    if over.0 {
+        shard.metrics().unfinished_closed.inc();
+        shard.start_close(id, close::TRY_AGAIN_LATER, "server busy: too many unfinished messages", true);
+        return Next::Continue;
+    }
+    if over.1 && w.slow_consumer == crate::config::SlowConsumerPolicy::Close {
+        // Protocol replies (pongs, close) went past the send queue cap.
+        shard.metrics().slow_consumer_closed.inc();
+        shard.start_close(id, close::POLICY, "send queue full: reading too slowly", true);
+        return Next::Continue;
+    }
     let m = shard.metrics();
     for msg in messages {
         m.messages_in.inc();
         shard.app.on_message(shard, id, msg);
     }
     next
+}
+
+/// Runs tungstenite over `input` (whole frames only) until it wants more.
+fn read_frames<A: App>(
+    shard: &Shard<A>,
+    c: &mut Conn<A::Conn>,
+    input: &[u8],
+    deadline: u64,
+    messages: &mut Vec<Message>,
+) -> Next {
+    // Taken out for the loop (a Box move) so that the connection's own
+    // methods stay callable while tungstenite reads.
+    let mut ctx = c.ctx.take().unwrap_or_else(|| shard.new_context());
+    let mut out = std::mem::take(&mut c.out);
+    let mut io = Io { input, out: &mut out };
+    let next = loop {
+        match ctx.read(&mut io) {
+            Ok(m @ (Message::Text(_) | Message::Binary(_))) => messages.push(m),
+            Ok(Message::Close(frame)) => {
+                c.closing(deadline, frame.map(|f| u16::from(f.code)).unwrap_or(close::NORMAL));
+            }
+            Ok(Message::Pong(p)) => {
+                if let Some(sent) = frame::pong_stamp(&p) {
+                    c.rtt_us = shard.now_us().saturating_sub(sent).min(u32::MAX as u64) as u32;
+                }
+            }
+            Ok(_) => {}
+            Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break Next::Continue,
+            Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => break Next::Linger,
+            Err(e) => {
+                let (code, reason) = classify(&e);
+                c.closing(deadline, code);
+                frame::push_close(io.out, code, reason);
+                break Next::Linger;
+            }
+        }
+    };
+    c.ctx = Some(ctx);
+    c.out = out;
+    next
+}
+
+/// Updates the shard's count of unfinished bytes with what `c` holds now;
+/// true when the shard is over its budget (and `c` holds some of it).
+fn account_unfinished<A: App>(shard: &Shard<A>, c: &mut Conn<A::Conn>) -> bool {
+    let held = c.partial.len() + c.boundary.message_bytes() as usize;
+    let total = shard.unfinished.get() + held - c.unfinished_bytes;
+    shard.unfinished.set(total);
+    c.unfinished_bytes = held;
+    held > 0 && total > shard.node.config.websocket.max_unfinished_bytes_per_shard
 }
 
 /// Close code and reason for a frame-level failure.
@@ -303,17 +415,7 @@ async fn linger<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: Con
         c.closing(deadline, 0);
     }
     flush(shard, stream, id).await;
-    poll_fn(|cx| {
-        let mut table = shard.table.borrow_mut();
-        match table.get_mut(id) {
-            Some(c) if c.writing => {
-                c.flush_waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
-            _ => Poll::Ready(()),
-        }
-    })
-    .await;
+    wait_writer(shard, id).await;
     shutdown(stream.fd(), libc::SHUT_WR);
     loop {
         if stream.readable().await.is_err() {

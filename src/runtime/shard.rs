@@ -43,6 +43,8 @@ pub struct Shard<A: App> {
     pub draining: Cell<bool>,
     /// Cancels the pending accept on shutdown.
     pub accept_cancel: RefCell<Option<Canceller>>,
+    /// Bytes held in unfinished frames and messages, all connections.
+    pub unfinished: Cell<usize>,
     epoch: Instant,
 }
 
@@ -70,6 +72,7 @@ impl<A: App> Shard<A> {
             ws_config,
             draining: Cell::new(false),
             accept_cancel: RefCell::new(None),
+            unfinished: Cell::new(0),
             epoch: Instant::now(),
             node,
         })
@@ -147,6 +150,7 @@ impl<A: App> Shard<A> {
     /// Removes a finished connection and hands its state to the application.
     pub fn remove_conn(self: &Rc<Self>, id: ConnId) {
         let Some(c) = self.table.borrow_mut().remove(id) else { return };
+        self.unfinished.set(self.unfinished.get() - c.unfinished_bytes);
         let m = self.metrics();
         m.connections.store(self.table.borrow().slotted(), Ordering::Relaxed);
         if !c.slotted {

@@ -28,6 +28,8 @@ impl<A: App> Shard<A> {
         let mut pings = Vec::new();
         let mut idle = Vec::new();
         let mut readers = 0;
+        let mut queued = 0;
+        let mut stalled = Vec::new();
         {
             let mut table = self.table.borrow_mut();
             for (id, c) in table.iter_mut() {
@@ -38,6 +40,11 @@ impl<A: App> Shard<A> {
                     c.ctx = None;
                 }
                 readers += c.ctx.is_some() as usize;
+                queued += c.queued();
+                let since = c.unfinished_since_ms;
+                if c.phase == Phase::Open && since != 0 && now.saturating_sub(since) > w.message_timeout_ms {
+                    stalled.push(id);
+                }
                 match c.phase {
                     Phase::Http if c.accepted_at.elapsed() > handshake_timeout => {
                         self.metrics().rejected[Rejection::HandshakeTimeout.index()].inc();
@@ -54,6 +61,12 @@ impl<A: App> Shard<A> {
             }
         }
         self.metrics().frame_readers.store(readers, Ordering::Relaxed);
+        self.metrics().queued_bytes.store(queued, Ordering::Relaxed);
+        self.metrics().unfinished_bytes.store(self.unfinished.get(), Ordering::Relaxed);
+        for id in stalled {
+            self.metrics().message_timeouts.inc();
+            self.start_close(id, close::POLICY, "message not completed within websocket.message_timeout_ms", true);
+        }
         pings.extend(self.app.on_sweep(self));
         for id in pings {
             self.ping(id);

@@ -92,6 +92,13 @@ pub struct Conn<S> {
     pub ctx: Option<Box<WebSocketContext>>,
     /// Where the inbound byte stream stands relative to frames.
     pub boundary: Boundary,
+    /// Bytes of a frame still arriving (tungstenite gets whole frames only).
+    pub partial: Vec<u8>,
+    /// What this connection holds unfinished (partial frame + open
+    /// fragmented message), as counted in the shard's total.
+    pub unfinished_bytes: usize,
+    /// When the unfinished frame or message started (ms since shard epoch), 0 = none.
+    pub unfinished_since_ms: u64,
     /// Bytes queued for the socket, not yet handed to the kernel.
     pub out: Vec<u8>,
     /// Bytes in the write currently in flight.
@@ -124,6 +131,9 @@ impl<S: Default> Conn<S> {
             app: S::default(),
             ctx: None,
             boundary: Boundary::default(),
+            partial: Vec::new(),
+            unfinished_bytes: 0,
+            unfinished_since_ms: 0,
             out: Vec::new(),
             inflight: 0,
             writing: false,

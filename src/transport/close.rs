@@ -18,11 +18,14 @@ pub const POLICY: u16 = 1008;
 pub const TOO_BIG: u16 = 1009;
 /// Internal error on the node.
 pub const INTERNAL: u16 = 1011;
+/// Try again later: the server is overloaded (a shard's budget for
+/// unfinished messages is spent). Reconnect after a delay.
+pub const TRY_AGAIN_LATER: u16 = 1013;
 /// Another connection with the same client id replaced this one.
 /// Do not reconnect automatically (the newer connection is the live one).
 pub const REPLACED: u16 = 4000;
 /// No data (nor pong) from the client within `websocket.idle_timeout_ms`.
 pub const IDLE_TIMEOUT: u16 = 4001;
 /// Every code above, for metrics labels (plus `none` and `other` there).
-pub const ALL: [u16; 9] =
-    [NORMAL, GOING_AWAY, PROTOCOL, INVALID_PAYLOAD, POLICY, TOO_BIG, INTERNAL, REPLACED, IDLE_TIMEOUT];
+pub const ALL: [u16; 10] =
+    [NORMAL, GOING_AWAY, PROTOCOL, INVALID_PAYLOAD, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN_LATER, REPLACED, IDLE_TIMEOUT];
