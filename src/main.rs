@@ -87,10 +87,17 @@ fn load(args: &Args) -> Result<Config, ConfigError> {
 /// Logs go to stderr through tracing; a write that fails (a closed pipe, a
 /// full disk) is dropped by the subscriber and never stops the node. Rust
 /// ignores SIGPIPE, so a closed stderr is an error return, not a signal.
+/// `log_internal_errors(false)`: otherwise the subscriber reports a failed
+/// write with `eprintln!`, which panics on that same closed stderr (and the
+/// panic aborts the node): tests/ops.rs, `ringside 2>&1 | head -1`.
 fn init_logging(args: &Args) {
     let filter = std::env::var("RINGSIDE_LOG").unwrap_or_else(|_| args.log.clone());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .log_internal_errors(false);
     match args.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -77,6 +77,11 @@ pub fn decide(head: &[u8], max_request: usize, node: &impl Responder) -> Decisio
         "/ready" => Some(Endpoint::Ready),
         "/metrics" => Some(Endpoint::Metrics),
         "/cluster" => Some(Endpoint::Cluster),
+        // Test-only (the `fault-injection` feature, off by default and in
+        // release builds): lets tests/ops_fault.rs prove that a panicking
+        // shard aborts the whole process.
+        #[cfg(feature = "fault-injection")]
+        "/__fault/panic" => panic!("fault injection: /__fault/panic"),
         _ => {
             return refuse(
                 Rejection::NotFound,

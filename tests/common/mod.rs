@@ -27,13 +27,15 @@ pub struct NodeProc {
 impl NodeProc {
     /// Starts `ringside --listen 127.0.0.1:0 <args>` and waits for its address.
     pub fn start(args: &[&str]) -> NodeProc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringside"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ringside");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringside"));
+        cmd.args(["--listen", "127.0.0.1:0"]).args(args);
+        NodeProc::start_command(cmd)
+    }
+
+    /// Starts `cmd` (a `ringside` command line that logs "listening on")
+    /// with stdout discarded and stderr collected, and waits for its address.
+    pub fn start_command(mut cmd: Command) -> NodeProc {
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn ringside");
         let stderr = child.stderr.take().unwrap();
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -131,6 +133,61 @@ impl Drop for NodeProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A process killed (and reaped) on drop, whatever the test did.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `child` until it exits or `within` passes; the full status, so an
+/// exit by signal is seen too (`ExitStatusExt::signal`).
+pub fn wait_status(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (bound to 0, let go).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A plain GET that returns `None` (instead of panicking) when nothing
+/// accepts or the connection breaks before a status line.
+pub fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).ok()?;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.get(9..12).and_then(|s| s.parse().ok())?;
+    Some((status, text))
+}
+
+/// Polls `GET /health` on `addr` until it answers 200 or `within` passes.
+pub fn wait_healthy(addr: SocketAddr, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if matches!(try_get(addr, "/health"), Some((200, _))) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
 }
 
 extern "C" {
