@@ -113,7 +113,8 @@ fn abort_on_panic() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let thread = std::thread::current().name().unwrap_or("?").to_string();
-        tracing::error!(thread = %thread, "panic: {info}; aborting the process");
+        let text = info.to_string().replace('\n', " ");
+        tracing::error!(thread = %thread, "panic: {text}; aborting the process");
         default(info);
         std::process::abort();
     }));

@@ -53,10 +53,13 @@ pub fn run<A: App>(
                 return rt.block_on(shard_main(Shard::new(id, node.clone(), app), listener, rx, ready));
             }
             Err(e) if cfg.driver == DriverChoice::IoUring => {
-                let _ = ready.send(Err(io::Error::new(e.kind(), format!("shard {id}: io_uring unavailable: {e}"))));
+                let _ = ready.send(Err(io::Error::new(e.kind(), format!("shard {id}: cannot create an io_uring ring of {} entries: {e} (the kernel allows at most 32768; io_uring may also be disabled)", cfg.ring_entries))));
                 return;
             }
-            Err(e) => tracing::warn!(shard = id, error = %e, "io_uring unavailable; FALLING BACK to epoll"),
+            Err(e) => tracing::warn!(
+                shard = id, error = %e, entries = cfg.ring_entries,
+                "cannot create an io_uring ring; FALLING BACK to epoll"
+            ),
         }
     }
     match RuntimeBuilder::<LegacyDriver>::new().enable_timer().build() {
