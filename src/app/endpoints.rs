@@ -81,7 +81,7 @@ fn ready<M>(node: &NodeState<M>, shared: &EdgeShared) -> (u16, &'static str, Str
 
 fn metrics<M>(node: &NodeState<M>, shared: &EdgeShared) -> String {
     let mut t = Text::with_capacity(16 * 1024);
-    let depth: Vec<usize> = node.shards.iter().map(|s| s.mailbox.len()).collect();
+    let depth: Vec<(usize, usize)> = node.shards.iter().map(|s| (s.mailbox.len(), s.mailbox.queued_bytes())).collect();
     crate::runtime::metrics::render(&mut t, &node.metrics(), &depth);
     super::metrics::render(&mut t, &shared.metrics, &node.node_id, node.is_draining());
     shared.broker.render_metrics(&mut t);

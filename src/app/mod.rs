@@ -93,6 +93,20 @@ pub enum AppMsg {
     },
 }
 
+impl crate::runtime::mailbox::Weigh for AppMsg {
+    fn weight(&self) -> Option<usize> {
+        match self {
+            AppMsg::Room { frame, .. } | AppMsg::DirectRoute { frame, .. } | AppMsg::Deliver { frame, .. } => {
+                Some(frame.len())
+            }
+            AppMsg::Register { .. }
+            | AppMsg::Unregister { .. }
+            | AppMsg::UnknownClient { .. }
+            | AppMsg::Kick { .. } => None,
+        }
+    }
+}
+
 /// What the application keeps per connection.
 #[derive(Debug, Default)]
 pub struct Session {

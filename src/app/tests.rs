@@ -72,7 +72,7 @@ impl Harness {
         let mut handles = Vec::new();
         let mut boxes = Vec::new();
         for _ in 0..n {
-            let (tx, rx) = mailbox(1024).unwrap();
+            let (tx, rx) = mailbox(1024, 1 << 20).unwrap();
             handles.push(ShardHandle { mailbox: tx, metrics: ShardMetrics::default() });
             boxes.push(rx);
         }

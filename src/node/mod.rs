@@ -144,7 +144,7 @@ fn node_state(
     let mut shards = Vec::with_capacity(n);
     let mut receivers = Vec::with_capacity(n);
     for _ in 0..n {
-        let (tx, rx) = mailbox(config.server.mailbox_capacity)?;
+        let (tx, rx) = mailbox(config.server.mailbox_capacity, config.websocket.mailbox_bytes)?;
         let metrics = ShardMetrics::default();
         metrics.capacity.store(capacity, Ordering::Relaxed);
         shards.push(ShardHandle { mailbox: tx, metrics });

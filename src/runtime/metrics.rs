@@ -229,8 +229,8 @@ fn summed<const N: usize>(shards: &[&ShardMetrics], f: impl Fn(&ShardMetrics) ->
 }
 
 /// Renders the runtime's metrics of every shard; `mailbox_depth[i]` is
-/// shard `i`'s waiting messages.
-pub fn render(t: &mut Text, shards: &[&ShardMetrics], mailbox_depth: &[usize]) {
+/// shard `i`'s waiting messages and bytes of data messages.
+pub fn render(t: &mut Text, shards: &[&ShardMetrics], mailbox_depth: &[(usize, usize)]) {
     use Kind::{Counter as C, Gauge as G};
     let load = |m: &ShardMetrics| m.connections.load(Ordering::Relaxed) as u64;
     let help = "Connections holding a slot, per shard (pool).";
@@ -285,8 +285,12 @@ pub fn render(t: &mut Text, shards: &[&ShardMetrics], mailbox_depth: &[usize]) {
     let help = "Cross-shard messages this shard could not deliver (the target mailbox was full).";
     per_shard(t, shards, "mailbox_full_total", C, help, |m| m.mailbox_full.get());
     t.family("mailbox_depth", G, "Messages waiting in each shard's mailbox.");
-    for (i, d) in mailbox_depth.iter().enumerate() {
+    for (i, (d, _)) in mailbox_depth.iter().enumerate() {
         t.sample("mailbox_depth", &[("shard", &i)], d);
+    }
+    t.family("mailbox_bytes", G, "Bytes of data messages (room and direct frames) waiting in each shard's mailbox.");
+    for (i, (_, b)) in mailbox_depth.iter().enumerate() {
+        t.sample("mailbox_bytes", &[("shard", &i)], b);
     }
     let help = "Messages dropped for slow readers (policy drop).";
     per_shard(t, shards, "send_queue_dropped_total", C, help, |m| m.send_queue_dropped.get());
@@ -348,7 +352,7 @@ mod tests {
         m.record_close(4242);
         m.rejected[Rejection::Full.index()].inc();
         let mut t = Text::default();
-        render(&mut t, &[&m], &[0]);
+        render(&mut t, &[&m], &[(0, 0)]);
         let text = t.finish();
         assert!(
             text.contains("ringside_websocket_connection_latency_seconds_bucket{shard=\"0\",le=\"0.0005\"} 1"),

@@ -88,7 +88,7 @@ pub struct Sampled {
 /// application can be driven in unit tests by an in-memory implementation.
 pub trait App: Sized + 'static {
     /// What other shards and threads send this application (rooms, directs).
-    type Msg: Send + 'static;
+    type Msg: Send + mailbox::Weigh + 'static;
     /// Per-connection application state, kept in the connection's table entry.
     type Conn: Default + 'static;
 

@@ -141,6 +141,7 @@ async fn mailbox_loop<A: App>(
         sender.clear_wake();
         let mut handled = 0usize;
         while let Ok(msg) = rx.try_recv() {
+            sender.received(&msg);
             if !shard.handle(msg) {
                 return;
             }

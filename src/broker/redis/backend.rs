@@ -8,8 +8,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 
-use tokio::sync::mpsc::UnboundedSender;
-
 /// One operation in a batch. Each yields exactly one [`Reply`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
@@ -131,6 +129,17 @@ impl Reply {
     }
 }
 
+impl Incoming {
+    /// Its weight in the incoming queue: messages are data (bounded), a
+    /// disconnection is control.
+    pub fn weight(&self) -> Option<usize> {
+        match self {
+            Incoming::Message { channel, payload } => Some(channel.len() + payload.len() + 64),
+            Incoming::Disconnected => None,
+        }
+    }
+}
+
 /// Something the store pushed to us.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
@@ -190,5 +199,5 @@ pub trait Connector {
     /// The connection type.
     type Conn: Backend;
     /// Connects (with its own timeout).
-    fn connect(&self, incoming: UnboundedSender<Incoming>) -> impl Future<Output = Result<Self::Conn>>;
+    fn connect(&self, incoming: super::queue::Tx<Incoming>) -> impl Future<Output = Result<Self::Conn>>;
 }

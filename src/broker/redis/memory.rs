@@ -7,8 +7,6 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::UnboundedSender;
-
 use super::backend::{Backend, ClusterError, Connector, Incoming, Op, Reply, Result};
 
 #[derive(Debug, Clone)]
@@ -27,7 +25,7 @@ struct Entry {
 struct Sub {
     id: u64,
     channels: HashSet<String>,
-    tx: UnboundedSender<Incoming>,
+    tx: super::queue::Tx<Incoming>,
 }
 
 #[derive(Default)]
@@ -62,7 +60,7 @@ impl MemoryHub {
         h.down = down;
         if down {
             for s in h.subs.drain(..) {
-                let _ = s.tx.send(Incoming::Disconnected);
+                let _ = s.tx.send(Incoming::Disconnected, None);
             }
         }
     }
@@ -184,7 +182,9 @@ impl Hub {
             Op::Publish { channel, payload } => {
                 let mut n = 0;
                 for s in self.subs.iter().filter(|s| s.channels.contains(channel)) {
-                    let _ = s.tx.send(Incoming::Message { channel: channel.clone(), payload: payload.clone() });
+                    let m = Incoming::Message { channel: channel.clone(), payload: payload.clone() };
+                    let w = m.weight();
+                    let _ = s.tx.send(m, w);
                     n += 1;
                 }
                 return Reply::Int(n);
@@ -201,7 +201,7 @@ pub struct MemoryConnector(pub MemoryHub);
 impl Connector for MemoryConnector {
     type Conn = MemoryConn;
 
-    async fn connect(&self, incoming: UnboundedSender<Incoming>) -> Result<MemoryConn> {
+    async fn connect(&self, incoming: super::queue::Tx<Incoming>) -> Result<MemoryConn> {
         let mut h = self.0.lock();
         if h.down {
             return Err(ClusterError::Connect("memory store is down".into()));

@@ -18,6 +18,7 @@ pub mod breaker;
 pub mod keys;
 #[cfg(test)]
 mod memory;
+pub mod queue;
 pub mod redis_backend;
 pub mod registry;
 pub mod state;
@@ -28,7 +29,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
 use super::{Broker, SampleEntry, Sink};
 use crate::config::ClusterConfig;
@@ -152,20 +152,42 @@ pub struct ClusterStatus {
     pub redis_batches: AtomicU64,
     /// Room channels subscribed now.
     pub subscribed_rooms: AtomicU64,
+    /// Messages from Redis dropped because the incoming queue was full.
+    pub incoming_dropped: AtomicU64,
     /// The last `/cluster` view: live nodes from the registry (JSON).
     pub nodes_json: Mutex<serde_json::Value>,
 }
 
 /// The shards' side of the cluster thread.
 pub struct RedisBroker {
-    tx: mpsc::Sender<ClusterCmd>,
+    tx: queue::Tx<ClusterCmd>,
     sample_size: usize,
     /// Shared status.
     pub status: Arc<ClusterStatus>,
 }
 
-/// Queue depth between shards and the cluster thread.
-const QUEUE: usize = 65536;
+/// Bytes of data commands (publishes, directs, samples) waiting for the
+/// cluster thread at most; past it they are refused and counted
+/// (`ringside_cluster_dropped_events_total`). 64 MiB: a full second of 64 KiB
+/// publishes at 1,000/s while Redis stalls.
+pub const QUEUE_BYTES: usize = 64 << 20;
+/// Bytes of messages from Redis waiting for the cluster thread at most.
+pub const INCOMING_BYTES: usize = 64 << 20;
+
+impl ClusterCmd {
+    /// Its weight in the queue: data is bounded, control never refused.
+    fn weight(&self) -> Option<usize> {
+        match self {
+            ClusterCmd::Publish { room, payload } => Some(room.len() + payload.len() + 64),
+            ClusterCmd::Direct { to, frame, .. } => Some(to.len() + frame.len() + 64),
+            ClusterCmd::Sample { entries, .. } => Some(entries.len() * 96 + 64),
+            ClusterCmd::ConnOpened { .. }
+            | ClusterCmd::ConnClosed { .. }
+            | ClusterCmd::RoomInterest { .. }
+            | ClusterCmd::Shutdown => None,
+        }
+    }
+}
 
 impl RedisBroker {
     /// Starts the cluster thread for node `node_id` (its first work is to
@@ -175,7 +197,7 @@ impl RedisBroker {
         node_id: &str,
         sink: Arc<dyn Sink>,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (tx, rx) = queue::queue(QUEUE_BYTES);
         let status = Arc::new(ClusterStatus::default());
         let broker = RedisBroker { tx, sample_size: config.sample_size, status: status.clone() };
         let (config, me) = (config.clone(), node_id.to_string());
@@ -187,13 +209,14 @@ impl RedisBroker {
 
     /// A broker whose queue the caller drains (unit tests drive the worker).
     #[cfg(test)]
-    pub fn detached(sample_size: usize) -> (Self, mpsc::Receiver<ClusterCmd>) {
-        let (tx, rx) = mpsc::channel(QUEUE);
+    pub fn detached(sample_size: usize) -> (Self, queue::Rx<ClusterCmd>) {
+        let (tx, rx) = queue::queue(QUEUE_BYTES);
         (RedisBroker { tx, sample_size, status: Arc::new(ClusterStatus::default()) }, rx)
     }
 
     fn send(&self, cmd: ClusterCmd) {
-        if self.tx.try_send(cmd).is_err() {
+        let w = cmd.weight();
+        if !self.tx.send(cmd, w) {
             self.status.dropped_events.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -234,7 +257,7 @@ impl Broker for RedisBroker {
     }
 
     fn shutdown(&self) {
-        let _ = self.tx.try_send(ClusterCmd::Shutdown);
+        let _ = self.tx.send(ClusterCmd::Shutdown, None);
     }
 
     fn ready_json(&self) -> Option<serde_json::Value> {
@@ -277,6 +300,11 @@ impl Broker for RedisBroker {
             ("cluster_affinity_hints_total", "Affinity hints sent to clients.", &s.affinity_hints),
             ("cluster_mailbox_full_total", "Messages for shards refused by a full mailbox.", &s.mailbox_full),
             ("cluster_redis_batches_total", "Round trips to Redis.", &s.redis_batches),
+            (
+                "cluster_incoming_dropped_total",
+                "Messages from Redis dropped: the queue to the cluster thread was over its byte budget.",
+                &s.incoming_dropped,
+            ),
         ] {
             t.single(name, Kind::Counter, help, g(v));
         }

@@ -16,7 +16,6 @@ use redis::aio::MultiplexedConnection;
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Pipeline, ProtocolVersion, PushInfo, PushKind, Value};
-use tokio::sync::mpsc::UnboundedSender;
 
 use super::backend::{Backend, ClusterError, Connector, Incoming, Op, Reply, Result};
 
@@ -57,7 +56,7 @@ pub enum RedisConn {
     Cluster(ClusterConnection),
 }
 
-fn push_forwarder(tx: UnboundedSender<Incoming>) -> impl Fn(PushInfo) -> std::result::Result<(), ()> + Send + Sync {
+fn push_forwarder(tx: super::queue::Tx<Incoming>) -> impl Fn(PushInfo) -> std::result::Result<(), ()> + Send + Sync {
     move |info: PushInfo| {
         let msg = match info.kind {
             PushKind::Message | PushKind::SMessage => match <[Value; 2]>::try_from(info.data) {
@@ -69,7 +68,11 @@ fn push_forwarder(tx: UnboundedSender<Incoming>) -> impl Fn(PushInfo) -> std::re
             PushKind::Disconnection => Incoming::Disconnected,
             _ => return Ok(()),
         };
-        tx.send(msg).map_err(|_| ())
+        // Past the byte budget a message is dropped (counted by the
+        // budget); the subscription itself carries on.
+        let w = msg.weight();
+        tx.send(msg, w);
+        Ok(())
     }
 }
 
@@ -81,7 +84,7 @@ fn with_resp3(url: &str) -> String {
 impl Connector for RedisConnector {
     type Conn = RedisConn;
 
-    async fn connect(&self, incoming: UnboundedSender<Incoming>) -> Result<RedisConn> {
+    async fn connect(&self, incoming: super::queue::Tx<Incoming>) -> Result<RedisConn> {
         let fut = async {
             if self.is_cluster() {
                 let client = ClusterClientBuilder::new(self.urls.clone())

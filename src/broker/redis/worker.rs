@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::queue::{self, Budget, Rx};
 use bytes::Bytes;
-use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 use super::backend::{Backend, ClusterError, Connector, Incoming, Op, Reply};
 use super::breaker::Breaker;
@@ -36,13 +36,7 @@ const MAX_PENDING_DIRECTS: usize = 4096;
 const AFFINITY_GATHER: Duration = Duration::from_millis(10);
 
 /// Runs until [`ClusterCmd::Shutdown`] (or until every handle is gone).
-pub fn run(
-    config: ClusterConfig,
-    me: String,
-    sink: Arc<dyn Sink>,
-    status: Arc<ClusterStatus>,
-    rx: mpsc::Receiver<ClusterCmd>,
-) {
+pub fn run(config: ClusterConfig, me: String, sink: Arc<dyn Sink>, status: Arc<ClusterStatus>, rx: Rx<ClusterCmd>) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return tracing::error!(error = %e, "cluster: cannot start its runtime; running alone"),
@@ -70,7 +64,7 @@ pub struct Worker<C: Connector> {
     connector: C,
     conn: Option<C::Conn>,
     /// Set when the incoming channel must be replaced (`Some(None)`: dropped).
-    swap_incoming: Option<Option<UnboundedReceiver<Incoming>>>,
+    swap_incoming: Option<Option<Rx<Incoming>>>,
     breaker: Breaker,
     state: State,
     me: String,
@@ -81,6 +75,8 @@ pub struct Worker<C: Connector> {
     opened: Vec<(Arc<str>, ConnId)>,
     opened_due: Instant,
     ever_connected: bool,
+    /// The incoming queue's budget, kept across reconnects.
+    incoming: std::sync::Arc<Budget>,
 }
 
 fn unix_secs() -> u64 {
@@ -91,7 +87,7 @@ fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-async fn recv_incoming(rx: &mut Option<UnboundedReceiver<Incoming>>) -> Incoming {
+async fn recv_incoming(rx: &mut Option<Rx<Incoming>>) -> Incoming {
     match rx {
         Some(rx) => rx.recv().await.unwrap_or(Incoming::Disconnected),
         None => std::future::pending().await,
@@ -123,6 +119,7 @@ impl<C: Connector> Worker<C> {
             opened: Vec::new(),
             opened_due: Instant::now(),
             ever_connected: false,
+            incoming: Budget::new(super::INCOMING_BYTES),
             config,
             sink,
         }
@@ -133,11 +130,11 @@ impl<C: Connector> Worker<C> {
     }
 
     /// The loop.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<ClusterCmd>) {
+    pub async fn run(mut self, mut rx: Rx<ClusterCmd>) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut retry = tokio::time::interval((self.interval / 4).max(Duration::from_millis(10)));
-        let mut incoming: Option<UnboundedReceiver<Incoming>> = None;
+        let mut incoming: Option<Rx<Incoming>> = None;
         self.publish_view();
         loop {
             let reconnect_at = tokio::time::Instant::from_std(self.breaker.next_attempt());
@@ -151,8 +148,8 @@ impl<C: Connector> Worker<C> {
                     let mut batch = vec![cmd];
                     while batch.len() < MAX_BATCH {
                         match rx.try_recv() {
-                            Ok(c) => batch.push(c),
-                            Err(_) => break,
+                            Some(c) => batch.push(c),
+                            None => break,
                         }
                     }
                     if self.handle_batch(batch).await {
@@ -457,7 +454,7 @@ impl<C: Connector> Worker<C> {
             return;
         }
         self.publish_view();
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = queue::queue_with(self.incoming.clone());
         let mut conn = match self.connector.connect(tx).await {
             Ok(c) => c,
             Err(e) => {
@@ -507,6 +504,8 @@ impl<C: Connector> Worker<C> {
 
     /// Publishes the breaker state and the `/cluster` view.
     fn publish_view(&self) {
+        let dropped = self.incoming.dropped.load(Ordering::Relaxed);
+        self.status.incoming_dropped.store(dropped, Ordering::Relaxed);
         self.status.breaker.store(self.breaker.state() as u8, Ordering::Relaxed);
         self.status.subscribed_rooms.store(self.state.subscribed_count() as u64, Ordering::Relaxed);
         let redis = self.breaker.state().name();
