@@ -14,7 +14,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Slots (connections plus overflow sockets) one shard can address: the
+/// Slots (connections plus pending handshakes) one shard can address: the
 /// slot part of a connection id is 22 bits (`runtime::table`).
 pub const MAX_SLOTS_PER_SHARD: usize = 1 << 22;
 
@@ -99,10 +99,6 @@ pub struct ServerConfig {
     /// new socket to the least-loaded shard with room; when all are full the
     /// upgrade gets 503. Capped at start-up below RLIMIT_NOFILE. Default 16384.
     pub max_connections_per_shard: usize,
-    /// Extra sockets per shard, beyond the slots, kept only long enough to
-    /// answer HTTP (503 for upgrades, /health, /metrics) when every shard is
-    /// full. Past this the socket is closed at once. Default 64.
-    pub overflow_per_shard: usize,
     /// Largest HTTP request head accepted, in bytes; larger gets 431. Default 8192.
     pub max_request_bytes: usize,
     /// A client that has not completed the upgrade within this is dropped. Default 5000 ms.
@@ -146,7 +142,6 @@ impl Default for ServerConfig {
             node_id: String::new(),
             advertise_url: String::new(),
             max_connections_per_shard: 16384,
-            overflow_per_shard: 64,
             max_request_bytes: 8192,
             handshake_timeout_ms: 5000,
             mailbox_capacity: 16384,
@@ -270,10 +265,12 @@ pub struct LimitsConfig {
     pub connection_burst_per_ip: u32,
     /// Sockets per shard that have not finished their upgrade, counted apart
     /// from WebSocket slots. When full, the oldest pending handshake of the
-    /// address holding the most is dropped for the newcomer. Default 4096.
+    /// address holding the most is dropped for the newcomer. Each holds an
+    /// fd, so they are reserved under RLIMIT_NOFILE apart from the WebSocket
+    /// slots. Default 1024.
     pub max_handshakes_per_shard: usize,
     /// Share of a shard's handshake slots one address may hold; more are
-    /// closed at once. Default 256.
+    /// closed at once. Default 128.
     pub max_handshakes_per_ip: usize,
     /// Messages per second per connection (token bucket); more answer error
     /// `rate_limited` (on `/ws`) or are dropped (on `/echo`). 0 = off. Default
@@ -292,8 +289,8 @@ impl Default for LimitsConfig {
             max_connections_per_ip: 0,
             connection_rate_per_ip: 0.0,
             connection_burst_per_ip: 50,
-            max_handshakes_per_shard: 4096,
-            max_handshakes_per_ip: 256,
+            max_handshakes_per_shard: 1024,
+            max_handshakes_per_ip: 128,
             messages_per_second: 0.0,
             message_burst: 200,
             rate_limit_strikes: 100,
@@ -376,9 +373,9 @@ impl Config {
         check(s.shards <= 1024, "server.shards", "at most 1024 shards")?;
         check(s.max_connections_per_shard >= 1, "server.max_connections_per_shard", "must be at least 1")?;
         check(
-            s.max_connections_per_shard.saturating_add(s.overflow_per_shard) < MAX_SLOTS_PER_SHARD,
+            s.max_connections_per_shard.saturating_add(self.limits.max_handshakes_per_shard) < MAX_SLOTS_PER_SHARD,
             "server.max_connections_per_shard",
-            "plus server.overflow_per_shard exceeds the connection-id slot space (4M)",
+            "plus limits.max_handshakes_per_shard exceeds the connection-id slot space (4M)",
         )?;
         check(s.ring_entries.is_power_of_two() && s.ring_entries >= 8, "server.ring_entries", "power of two >= 8")?;
         check(s.max_request_bytes >= 512, "server.max_request_bytes", "must be at least 512")?;

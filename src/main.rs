@@ -81,6 +81,7 @@ fn load(args: &Args) -> Result<Config, ConfigError> {
         config.set(k, v)?;
     }
     config.validate()?;
+    ringside::node::check(&config)?;
     Ok(config)
 }
 

@@ -51,6 +51,8 @@ async fn slow_reader_hits_its_cap_without_hurting_a_fast_one() {
     let node = NodeProc::start(&["--shards", "2", "--set", "websocket.send_queue_bytes=65536"]);
     let (mut fast, _) = rooms_client(&node, "fast").await;
     let (mut publisher, _) = rooms_client(&node, "pub").await;
+    send_json(&mut publisher, json!({"type":"join","room":"flood"})).await;
+    next_json(&mut publisher).await;
     // The slow reader: joins, then never reads again.
     let mut slow = raw_ws(node.addr, "/ws?client_id=slow");
     slow.write_all_frames(&[client_frame(0x1, true, br#"{"type":"join","room":"flood"}"#, true)]);
@@ -98,6 +100,8 @@ async fn drop_policy_drops_and_counts() {
         "websocket.slow_consumer=drop",
     ]);
     let (mut publisher, _) = rooms_client(&node, "pub").await;
+    send_json(&mut publisher, json!({"type":"join","room":"r"})).await;
+    next_json(&mut publisher).await;
     let mut slow = raw_ws(node.addr, "/ws?client_id=slow");
     slow.write_all_frames(&[client_frame(0x1, true, br#"{"type":"join","room":"r"}"#, true)]);
     tokio::time::sleep(Duration::from_millis(100)).await;

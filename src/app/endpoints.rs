@@ -9,7 +9,8 @@ use super::{Edge, EdgeShared};
 use crate::prom::Text;
 use crate::runtime::table::ConnId;
 use crate::runtime::{Conns, NodeState};
-use crate::transport::http::Rejection;
+use crate::transport::http::{Head, Rejection};
+use crate::transport::proxy;
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
@@ -43,6 +44,33 @@ impl<C: Conns<Edge>> Responder for View<'_, C> {
 
     fn retry_after(&self) -> u32 {
         self.cx.node().config.server.retry_after_secs
+    }
+
+    fn internal_allowed(&self) -> bool {
+        let s = &self.cx.node().config.server;
+        self.admin() || s.public_internal_endpoints
+    }
+
+    fn admin(&self) -> bool {
+        self.cx.peer(self.id).is_some_and(|p| p.admin)
+    }
+
+    fn admit(&self, head: &Head) -> Option<(Rejection, u32)> {
+        let peer = self.cx.peer(self.id)?;
+        if !peer.via_proxy {
+            return None; // limited at accept, by its socket address
+        }
+        let xff = head.header("x-forwarded-for");
+        let client = proxy::client_from_xff(peer.client, xff, &self.cx.node().trusted);
+        self.cx.admit_ip(self.id, client).err()
+    }
+
+    fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        let allowed = &self.cx.node().config.server.allowed_origins;
+        match origin {
+            None => true,
+            Some(o) => allowed.is_empty() || allowed.iter().any(|a| a == o),
+        }
     }
 }
 

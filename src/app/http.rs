@@ -62,6 +62,24 @@ pub trait Responder {
     fn admission(&self) -> Option<Rejection>;
     /// `Retry-After` seconds for 503s.
     fn retry_after(&self) -> u32;
+    /// `/metrics` and `/cluster` may be served on this connection's listener.
+    fn internal_allowed(&self) -> bool {
+        true
+    }
+    /// The connection came in on the internal listener (no upgrades there).
+    fn admin(&self) -> bool {
+        false
+    }
+    /// Applies the per-address limits with what the request says about its
+    /// client (`X-Forwarded-For` from a trusted proxy): `Some((reason,
+    /// retry_after_secs))` when refused.
+    fn admit(&self, _head: &Head) -> Option<(Rejection, u32)> {
+        None
+    }
+    /// A browser `Origin` may upgrade (`None`: no Origin header).
+    fn origin_allowed(&self, _origin: Option<&str>) -> bool {
+        true
+    }
 }
 
 /// Looks at `head` (everything read so far) and decides.
@@ -71,12 +89,17 @@ pub fn decide(head: &[u8], max_request: usize, node: &impl Responder) -> Decisio
         Parsed::Refuse(why, text) => return refuse(why, &text, node),
         Parsed::Complete(h) => h,
     };
+    if let Some((why, retry_after)) = node.admit(&head) {
+        let body = wire::refusal(why, "too many connections from this address; slow down", retry_after);
+        return Decision::Respond { bytes: body, rejected: Some(why) };
+    }
+    let internal = node.internal_allowed();
     let endpoint = match head.path() {
-        "/ws" | "/echo" => None,
+        "/ws" | "/echo" if !node.admin() => None,
         "/health" => Some(Endpoint::Health),
         "/ready" => Some(Endpoint::Ready),
-        "/metrics" => Some(Endpoint::Metrics),
-        "/cluster" => Some(Endpoint::Cluster),
+        "/metrics" if internal => Some(Endpoint::Metrics),
+        "/cluster" if internal => Some(Endpoint::Cluster),
         // Test-only (the `fault-injection` feature, off by default and in
         // release builds): lets tests/ops_fault.rs prove that a panicking
         // shard aborts the whole process.
@@ -106,6 +129,9 @@ fn upgrade(head: &Head, route: Route, node: &impl Responder) -> Decision {
         Ok(r) => r,
         Err((why, text)) => return refuse(why, text, node),
     };
+    if !node.origin_allowed(head.header("origin")) {
+        return refuse(Rejection::OriginNotAllowed, "this Origin may not open WebSockets here", node);
+    }
     let client_id = client_id(head);
     if let Some(Err(())) = client_id {
         return refuse(Rejection::BadClientId, "client_id must be 1-64 of [A-Za-z0-9_-]", node);
@@ -201,6 +227,43 @@ mod tests {
         let (c, t) = status(&decide(ws_req("/ws", "").as_bytes(), 8192, &Fake(Some(Rejection::Full))));
         assert_eq!(c, 503);
         assert!(t.contains("Retry-After: 7"));
+    }
+
+    struct Locked;
+    impl Responder for Locked {
+        fn endpoint(&self, e: Endpoint) -> (u16, &'static str, String) {
+            (200, "text/plain", format!("{e:?}"))
+        }
+        fn admission(&self) -> Option<Rejection> {
+            None
+        }
+        fn retry_after(&self) -> u32 {
+            3
+        }
+        fn internal_allowed(&self) -> bool {
+            false
+        }
+        fn origin_allowed(&self, origin: Option<&str>) -> bool {
+            origin.is_none_or(|o| o == "https://ok.example")
+        }
+        fn admit(&self, head: &Head) -> Option<(Rejection, u32)> {
+            head.header("x-forwarded-for").filter(|v| *v == "6.6.6.6").map(|_| (Rejection::RateLimited, 9))
+        }
+    }
+
+    #[test]
+    fn internal_endpoints_origins_and_address_limits() {
+        assert_eq!(status(&decide(b"GET /metrics HTTP/1.1\r\n\r\n", 8192, &Locked)).0, 404);
+        assert_eq!(status(&decide(b"GET /cluster HTTP/1.1\r\n\r\n", 8192, &Locked)).0, 404);
+        assert_eq!(status(&decide(b"GET /ready HTTP/1.1\r\n\r\n", 8192, &Locked)).0, 200);
+        let d = decide(ws_req("/ws", "Origin: https://evil.example\r\n").as_bytes(), 8192, &Locked);
+        assert!(matches!(d, Decision::Respond { rejected: Some(Rejection::OriginNotAllowed), .. }));
+        assert_eq!(status(&d).0, 403);
+        assert_eq!(status(&decide(ws_req("/ws", "Origin: https://ok.example\r\n").as_bytes(), 8192, &Locked)).0, 101);
+        assert_eq!(status(&decide(ws_req("/ws", "").as_bytes(), 8192, &Locked)).0, 101, "no Origin: not a browser");
+        let (c, t) = status(&decide(ws_req("/ws", "X-Forwarded-For: 6.6.6.6\r\n").as_bytes(), 8192, &Locked));
+        assert_eq!(c, 429);
+        assert!(t.contains("Retry-After: 9"), "{t}");
     }
 
     #[test]

@@ -10,6 +10,8 @@ use crate::runtime::metrics::Counter;
 pub struct AppMetrics {
     /// `/ws` errors answered, by [`ClientError`].
     pub client_errors: [Counter; ClientError::ALL.len()],
+    /// Connections closed 1008 for sustained message-rate abuse.
+    pub rate_limit_closed: Counter,
 }
 
 /// Renders the application's families over every shard.
@@ -19,6 +21,10 @@ pub fn render(t: &mut Text, shards: &[AppMetrics], node_id: &str, draining: bool
         let n: u64 = shards.iter().map(|m| m.client_errors[e.index()].get()).sum();
         t.sample("client_errors_total", &[("code", &e.code())], n);
     }
+    let help = "Connections closed 1008 after limits.rate_limit_strikes messages refused in a row.";
+    t.family("rate_limit_closed_total", Kind::Counter, help);
+    let n: u64 = shards.iter().map(|m| m.rate_limit_closed.get()).sum();
+    t.sample("rate_limit_closed_total", &[], n);
     t.single("draining", Kind::Gauge, "1 while the node drains for shutdown.", draining as u8);
     t.family("node_info", Kind::Gauge, "Node identity and version.");
     t.sample("node_info", &[("node", &node_id), ("version", &env!("CARGO_PKG_VERSION"))], 1);

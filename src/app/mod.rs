@@ -16,8 +16,9 @@ pub mod rooms;
 mod ws;
 
 use std::cell::{Cell, RefCell};
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ use bytes::Bytes;
 use tungstenite::Message;
 
 use crate::broker::{Broker, LocalNode, Sink};
+use crate::runtime::limits::TokenBucket;
 use crate::runtime::table::ConnId;
 use crate::runtime::{Answer, App, Conns, NodeState};
 use crate::transport::frame;
@@ -116,6 +118,8 @@ pub struct Session {
     pub client_id: Option<Arc<str>>,
     /// Rooms joined on `/ws`.
     pub rooms: Vec<Rc<str>>,
+    /// Message rate (`limits.messages_per_second`), created on the first message.
+    pub rate: Option<TokenBucket>,
 }
 
 /// What every shard's application shares: the broker and every shard's
@@ -125,6 +129,26 @@ pub struct EdgeShared {
     pub broker: Arc<dyn Broker>,
     /// Counters, index = shard (each written only by its shard).
     pub metrics: Vec<AppMetrics>,
+    /// The key of the home-shard hash, random per node: client ids cannot be
+    /// chosen to pile onto one shard.
+    pub hash_key: RandomState,
+}
+
+impl EdgeShared {
+    /// Shared state for `shards` shards over `broker`, with the node's hash key.
+    pub fn new(broker: Arc<dyn Broker>, shards: usize, hash_key: RandomState) -> Self {
+        EdgeShared { broker, metrics: (0..shards).map(|_| AppMetrics::default()).collect(), hash_key }
+    }
+
+    /// The shard that keeps `client_id`'s directory entry.
+    pub fn home_shard(&self, client_id: &str, shards: usize) -> usize {
+        home_shard(&self.hash_key, client_id, shards)
+    }
+}
+
+/// The shard that keeps `client_id`'s directory entry, under the node's key.
+pub fn home_shard(key: &RandomState, client_id: &str, shards: usize) -> usize {
+    (key.hash_one(client_id) % shards.max(1) as u64) as usize
 }
 
 /// One shard's application.
@@ -135,13 +159,6 @@ pub struct Edge {
     /// Client ids whose home is this shard → their live connection.
     directory: RefCell<HashMap<Arc<str>, ConnId>>,
     id_counter: Cell<u64>,
-}
-
-/// The shard that keeps `client_id`'s directory entry.
-pub fn home_shard(client_id: &str, shards: usize) -> usize {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    client_id.hash(&mut h);
-    (h.finish() % shards.max(1) as u64) as usize
 }
 
 impl Edge {
@@ -194,6 +211,38 @@ impl Edge {
         }
     }
 
+    /// The per-connection message rate (`limits.messages_per_second`): a
+    /// message past it is answered `rate_limited` (on `/ws`; dropped on
+    /// `/echo`), and `limits.rate_limit_strikes` of them close 1008.
+    fn within_rate<C: Conns<Self>>(&self, cx: &C, id: ConnId, route: Route) -> bool {
+        let l = &cx.node().config.limits;
+        if l.messages_per_second <= 0.0 {
+            return true;
+        }
+        let now = cx.now_ms();
+        let verdict = cx.state(id, |s| {
+            let bucket = s.rate.get_or_insert_with(|| TokenBucket::new(l.message_burst, now));
+            (bucket.take(l.messages_per_second, l.message_burst, now), bucket.strikes())
+        });
+        match verdict {
+            Some((true, _)) | None => true,
+            Some((false, strikes)) if strikes >= l.rate_limit_strikes => {
+                self.shared.metrics[self.shard].rate_limit_closed.inc();
+                cx.close(id, crate::transport::close::POLICY, "message rate limit exceeded");
+                false
+            }
+            Some((false, _)) => {
+                match route {
+                    Route::Rooms => self.send_error(cx, id, ClientError::RateLimited),
+                    Route::Echo => {
+                        self.shared.metrics[self.shard].client_errors[ClientError::RateLimited.index()].inc()
+                    }
+                }
+                false
+            }
+        }
+    }
+
     fn route_direct<C: Conns<Self>>(&self, cx: &C, to: Arc<str>, frame: Bytes, reply_to: Option<ConnId>) {
         let target = self.directory.borrow().get(&to).copied();
         match (target, reply_to) {
@@ -238,12 +287,15 @@ impl App for Edge {
         let node = cx.node();
         cx.send_text(id, &protocol::welcome(&cid, &node.node_id, self.shard));
         self.broker().conn_opened(&cid, id);
-        let home = home_shard(&cid, node.shards.len());
+        let home = self.shared.home_shard(&cid, node.shards.len());
         let _ = cx.send_to(home, AppMsg::Register { client_id: cid, conn: id });
     }
 
     fn on_message<C: Conns<Self>>(&self, cx: &C, id: ConnId, msg: Message) {
         let route = cx.state(id, |s| s.route).unwrap_or_default();
+        if !self.within_rate(cx, id, route) {
+            return;
+        }
         match (route, msg) {
             (Route::Echo, Message::Text(t)) => {
                 cx.send_text(id, t.as_str());
@@ -272,7 +324,7 @@ impl App for Edge {
         }
         if let Some(client_id) = state.client_id {
             self.broker().conn_closed(&client_id);
-            let home = home_shard(&client_id, cx.node().shards.len());
+            let home = self.shared.home_shard(&client_id, cx.node().shards.len());
             let _ = cx.send_to(home, AppMsg::Unregister { client_id, conn: id });
         }
     }
@@ -324,12 +376,13 @@ impl App for Edge {
 /// routes it to the right shards' mailboxes.
 pub struct Delivery {
     node: Arc<NodeState<AppMsg>>,
+    hash_key: RandomState,
 }
 
 impl Delivery {
-    /// Delivery into `node`'s shards.
-    pub fn new(node: Arc<NodeState<AppMsg>>) -> Self {
-        Delivery { node }
+    /// Delivery into `node`'s shards; `hash_key` is the node's home-shard key.
+    pub fn new(node: Arc<NodeState<AppMsg>>, hash_key: RandomState) -> Self {
+        Delivery { node, hash_key }
     }
 
     fn to_shard(&self, shard: usize, msg: AppMsg) -> bool {
@@ -354,7 +407,7 @@ impl Sink for Delivery {
             return true; // nobody can have that id: nothing to deliver
         }
         let to: Arc<str> = Arc::from(to);
-        let home = home_shard(&to, self.node.shards.len());
+        let home = home_shard(&self.hash_key, &to, self.node.shards.len());
         self.to_shard(home, AppMsg::DirectRoute { to, frame: Bytes::copy_from_slice(frame), reply_to: None })
     }
 

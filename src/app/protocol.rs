@@ -175,11 +175,16 @@ pub enum ClientError {
     BinaryNotSupported,
     /// The message could not be delivered across shards (mailbox full).
     Overloaded,
+    /// Publishing to a room the connection has not joined
+    /// (`rooms.publish_requires_join`).
+    NotJoined,
+    /// More messages than `limits.messages_per_second` (plus the burst).
+    RateLimited,
 }
 
 impl ClientError {
     /// Every variant, for metrics.
-    pub const ALL: [ClientError; 10] = [
+    pub const ALL: [ClientError; 12] = [
         ClientError::BadJson,
         ClientError::UnknownType,
         ClientError::MissingField,
@@ -190,6 +195,8 @@ impl ClientError {
         ClientError::TooManyRooms,
         ClientError::BinaryNotSupported,
         ClientError::Overloaded,
+        ClientError::NotJoined,
+        ClientError::RateLimited,
     ];
 
     /// The stable `code` string.
@@ -205,6 +212,8 @@ impl ClientError {
             ClientError::TooManyRooms => "too_many_rooms",
             ClientError::BinaryNotSupported => "binary_not_supported",
             ClientError::Overloaded => "overloaded",
+            ClientError::NotJoined => "not_joined",
+            ClientError::RateLimited => "rate_limited",
         }
     }
 
@@ -227,6 +236,8 @@ pub fn error_text(e: ClientError) -> &'static str {
         ClientError::TooManyRooms => "joined too many rooms (rooms.max_rooms_per_connection)",
         ClientError::BinaryNotSupported => "binary frames are not part of the /ws protocol; send JSON text",
         ClientError::Overloaded => "the node is overloaded; message not delivered",
+        ClientError::NotJoined => "join the room before publishing to it",
+        ClientError::RateLimited => "too many messages; slow down (limits.messages_per_second)",
     }
 }
 

@@ -9,14 +9,13 @@ use std::sync::Arc;
 
 use tungstenite::Message;
 
-use super::metrics::AppMetrics;
 use super::{AppMsg, Delivery, Edge, EdgeShared, Session};
 use crate::broker::memory::MemoryBroker;
 use crate::config::Config;
 use crate::runtime::mailbox::{mailbox, MailboxError, MailboxReceiver, ShardMsg};
 use crate::runtime::metrics::ShardMetrics;
 use crate::runtime::table::ConnId;
-use crate::runtime::{Answer, App, Conns, NodeState, Sampled, SendOutcome, ShardHandle};
+use crate::runtime::{Answer, App, Conns, NodeState, Peer, Sampled, SendOutcome, ShardHandle};
 use crate::transport::http::Rejection;
 
 /// One shard's connections, in memory.
@@ -26,6 +25,7 @@ struct MemConns {
     conns: RefCell<HashMap<ConnId, (Session, Vec<u8>)>>,
     closed: RefCell<Vec<(ConnId, u16)>>,
     next: RefCell<usize>,
+    clock: RefCell<u64>,
 }
 
 impl Conns<Edge> for MemConns {
@@ -59,6 +59,15 @@ impl Conns<Edge> for MemConns {
     fn sample(&self, _k: usize) -> Vec<Sampled> {
         Vec::new()
     }
+    fn now_ms(&self) -> u64 {
+        *self.clock.borrow()
+    }
+    fn peer(&self, _id: ConnId) -> Option<Peer> {
+        Some(Peer { client: std::net::Ipv4Addr::LOCALHOST.into(), via_proxy: false, admin: false })
+    }
+    fn admit_ip(&self, _id: ConnId, _ip: std::net::IpAddr) -> Result<(), (Rejection, u32)> {
+        Ok(())
+    }
 }
 
 /// A node of `n` shards: each shard's application, its connections and its mailbox.
@@ -69,6 +78,10 @@ struct Harness {
 
 impl Harness {
     fn new(n: usize) -> Harness {
+        Harness::with(n, Config::default())
+    }
+
+    fn with(n: usize, config: Config) -> Harness {
         let mut handles = Vec::new();
         let mut boxes = Vec::new();
         for _ in 0..n {
@@ -77,16 +90,19 @@ impl Harness {
             boxes.push(rx);
         }
         let node = Arc::new(NodeState {
-            config: Config::default(),
+            config,
             node_id: "n1".into(),
             advertise_url: "ws://n1/ws".into(),
             capacity_per_shard: 100,
             shards: handles,
             draining: AtomicBool::new(false),
             started_at: 0,
+            ip_table: None,
+            trusted: Default::default(),
         });
-        let broker = Arc::new(MemoryBroker::alone(Arc::new(Delivery::new(node.clone()))));
-        let shared = Arc::new(EdgeShared { broker, metrics: (0..n).map(|_| AppMetrics::default()).collect() });
+        let key = std::collections::hash_map::RandomState::new();
+        let broker = Arc::new(MemoryBroker::alone(Arc::new(Delivery::new(node.clone(), key.clone()))));
+        let shared = Arc::new(EdgeShared::new(broker, n, key));
         let shards = (0..n)
             .map(|i| {
                 let cx = MemConns {
@@ -95,6 +111,7 @@ impl Harness {
                     conns: RefCell::default(),
                     closed: RefCell::default(),
                     next: RefCell::new(1),
+                    clock: RefCell::new(1),
                 };
                 (Edge::new(i, shared.clone(), 16), cx)
             })
@@ -244,4 +261,33 @@ fn errors_are_answered_with_codes_and_counted_and_echo_echoes() {
     assert!(h.received(e).is_empty(), "no welcome on /echo");
     h.send(e, "same bytes back");
     assert_eq!(h.received(e), vec![serde_json::Value::String("same bytes back".into())]);
+}
+
+#[test]
+fn publishing_needs_membership_and_messages_are_rate_limited() {
+    let mut h = Harness::new(1);
+    let a = h.connect(0, "/ws?client_id=pub");
+    h.received(a);
+    h.send(a, r#"{"type":"publish","room":"r","data":1}"#);
+    assert_eq!(h.received(a)[0]["code"], "not_joined");
+    let mut config = Config::default();
+    config.limits.messages_per_second = 1.0;
+    config.limits.message_burst = 2;
+    config.limits.rate_limit_strikes = 3;
+    let mut h = Harness::with(1, config);
+    let a = h.connect(0, "/ws");
+    h.received(a);
+    for _ in 0..2 {
+        h.send(a, r#"{"type":"ping","id":1}"#);
+    }
+    assert_eq!(h.received(a).len(), 2, "the burst passes");
+    h.send(a, r#"{"type":"ping","id":2}"#);
+    assert_eq!(h.received(a)[0]["code"], "rate_limited", "the clock did not move: no token");
+    assert!(h.shards[0].1.closed.borrow().is_empty());
+    for _ in 0..3 {
+        h.send(a, r#"{"type":"ping","id":3}"#);
+    }
+    let closed = h.shards[0].1.closed.borrow();
+    assert_eq!(closed.first(), Some(&(a, crate::transport::close::POLICY)), "sustained: 1008 at the third strike");
+    assert_eq!(closed.len(), 2, "strikes 3 and 4 (the runtime makes the second a no-op)");
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::protocol::{self, ClientError, Request};
-use super::{home_shard, AppMsg, Edge};
+use super::{AppMsg, Edge};
 use crate::runtime::table::ConnId;
 use crate::runtime::Conns;
 use crate::transport::frame;
@@ -21,11 +21,13 @@ impl Edge {
         match req {
             Request::Join(room) => self.join(cx, id, &room),
             Request::Leave(room) => self.leave(cx, id, &room),
-            Request::Publish { room, data } => self.publish(cx, id, &room, &protocol::room_message(&room, &from, data)),
+            Request::Publish { room, data } => {
+                self.publish(cx, id, &room, &protocol::room_message(&room, &from, data));
+            }
             Request::Direct { to, data } => {
                 let frame = frame::text(&protocol::direct_message(&from, data));
                 let to: Arc<str> = Arc::from(&*to);
-                let home = home_shard(&to, cx.node().shards.len());
+                let home = self.shared.home_shard(&to, cx.node().shards.len());
                 if cx.send_to(home, AppMsg::DirectRoute { to, frame, reply_to: Some(id) }).is_err() {
                     self.send_error(cx, id, ClientError::Overloaded);
                 }
@@ -77,6 +79,12 @@ impl Edge {
     /// writing while this one does), then delivers to local members, then
     /// hands the payload to the broker for other nodes.
     fn publish<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str, payload: &str) {
+        if cx.node().config.rooms.publish_requires_join {
+            let member = cx.state(id, |s| s.rooms.iter().any(|r| &**r == room)).unwrap_or(false);
+            if !member {
+                return self.send_error(cx, id, ClientError::NotJoined);
+            }
+        }
         let frame = frame::text(payload);
         let room_arc: Arc<str> = Arc::from(room);
         let mut lost = false;

@@ -38,6 +38,16 @@ pub fn bind_all(addr: SocketAddr, n: usize, backlog: u32) -> io::Result<Vec<std:
     Ok(out)
 }
 
+/// The internal listener: a plain socket (no SO_REUSEPORT), served by shard 0.
+pub fn bind_admin(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into()).map_err(|e| bind_error(addr, e))?;
+    s.listen(128)?;
+    Ok(s.into())
+}
+
 /// Binds `addr` without SO_REUSEPORT to learn whether it is free (and which
 /// port 0 resolves to), then lets it go.
 fn probe(addr: SocketAddr) -> io::Result<SocketAddr> {
@@ -54,11 +64,14 @@ fn bind_error(addr: SocketAddr, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("bind {addr}: {e}"))
 }
 
-/// Slots per shard: `wanted`, capped so that all shards fit under
-/// RLIMIT_NOFILE (raised to its hard limit first).
-pub fn capacity_per_shard(wanted: usize, overflow_per_shard: usize, shards: usize) -> usize {
+/// WebSocket slots per shard: `wanted`, capped so that all shards, with
+/// their `handshakes_per_shard` sockets still in their upgrade, fit under
+/// RLIMIT_NOFILE (raised to its hard limit first). Pending handshakes get
+/// fds of their own, so a flood of them can never take the fds that
+/// upgraded connections need.
+pub fn capacity_per_shard(wanted: usize, handshakes_per_shard: usize, shards: usize) -> usize {
     let Some(nofile) = raise_nofile() else { return wanted };
-    let reserve = FD_RESERVE_BASE + shards * (FD_RESERVE_PER_SHARD + overflow_per_shard);
+    let reserve = FD_RESERVE_BASE + shards * (FD_RESERVE_PER_SHARD + handshakes_per_shard);
     let fit = (nofile.saturating_sub(reserve) / shards).max(1);
     if fit < wanted {
         tracing::warn!(

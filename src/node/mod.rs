@@ -12,15 +12,16 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::app::metrics::AppMetrics;
 use crate::app::{AppMsg, Delivery, Edge, EdgeShared};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::{Broker, Sink};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::runtime::limits::{IpLimits, IpTable};
 use crate::runtime::mailbox::{mailbox, ShardMsg};
 use crate::runtime::metrics::ShardMetrics;
 use crate::runtime::{thread, NodeState, ShardHandle};
+use crate::transport::proxy::Trusted;
 
 /// A running node.
 pub struct Node {
@@ -39,12 +40,20 @@ impl Node {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         };
+        check(&config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let s = &config.server;
-        let capacity = listen::capacity_per_shard(s.max_connections_per_shard, s.overflow_per_shard, n);
+        let handshakes = config.limits.max_handshakes_per_shard;
+        let capacity = listen::capacity_per_shard(s.max_connections_per_shard, handshakes, n);
         let listeners = listen::bind_all(s.listen, n, s.backlog)?;
         let local_addr = listeners[0].local_addr()?;
+        let mut admin = match s.admin_listen.as_str() {
+            "" => None,
+            a => Some(listen::bind_admin(a.parse().map_err(|_| io::Error::other("server.admin_listen"))?)?),
+        };
+        let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
         let (state, receivers) = node_state(config, n, capacity, local_addr)?;
-        let sink: Arc<dyn Sink> = Arc::new(Delivery::new(state.clone()));
+        let hash_key = std::collections::hash_map::RandomState::new();
+        let sink: Arc<dyn Sink> = Arc::new(Delivery::new(state.clone(), hash_key.clone()));
         let mut threads = Vec::with_capacity(n + 1);
         let broker: Arc<dyn Broker> = if state.config.cluster.redis_url.is_empty() {
             Arc::new(MemoryBroker::alone(sink))
@@ -53,9 +62,10 @@ impl Node {
             threads.push(t);
             Arc::new(b)
         };
-        let shared = Arc::new(EdgeShared { broker, metrics: (0..n).map(|_| AppMetrics::default()).collect() });
+        let shared = Arc::new(EdgeShared::new(broker, n, hash_key));
         let (ready_tx, ready_rx) = mpsc::channel();
-        for (i, (listener, rx)) in listeners.into_iter().zip(receivers).enumerate() {
+        for (i, (public, rx)) in listeners.into_iter().zip(receivers).enumerate() {
+            let listener = thread::Listeners { public, admin: admin.take() };
             let (state, shared, ready) = (state.clone(), shared.clone(), ready_tx.clone());
             let make_app = move || Edge::new(i, shared, capacity);
             let t = std::thread::Builder::new()
@@ -74,6 +84,9 @@ impl Node {
             node = %state.node_id, addr = %local_addr, shards = n, slots_per_shard = capacity,
             "listening on {local_addr} with {n} shard(s), {capacity} slots each"
         );
+        if let Some(a) = admin_addr {
+            tracing::info!(addr = %a, "internal endpoints (/metrics, /cluster) listening on {a}");
+        }
         Ok(Node { state, shared, threads, local_addr })
     }
 
@@ -124,6 +137,13 @@ impl Node {
     }
 }
 
+/// Checks what `Config::validate` cannot (settings parsed by a layer above
+/// the configuration): `server.trusted_proxies`.
+pub fn check(config: &Config) -> Result<(), ConfigError> {
+    Trusted::parse_list(&config.server.trusted_proxies).map_err(|e| ConfigError::new("server.trusted_proxies", e))?;
+    Ok(())
+}
+
 type Receivers = Vec<crate::runtime::mailbox::MailboxReceiver<AppMsg>>;
 
 /// The state every shard shares, and each shard's mailbox receiver.
@@ -150,6 +170,15 @@ fn node_state(
         shards.push(ShardHandle { mailbox: tx, metrics });
         receivers.push(rx);
     }
+    let l = &config.limits;
+    let ip_table = (l.max_connections_per_ip > 0 || l.connection_rate_per_ip > 0.0).then(|| {
+        Arc::new(IpTable::new(IpLimits {
+            max_connections_per_ip: l.max_connections_per_ip,
+            connection_rate_per_ip: l.connection_rate_per_ip,
+            connection_burst_per_ip: l.connection_burst_per_ip,
+        }))
+    });
+    let trusted = Trusted::parse_list(&config.server.trusted_proxies).unwrap_or_default();
     let started_at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let state = NodeState {
         config,
@@ -159,6 +188,8 @@ fn node_state(
         shards,
         draining: AtomicBool::new(false),
         started_at,
+        ip_table,
+        trusted,
     };
     Ok((Arc::new(state), receivers))
 }

@@ -1,8 +1,11 @@
-//! The shard's SO_REUSEPORT listener, its accept loop, and where a new
-//! socket goes: this shard if it has a free slot, else the least-loaded
-//! shard that has one, else an overflow entry here that only answers HTTP
-//! (503 + Retry-After for upgrades).
+//! The shard's listeners (its SO_REUSEPORT client listener and, on shard 0,
+//! the internal one), the accept loop, and where a new socket goes: this
+//! shard if it has a free WebSocket slot, else the least-loaded shard that
+//! has one, else here (its upgrade gets 503 + Retry-After). Every socket is
+//! a pending handshake until it upgrades, bounded apart from WebSocket
+//! slots.
 
+use std::net::IpAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -11,24 +14,40 @@ use std::time::{Duration, Instant};
 use monoio::io::Canceller;
 use monoio::net::{TcpListener, TcpStream};
 
+use super::limits::Take;
 use super::mailbox::ShardMsg;
 use super::shard::Shard;
-use super::table::Conn;
+use super::table::{Conn, ConnId};
 use super::App;
 use crate::transport::http::Rejection;
 use crate::transport::socket::SharedStream;
 
+/// Which listener a socket came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The client port (SO_REUSEPORT, one per shard).
+    Public,
+    /// `server.admin_listen` (shard 0 only): internal endpoints, no limits.
+    Admin,
+}
+
 /// Accepts until the shard drains.
-pub async fn accept_loop<A: App>(shard: Rc<Shard<A>>, listener: TcpListener) {
+pub async fn accept_loop<A: App>(shard: Rc<Shard<A>>, listener: TcpListener, kind: Listener) {
     loop {
         let canceller = Canceller::new();
         let handle = canceller.handle();
-        *shard.accept_cancel.borrow_mut() = Some(canceller);
+        match kind {
+            Listener::Public => *shard.accept_cancel.borrow_mut() = Some(canceller),
+            Listener::Admin => *shard.admin_cancel.borrow_mut() = Some(canceller),
+        }
         if shard.draining.get() {
             return;
         }
         match listener.cancelable_accept(handle).await {
-            Ok((stream, _peer)) => on_accept(&shard, stream),
+            Ok((stream, peer)) if kind == Listener::Admin => {
+                start_conn(&shard, stream, Instant::now(), peer.ip(), kind)
+            }
+            Ok((stream, peer)) => on_accept(&shard, stream, peer.ip()),
             Err(_) if shard.draining.get() => return,
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off briefly instead of spinning;
@@ -40,52 +59,65 @@ pub async fn accept_loop<A: App>(shard: Rc<Shard<A>>, listener: TcpListener) {
     }
 }
 
-/// Routes a freshly accepted socket.
-fn on_accept<A: App>(shard: &Rc<Shard<A>>, stream: TcpStream) {
+/// Routes a freshly accepted socket: this shard if it has a free WebSocket
+/// slot, else the least-loaded shard with one (the socket moves over the
+/// mailbox), else this shard (its upgrade will be answered 503).
+fn on_accept<A: App>(shard: &Rc<Shard<A>>, stream: TcpStream, peer: IpAddr) {
     let now = Instant::now();
     shard.metrics().accepted.inc();
     if shard.table.borrow().slotted() < shard.node.capacity_per_shard {
-        return start_conn(shard, stream, now);
+        return start_conn(shard, stream, now, peer, Listener::Public);
     }
     if let Some(target) = shard.node.least_loaded_with_room(shard.id) {
         let fd = stream.into_raw_fd();
         // SAFETY: `fd` was just released by monoio and is owned by nobody else.
         let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-        match shard.send_msg(target, ShardMsg::Adopt { stream: std_stream, accepted_at: now }) {
-            Ok(()) => {
-                shard.metrics().handed_off.inc();
-                return;
+        match shard.send_msg(target, ShardMsg::Adopt { stream: std_stream, accepted_at: now, peer }) {
+            Ok(()) => shard.metrics().handed_off.inc(),
+            // Closed shard: the message (and its socket) came back and was dropped.
+            Err(_) => shard.metrics().rejected[Rejection::Full.index()].inc(),
+        }
+        return;
+    }
+    start_conn(shard, stream, now, peer, Listener::Public)
+}
+
+/// Puts `stream` in the table as a pending handshake (bounded apart from
+/// WebSocket slots, per shard and per address), applies the per-address
+/// limits, and starts its session.
+pub fn start_conn<A: App>(shard: &Rc<Shard<A>>, stream: TcpStream, accepted_at: Instant, peer: IpAddr, kind: Listener) {
+    let m = shard.metrics();
+    let _ = stream.set_nodelay(true);
+    let stream = Rc::new(SharedStream::new(stream));
+    let trusted = shard.node.trusted.contains(peer);
+    let mut conn = Conn::new(stream.fd(), false, shard.now_ms(), accepted_at);
+    conn.stream = Some(stream.clone());
+    conn.client = peer;
+    conn.admin = kind == Listener::Admin;
+    conn.via_proxy = trusted && kind == Listener::Public;
+    conn.proxy_pending = conn.via_proxy;
+    let id = shard.table.borrow_mut().insert(conn);
+    if kind == Listener::Public {
+        let take = shard.handshakes.borrow_mut().try_take(peer, id.raw(), shard.now_ms());
+        match take {
+            Take::Ok => {}
+            Take::Full { evict: None } => {
+                m.rejected[Rejection::HandshakeLimit.index()].inc();
+                shard.table.borrow_mut().remove(id);
+                return; // dropping the stream closes it
             }
-            Err(_) => {
-                // Mailbox full: the message (and its socket) came back as an
-                // error and was dropped, closing the socket.
-                shard.metrics().rejected[Rejection::Full.index()].inc();
-                return;
+            Take::Full { evict: Some(old) } => {
+                m.rejected[Rejection::HandshakeLimit.index()].inc();
+                let now = shard.now_ms();
+                if let Some(c) = shard.table.borrow_mut().get_mut(ConnId::from_raw(old)) {
+                    c.abort(now);
+                }
             }
         }
     }
-    start_conn(shard, stream, now);
-}
-
-/// Puts `stream` in the table (a slot if one is free, else overflow) and
-/// starts its session.
-pub fn start_conn<A: App>(shard: &Rc<Shard<A>>, stream: TcpStream, accepted_at: Instant) {
-    let cfg = &shard.node.config.server;
-    let m = shard.metrics();
-    let slotted = shard.table.borrow().slotted() < shard.node.capacity_per_shard;
-    if !slotted && m.overflow.load(Ordering::Relaxed) >= cfg.overflow_per_shard {
-        m.rejected[Rejection::Full.index()].inc();
-        return; // dropping the stream closes it
-    }
-    let _ = stream.set_nodelay(true);
-    let stream = Rc::new(SharedStream::new(stream));
-    let mut conn = Conn::new(stream.fd(), slotted, shard.now_ms(), accepted_at);
-    conn.stream = Some(stream.clone());
-    let id = shard.table.borrow_mut().insert(conn);
-    if slotted {
-        m.connections.store(shard.table.borrow().slotted(), Ordering::Relaxed);
-    } else {
-        m.overflow.fetch_add(1, Ordering::Relaxed);
-    }
-    monoio::spawn(super::session::run(shard.clone(), stream, id));
+    m.handshakes.store(shard.handshakes.borrow().len(), Ordering::Relaxed);
+    // Behind a trusted proxy the real address is known only from its
+    // header; the limits apply then (`Shard::admit_ip`).
+    let refusal = if trusted || kind == Listener::Admin { None } else { shard.admit_ip(id, peer).err() };
+    monoio::spawn(super::session::run(shard.clone(), stream, id, refusal));
 }

@@ -44,6 +44,8 @@ pub enum ShardMsg<M> {
         stream: std::net::TcpStream,
         /// When it was accepted (handshake latency counts from here).
         accepted_at: Instant,
+        /// Its peer address.
+        peer: std::net::IpAddr,
     },
     /// For the application ([`super::App::on_mail`]).
     App(M),

@@ -118,8 +118,8 @@ pub struct ShardMetrics {
     pub connections: AtomicUsize,
     /// Upgraded connections right now.
     pub websockets: AtomicUsize,
-    /// Overflow sockets (held only to answer HTTP).
-    pub overflow: AtomicUsize,
+    /// Sockets that have not finished their upgrade (handshake slots in use).
+    pub handshakes: AtomicUsize,
     /// Connections holding a tungstenite frame reader (and its read buffer),
     /// as of the last sweep.
     pub frame_readers: AtomicUsize,
@@ -159,7 +159,7 @@ impl Default for ShardMetrics {
             queued_bytes: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             websockets: AtomicUsize::new(0),
-            overflow: AtomicUsize::new(0),
+            handshakes: AtomicUsize::new(0),
             frame_readers: AtomicUsize::new(0),
             capacity: AtomicUsize::new(0),
             driver: AtomicU8::new(0),
@@ -243,8 +243,8 @@ pub fn render(t: &mut Text, shards: &[&ShardMetrics], mailbox_depth: &[(usize, u
     let gauge = |a: &AtomicUsize| a.load(Ordering::Relaxed) as u64;
     per_shard(t, shards, "websocket_pool_capacity", G, "Slots per shard.", |m| gauge(&m.capacity));
     per_shard(t, shards, "websockets_open", G, "Upgraded WebSocket connections.", |m| gauge(&m.websockets));
-    let help = "Sockets held past capacity only to answer HTTP.";
-    per_shard(t, shards, "overflow_sockets", G, help, |m| gauge(&m.overflow));
+    let help = "Sockets that have not finished their upgrade (handshake slots in use, apart from WebSocket slots).";
+    per_shard(t, shards, "handshakes_pending", G, help, |m| gauge(&m.handshakes));
     let help = "Connections holding a frame reader and its read buffer (last sweep); quiet ones give theirs back.";
     per_shard(t, shards, "frame_readers", G, help, |m| gauge(&m.frame_readers));
     t.family("shard_driver_info", G, "The io driver each shard runs (1 = in use).");

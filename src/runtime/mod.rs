@@ -13,6 +13,7 @@
 //!   channel, and the single-writer counters.
 
 pub mod accept;
+pub mod limits;
 pub mod mailbox;
 pub mod metrics;
 pub mod session;
@@ -66,6 +67,17 @@ pub enum Answer {
         /// Bytes of the head; anything after belongs to the WebSocket.
         consumed: usize,
     },
+}
+
+/// Where a connection comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// The client address (the proxy's PROXY header already applied).
+    pub client: std::net::IpAddr,
+    /// The socket peer is a trusted proxy (`X-Forwarded-For` may be believed).
+    pub via_proxy: bool,
+    /// Accepted on `server.admin_listen`.
+    pub admin: bool,
 }
 
 /// One connection as the sweeper sampled it (for the cluster sample).
@@ -129,6 +141,15 @@ pub trait Conns<A: App> {
     fn admission(&self, id: ConnId) -> Option<Rejection>;
     /// Up to `k` open connections, uniformly sampled.
     fn sample(&self, k: usize) -> Vec<Sampled>;
+    /// The shard's coarse clock, ms.
+    fn now_ms(&self) -> u64;
+    /// The connection's client address, whether it came from a trusted proxy,
+    /// and whether it came in on the internal listener.
+    fn peer(&self, id: ConnId) -> Option<Peer>;
+    /// Applies the per-address limits to `id` as coming from `ip` (once; the
+    /// application calls it for connections from a trusted proxy, after
+    /// reading `X-Forwarded-For`). `Err((reason, retry_after_secs))` when refused.
+    fn admit_ip(&self, id: ConnId, ip: std::net::IpAddr) -> Result<(), (Rejection, u32)>;
 
     /// Queues a pre-built frame.
     fn send_frame(&self, id: ConnId, frame: &[u8]) -> SendOutcome {
@@ -160,6 +181,10 @@ pub struct NodeState<M> {
     pub draining: AtomicBool,
     /// Unix seconds at start.
     pub started_at: u64,
+    /// Per-address limits shared by all shards (`None` when both are off).
+    pub ip_table: Option<std::sync::Arc<limits::IpTable>>,
+    /// Peers whose PROXY header and `X-Forwarded-For` are believed.
+    pub trusted: crate::transport::proxy::Trusted,
 }
 
 /// A shard as seen from outside: its mailbox and its metrics.

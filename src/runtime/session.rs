@@ -24,6 +24,8 @@ use super::table::{Conn, ConnId, Phase};
 use super::{Answer, App};
 use crate::transport::close;
 use crate::transport::frame::{self, Io};
+use crate::transport::http::Rejection;
+use crate::transport::proxy;
 use crate::transport::socket::{recv, shutdown, Recv, SharedStream};
 
 /// What the reader does after a batch of input.
@@ -40,7 +42,17 @@ enum Next {
 /// The phases that hold buffers or in-flight writes (HTTP head, writes,
 /// lingering close) are boxed: the future that stays resident for an idle
 /// connection is then only the read loop waiting on readability.
-pub async fn run<A: App>(shard: Rc<Shard<A>>, stream: Rc<SharedStream>, id: ConnId) {
+/// `refused` is set when the per-address limits refused the socket at
+/// accept: it is answered (429 with `Retry-After`) and closed.
+pub async fn run<A: App>(shard: Rc<Shard<A>>, stream: Rc<SharedStream>, id: ConnId, refused: Option<(Rejection, u32)>) {
+    if let Some((why, retry_after)) = refused {
+        shard.metrics().rejected[why.index()].inc();
+        let text = "too many connections from this address; slow down";
+        let bytes = crate::transport::http::refusal(why, text, retry_after);
+        Box::pin(respond_and_close(&shard, &stream, id, bytes)).await;
+        Box::pin(linger(&shard, &stream, id)).await;
+        return shard.remove_conn(id);
+    }
     let next = match Box::pin(http_phase(&shard, &stream, id)).await {
         // Bytes that came right behind the request head (a pipelined first
         // frame) are handled here and their buffer freed before the wait.
@@ -60,13 +72,34 @@ pub async fn run<A: App>(shard: Rc<Shard<A>>, stream: Rc<SharedStream>, id: Conn
 async fn http_phase<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId) -> Option<Vec<u8>> {
     let max = shard.node.config.server.max_request_bytes;
     let mut head = Vec::new();
+    let mut first = true;
     loop {
         stream.readable().await.ok()?;
-        match read_some(shard, stream, &mut head, max + 1) {
+        let before = head.len();
+        match read_some(shard, stream, &mut head, max + proxy::MAX_HEADER + 1) {
             Recv::Data(_) => {}
             Recv::WouldBlock => continue,
             Recv::Eof => return None,
         }
+        match proxy_header(shard, id, &mut head) {
+            Some(true) => {}
+            Some(false) => continue,
+            None => {
+                let bytes = crate::transport::http::refusal(Rejection::BadProxyHeader, "malformed PROXY header", 0);
+                shard.metrics().rejected[Rejection::BadProxyHeader.index()].inc();
+                respond_and_close(shard, stream, id, bytes).await;
+                return None;
+            }
+        }
+        // Incremental: the head is parsed again only once its end may have
+        // arrived (or it grew past the limit); the first read is parsed at
+        // once so that garbage is refused without waiting.
+        let from = before.saturating_sub(3);
+        let ended = head.get(from..).is_some_and(|new| new.windows(4).any(|w| w == b"\r\n\r\n"));
+        if !(first || ended || head.len() > max) {
+            continue;
+        }
+        first = false;
         match shard.app.on_request(shard, id, &head) {
             Answer::NeedMore => continue,
             Answer::Respond { bytes, rejected } => {
@@ -84,6 +117,33 @@ async fn http_phase<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id:
                 return Some(head);
             }
         }
+    }
+}
+
+/// Strips a PROXY protocol header sent by a trusted proxy and takes its
+/// client address. `Some(true)`: go on; `Some(false)`: read more; `None`:
+/// malformed (refuse).
+fn proxy_header<A: App>(shard: &Shard<A>, id: ConnId, head: &mut Vec<u8>) -> Option<bool> {
+    let mut table = shard.table.borrow_mut();
+    let c = table.get_mut(id)?;
+    if !c.proxy_pending {
+        return Some(true);
+    }
+    match proxy::parse(head) {
+        proxy::ProxyParse::NeedMore => Some(false),
+        proxy::ProxyParse::NotProxy => {
+            c.proxy_pending = false;
+            Some(true)
+        }
+        proxy::ProxyParse::Done { source, consumed } => {
+            c.proxy_pending = false;
+            if let Some(src) = source {
+                c.client = src.ip();
+            }
+            head.drain(..consumed);
+            Some(true)
+        }
+        proxy::ProxyParse::Invalid(_) => None,
     }
 }
 
@@ -118,7 +178,16 @@ async fn upgrade<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: Co
     let now = shard.now_ms();
     {
         let mut table = shard.table.borrow_mut();
+        // The application checked admission just now, on this thread: a slot is free.
+        if !table.take_slot(id, shard.node.capacity_per_shard) {
+            return false;
+        }
+        let slotted = table.slotted();
         let Some(c) = table.get_mut(id) else { return false };
+        let mut hs = shard.handshakes.borrow_mut();
+        hs.release(c.client, id.raw());
+        shard.metrics().handshakes.store(hs.len(), Ordering::Relaxed);
+        shard.metrics().connections.store(slotted, Ordering::Relaxed);
         c.phase = Phase::Open;
         c.upgraded = true;
         c.last_rx_ms = now;

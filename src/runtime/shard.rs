@@ -16,10 +16,11 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::{Role, WebSocketConfig as WsConfig, WebSocketContext};
 
+use super::limits::{HandshakeSlots, Refusal};
 use super::mailbox::{MailboxError, ShardMsg};
 use super::metrics::ShardMetrics;
 use super::table::{Conn, ConnId, Phase, Table};
-use super::{accept, App, Conns, NodeState, Sampled, SendOutcome};
+use super::{accept, App, Conns, NodeState, Peer, Sampled, SendOutcome};
 use crate::config::SlowConsumerPolicy;
 use crate::transport::close;
 use crate::transport::frame::{self, Io};
@@ -43,6 +44,10 @@ pub struct Shard<A: App> {
     pub draining: Cell<bool>,
     /// Cancels the pending accept on shutdown.
     pub accept_cancel: RefCell<Option<Canceller>>,
+    /// Cancels the internal listener's pending accept on shutdown.
+    pub admin_cancel: RefCell<Option<Canceller>>,
+    /// Sockets that have not finished their upgrade.
+    pub handshakes: RefCell<HandshakeSlots>,
     /// Bytes held in unfinished frames and messages, all connections.
     pub unfinished: Cell<usize>,
     epoch: Instant,
@@ -65,13 +70,18 @@ impl<A: App> Shard<A> {
             id,
             table: RefCell::new(Table::with_capacity(
                 id,
-                node.capacity_per_shard + node.config.server.overflow_per_shard,
+                node.capacity_per_shard + node.config.limits.max_handshakes_per_shard,
             )),
             app,
             read_buf: RefCell::new(vec![0u8; READ_BUF].into_boxed_slice()),
             ws_config,
             draining: Cell::new(false),
             accept_cancel: RefCell::new(None),
+            admin_cancel: RefCell::new(None),
+            handshakes: RefCell::new(HandshakeSlots::new(
+                node.config.limits.max_handshakes_per_shard,
+                node.config.limits.max_handshakes_per_ip,
+            )),
             unfinished: Cell::new(0),
             epoch: Instant::now(),
             node,
@@ -154,7 +164,8 @@ impl<A: App> Shard<A> {
         let m = self.metrics();
         m.connections.store(self.table.borrow().slotted(), Ordering::Relaxed);
         if !c.slotted {
-            m.overflow.fetch_sub(1, Ordering::Relaxed);
+            self.handshakes.borrow_mut().release(c.client, id.raw());
+            m.handshakes.store(self.handshakes.borrow().len(), Ordering::Relaxed);
         }
         if c.phase != Phase::Http && c.upgraded {
             m.websockets.fetch_sub(1, Ordering::Relaxed);
@@ -168,10 +179,10 @@ impl<A: App> Shard<A> {
     pub fn handle(self: &Rc<Self>, msg: ShardMsg<A::Msg>) -> bool {
         self.metrics().cross_shard_received.inc();
         match msg {
-            ShardMsg::Adopt { stream, accepted_at } => {
+            ShardMsg::Adopt { stream, accepted_at, peer } => {
                 self.metrics().adopted.inc();
                 match monoio::net::TcpStream::from_std(stream) {
-                    Ok(s) => accept::start_conn(self, s, accepted_at),
+                    Ok(s) => accept::start_conn(self, s, accepted_at, peer, accept::Listener::Public),
                     Err(e) => tracing::warn!(shard = self.id, error = %e, "adopting a socket failed"),
                 }
             }
@@ -182,10 +193,33 @@ impl<A: App> Shard<A> {
         true
     }
 
+    /// Applies the per-address limits to `id` as coming from `ip`; a
+    /// connection is counted once (later calls only update its address).
+    pub fn admit_ip(&self, id: ConnId, ip: std::net::IpAddr) -> Result<(), (Rejection, u32)> {
+        let Some(table) = &self.node.ip_table else { return Ok(()) };
+        let guard = table.admit(ip, table.now_ms());
+        let mut conns = self.table.borrow_mut();
+        let Some(c) = conns.get_mut(id) else { return Ok(()) };
+        if c.ip_guard.is_some() {
+            return Ok(());
+        }
+        match guard {
+            Ok(g) => {
+                c.ip_guard = Some(g);
+                Ok(())
+            }
+            Err(Refusal::TooManyConnections) => Err((Rejection::TooManyConnections, 1)),
+            Err(Refusal::RateLimited { retry_after_secs }) => Err((Rejection::RateLimited, retry_after_secs)),
+        }
+    }
+
     /// Starts draining: no more accepts, every connection closed with 1001.
     pub fn begin_drain(self: &Rc<Self>) {
         self.draining.set(true);
         if let Some(c) = self.accept_cancel.borrow_mut().take() {
+            c.cancel();
+        }
+        if let Some(c) = self.admin_cancel.borrow_mut().take() {
             c.cancel();
         }
         // Sockets still in their HTTP request finish it: /ready and upgrades
@@ -248,15 +282,26 @@ impl<A: App> Conns<A> for Rc<Shard<A>> {
         self.table.borrow_mut().get_mut(id).map(|c| f(&mut c.app))
     }
 
-    fn admission(&self, id: ConnId) -> Option<Rejection> {
-        let overflow = self.table.borrow().get(id).is_some_and(|c| !c.slotted);
+    fn admission(&self, _id: ConnId) -> Option<Rejection> {
         if self.draining.get() || self.node.is_draining() {
             Some(Rejection::Draining)
-        } else if overflow {
+        } else if self.table.borrow().slotted() >= self.node.capacity_per_shard {
             Some(Rejection::Full)
         } else {
             None
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        Shard::now_ms(self)
+    }
+
+    fn peer(&self, id: ConnId) -> Option<Peer> {
+        self.table.borrow().get(id).map(|c| Peer { client: c.client, via_proxy: c.via_proxy, admin: c.admin })
+    }
+
+    fn admit_ip(&self, id: ConnId, ip: std::net::IpAddr) -> Result<(), (Rejection, u32)> {
+        Shard::admit_ip(self, id, ip)
     }
 
     fn sample(&self, k: usize) -> Vec<Sampled> {

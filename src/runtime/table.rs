@@ -50,6 +50,16 @@ impl ConnId {
     pub fn generation(self) -> u32 {
         self.0 as u32
     }
+
+    /// The packed value (for tables keyed by plain integers).
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+
+    /// An id from [`ConnId::raw`].
+    pub fn from_raw(raw: u64) -> Self {
+        ConnId(raw)
+    }
 }
 
 /// What a connection is doing.
@@ -72,9 +82,19 @@ pub struct Conn<S> {
     pub fd: RawFd,
     /// Current phase.
     pub phase: Phase,
-    /// Counted against the shard's slots (false for overflow sockets that
-    /// only get an HTTP answer).
+    /// Holds one of the shard's WebSocket slots (taken at the upgrade;
+    /// before it, the socket holds a handshake slot instead).
     pub slotted: bool,
+    /// The client's address: the peer's, or the one a trusted proxy gave.
+    pub client: std::net::IpAddr,
+    /// Counts toward the per-address limits while it lives.
+    pub ip_guard: Option<super::limits::IpGuard>,
+    /// The socket peer is a trusted proxy.
+    pub via_proxy: bool,
+    /// From a trusted proxy, and its PROXY header (if any) not yet read.
+    pub proxy_pending: bool,
+    /// Came in on the internal listener.
+    pub admin: bool,
     /// When accepted (handshake latency, handshake timeout, lifetime).
     pub accepted_at: Instant,
     /// Last time anything arrived from the peer (ms since shard epoch).
@@ -123,6 +143,11 @@ impl<S: Default> Conn<S> {
             fd,
             phase: Phase::Http,
             slotted,
+            client: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            ip_guard: None,
+            via_proxy: false,
+            proxy_pending: false,
+            admin: false,
             accepted_at,
             last_rx_ms: now_ms,
             ping_sent: false,
@@ -221,6 +246,21 @@ impl<S> Table<S> {
             self.slotted -= 1;
         }
         Some(conn)
+    }
+
+    /// Gives `id` a WebSocket slot if fewer than `capacity` are taken.
+    pub fn take_slot(&mut self, id: ConnId, capacity: usize) -> bool {
+        let free = self.slotted < capacity;
+        let Some(c) = self.slab.get_mut(id.slot()).filter(|c| c.generation == id.generation()) else { return false };
+        if c.slotted {
+            return true;
+        }
+        if !free {
+            return false;
+        }
+        c.slotted = true;
+        self.slotted += 1;
+        true
     }
 
     /// Connections holding a slot.

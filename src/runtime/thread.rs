@@ -30,13 +30,21 @@ const MAILBOX_BATCH: usize = 256;
 /// What a shard thread reports once it started (or why it could not).
 pub type Ready = mpsc::Sender<io::Result<()>>;
 
+/// A shard's listening sockets.
+pub struct Listeners {
+    /// Its SO_REUSEPORT share of the client port.
+    pub public: std::net::TcpListener,
+    /// The internal listener (`server.admin_listen`), on one shard only.
+    pub admin: Option<std::net::TcpListener>,
+}
+
 /// The body of shard `id`'s thread, serving the application `make_app`
 /// builds on this thread (its state is the shard's own, never `Send`).
 pub fn run<A: App>(
     id: usize,
     node: Arc<NodeState<A::Msg>>,
     make_app: impl FnOnce() -> A,
-    listener: std::net::TcpListener,
+    listener: Listeners,
     rx: MailboxReceiver<A::Msg>,
     ready: Ready,
 ) {
@@ -98,18 +106,14 @@ fn uring_runtime(entries: u32, coop: bool) -> io::Result<monoio::Runtime<monoio:
 }
 
 /// A shard's top-level future: accept loop, sweeper, mailbox, then drain.
-async fn shard_main<A: App>(
-    shard: Rc<Shard<A>>,
-    listener: std::net::TcpListener,
-    rx: MailboxReceiver<A::Msg>,
-    ready: Ready,
-) {
-    let started = monoio::net::TcpListener::from_std(listener).and_then(|l| {
+async fn shard_main<A: App>(shard: Rc<Shard<A>>, listeners: Listeners, rx: MailboxReceiver<A::Msg>, ready: Ready) {
+    let started = monoio::net::TcpListener::from_std(listeners.public).and_then(|l| {
+        let admin = listeners.admin.map(monoio::net::TcpListener::from_std).transpose()?;
         let wake_fd = std::os::fd::AsRawFd::as_raw_fd(&rx.wake_rx);
         let wake = monoio::net::UnixStream::from_std(rx.wake_rx)?;
-        Ok((l, wake, wake_fd))
+        Ok(((l, admin), wake, wake_fd))
     });
-    let (listener, wake, wake_fd) = match started {
+    let ((listener, admin), wake, wake_fd) = match started {
         Ok(s) => s,
         Err(e) => {
             let _ =
@@ -118,7 +122,10 @@ async fn shard_main<A: App>(
         }
     };
     let _ = ready.send(Ok(()));
-    monoio::spawn(accept::accept_loop(shard.clone(), listener));
+    monoio::spawn(accept::accept_loop(shard.clone(), listener, accept::Listener::Public));
+    if let Some(admin) = admin {
+        monoio::spawn(accept::accept_loop(shard.clone(), admin, accept::Listener::Admin));
+    }
     monoio::spawn(sweeper(shard.clone()));
     mailbox_loop(&shard, wake, wake_fd, rx.rx).await;
     drain(&shard).await;

@@ -41,11 +41,23 @@ pub enum Rejection {
     Draining,
     /// The upgrade did not complete within `server.handshake_timeout_ms` (socket dropped).
     HandshakeTimeout,
+    /// The client address holds `limits.max_connections_per_ip` connections (429).
+    TooManyConnections,
+    /// The client address opens connections faster than
+    /// `limits.connection_rate_per_ip` (429 + Retry-After).
+    RateLimited,
+    /// The shard's or the address's share of handshake slots is taken
+    /// (`limits.max_handshakes_*`): the socket is closed without an answer.
+    HandshakeLimit,
+    /// A browser `Origin` not in `server.allowed_origins` (403).
+    OriginNotAllowed,
+    /// A malformed PROXY protocol header from a trusted proxy (400).
+    BadProxyHeader,
 }
 
 impl Rejection {
     /// Every variant, for metrics.
-    pub const ALL: [Rejection; 12] = [
+    pub const ALL: [Rejection; 17] = [
         Rejection::Malformed,
         Rejection::HeaderTooLarge,
         Rejection::NotFound,
@@ -58,12 +70,25 @@ impl Rejection {
         Rejection::Full,
         Rejection::Draining,
         Rejection::HandshakeTimeout,
+        Rejection::TooManyConnections,
+        Rejection::RateLimited,
+        Rejection::HandshakeLimit,
+        Rejection::OriginNotAllowed,
+        Rejection::BadProxyHeader,
     ];
 
     /// HTTP status sent.
     pub fn status(self) -> u16 {
         match self {
-            Rejection::Malformed | Rejection::BadVersion | Rejection::BadKey | Rejection::BadClientId => 400,
+            Rejection::Malformed
+            | Rejection::BadVersion
+            | Rejection::BadKey
+            | Rejection::BadClientId
+            | Rejection::BadProxyHeader => 400,
+            Rejection::TooManyConnections | Rejection::RateLimited => 429,
+            Rejection::OriginNotAllowed => 403,
+            // Never answered (the socket is closed); 503 is the label.
+            Rejection::HandshakeLimit => 503,
             Rejection::HeaderTooLarge => 431,
             Rejection::NotFound => 404,
             Rejection::MethodNotAllowed => 405,
@@ -88,6 +113,11 @@ impl Rejection {
             Rejection::Full => "full",
             Rejection::Draining => "draining",
             Rejection::HandshakeTimeout => "handshake_timeout",
+            Rejection::TooManyConnections => "too_many_connections_per_ip",
+            Rejection::RateLimited => "connection_rate_per_ip",
+            Rejection::HandshakeLimit => "handshake_limit",
+            Rejection::OriginNotAllowed => "origin_not_allowed",
+            Rejection::BadProxyHeader => "bad_proxy_header",
         }
     }
 
@@ -221,7 +251,9 @@ pub fn refusal(why: Rejection, text: &str, retry_after: u32) -> Vec<u8> {
         Rejection::UpgradeRequired => "Upgrade: websocket\r\n".to_string(),
         Rejection::WsVersion => "Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n".to_string(),
         Rejection::MethodNotAllowed => "Allow: GET, HEAD\r\n".to_string(),
-        Rejection::Full | Rejection::Draining => format!("Retry-After: {retry_after}\r\n"),
+        Rejection::Full | Rejection::Draining | Rejection::RateLimited | Rejection::TooManyConnections => {
+            format!("Retry-After: {retry_after}\r\n")
+        }
         _ => String::new(),
     };
     let body = format!("{}: {text}\n", why.label());

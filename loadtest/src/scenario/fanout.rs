@@ -6,8 +6,10 @@
 //! publisher) goes to room `k mod rooms`. Workers count subscribers joined and
 //! publishes sent per room (`fanout.room.<r>.subs` / `.sent`), so the parent
 //! computes expected deliveries exactly: sum over rooms of subs x sent.
-//! Publishers do not join rooms: the protocol delivers to members only, and a
-//! publisher that is not a member tests that it is not needed.
+//! Publishers join every room first (the node refuses a publish from a
+//! non-member by default: `rooms.publish_requires_join`); the publisher
+//! itself is never sent its own messages, and what other publishers send it
+//! is read and ignored, so the expected count is subscribers only.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -225,6 +227,12 @@ async fn publisher(
     let ws = open_conn(&ctx, pid, mono_us()).await;
     settled.set(settled.get() + 1);
     let Some(mut ws) = ws else { return };
+    for r in 0..ctx.p().rooms {
+        let join = serde_json::json!({"type": "join", "room": room_name(r)});
+        if ws.send(Message::text(join.to_string())).await.is_err() {
+            return;
+        }
+    }
     let go_us = match go.wait_for(|g| *g > 0).await {
         Ok(g) => *g,
         Err(_) => return,
