@@ -34,6 +34,10 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Per-address and per-connection limits against abusive clients.
     pub limits: LimitsConfig,
+    /// Who may connect: signed tokens, client ids, sessions per client.
+    pub auth: AuthConfig,
+    /// Capacity per priority class: reservations, waiting, preemption.
+    pub priority: PriorityConfig,
 }
 
 /// Which io driver a shard runs.
@@ -250,6 +254,156 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// How clients prove who they are.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Anonymous clients with server-assigned ids (development).
+    None,
+    /// A valid signed token (JWT) on every upgrade.
+    Token,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `none` (the default, for development: anonymous clients get
+    /// server-assigned ids) or `token` (every upgrade carries a JWT; see
+    /// docs/protocol.md for the three ways to pass it).
+    pub mode: AuthMode,
+    /// In `mode = "none"`, honour a client-chosen id (`?client_id=`,
+    /// `X-Client-Id`). Default false: anyone could take another's id.
+    pub allow_client_ids: bool,
+    /// HS256 secret (at least 32 bytes). Prefer `hmac_secret_file`.
+    pub hmac_secret: String,
+    /// File holding the HS256 secret (trailing newline ignored).
+    pub hmac_secret_file: String,
+    /// PEM public key for RS256 or ES256 tokens.
+    pub public_key_file: String,
+    /// Required `iss`, if set.
+    pub issuer: String,
+    /// Required `aud`, if set.
+    pub audience: String,
+    /// Clock skew allowed on `exp`/`nbf`, seconds. Default 5.
+    pub leeway_secs: u64,
+    /// Live sessions one client id may hold; a new one past this replaces
+    /// the oldest with 4000. Default 1.
+    pub sessions_per_client: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::None,
+            allow_client_ids: false,
+            hmac_secret: String::new(),
+            hmac_secret_file: String::new(),
+            public_key_file: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            leeway_secs: 5,
+            sessions_per_client: 1,
+        }
+    }
+}
+
+/// A priority class (seed 001's `PriorityConnectionPool`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    /// Lowest: first to be preempted.
+    Low,
+    /// The default.
+    Normal,
+    /// Reserved share `priority.reserved_high`.
+    High,
+    /// Reserved share `priority.reserved_critical`; never preempted.
+    Critical,
+}
+
+impl Class {
+    /// Every class, lowest first.
+    pub const ALL: [Class; 4] = [Class::Low, Class::Normal, Class::High, Class::Critical];
+
+    /// The label (`low`, `normal`, `high`, `critical`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Low => "low",
+            Class::Normal => "normal",
+            Class::High => "high",
+            Class::Critical => "critical",
+        }
+    }
+
+    /// From a label.
+    pub fn parse(s: &str) -> Option<Class> {
+        Class::ALL.into_iter().find(|c| c.name() == s)
+    }
+
+    /// Index into per-class arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// `[priority]`: shares of each node's slots reserved for the higher
+/// classes, preemption of lower ones when full, and bounded waiting.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PriorityConfig {
+    /// Share of capacity only `critical` may take. Default 0.10 (seed 001).
+    pub reserved_critical: f64,
+    /// Share of capacity only `high` and above may take. Default 0.20.
+    pub reserved_high: f64,
+    /// Class of clients without a token (`auth.mode = "none"`). Default `normal`.
+    pub default_class: Class,
+    /// When no slot is free and nothing can be preempted, an upgrade waits
+    /// up to this long for one (ms, per class; 0 = refuse at once with 503).
+    /// Defaults: critical 5000, high 3000, normal 2000, low 1000 (the seed's
+    /// 5/15/30/60 s hold a socket too long for an edge node).
+    pub wait_ms_critical: u64,
+    /// See `wait_ms_critical`.
+    pub wait_ms_high: u64,
+    /// See `wait_ms_critical`.
+    pub wait_ms_normal: u64,
+    /// See `wait_ms_critical`.
+    pub wait_ms_low: u64,
+    /// Upgrades waiting per shard at most (they also hold handshake slots).
+    /// Default 256.
+    pub max_waiting_per_shard: usize,
+    /// `reconnect_delay_ms` told to a preempted client. Default 5000.
+    pub preempt_reconnect_delay_ms: u64,
+}
+
+impl Default for PriorityConfig {
+    fn default() -> Self {
+        Self {
+            reserved_critical: 0.10,
+            reserved_high: 0.20,
+            default_class: Class::Normal,
+            wait_ms_critical: 5_000,
+            wait_ms_high: 3_000,
+            wait_ms_normal: 2_000,
+            wait_ms_low: 1_000,
+            max_waiting_per_shard: 256,
+            preempt_reconnect_delay_ms: 5_000,
+        }
+    }
+}
+
+impl PriorityConfig {
+    /// How long an upgrade of `class` may wait for a slot.
+    pub fn wait_ms(&self, class: Class) -> u64 {
+        match class {
+            Class::Critical => self.wait_ms_critical,
+            Class::High => self.wait_ms_high,
+            Class::Normal => self.wait_ms_normal,
+            Class::Low => self.wait_ms_low,
+        }
+    }
+}
+
 /// `[limits]`: what one address or one connection may take. Each refusal
 /// is counted by reason in `/metrics` (docs/metrics.md).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -422,6 +576,27 @@ impl Config {
         check(l.max_handshakes_per_shard >= 1, "limits.max_handshakes_per_shard", "must be at least 1")?;
         check(l.max_handshakes_per_ip >= 1, "limits.max_handshakes_per_ip", "must be at least 1")?;
         check(l.rate_limit_strikes >= 1, "limits.rate_limit_strikes", "must be at least 1")?;
+        let p = &self.priority;
+        check((0.0..=1.0).contains(&p.reserved_critical), "priority.reserved_critical", "a share from 0 to 1")?;
+        check((0.0..=1.0).contains(&p.reserved_high), "priority.reserved_high", "a share from 0 to 1")?;
+        check(
+            p.reserved_critical + p.reserved_high < 1.0,
+            "priority.reserved_high",
+            "plus priority.reserved_critical must leave a share for normal and low (< 1)",
+        )?;
+        let a = &self.auth;
+        check(a.sessions_per_client >= 1, "auth.sessions_per_client", "must be at least 1")?;
+        let keyed = !a.hmac_secret.is_empty() || !a.hmac_secret_file.is_empty() || !a.public_key_file.is_empty();
+        check(
+            a.mode == AuthMode::None || keyed,
+            "auth.mode",
+            "\"token\" needs auth.hmac_secret, auth.hmac_secret_file or auth.public_key_file",
+        )?;
+        check(
+            a.hmac_secret.is_empty() || a.hmac_secret.len() >= 32,
+            "auth.hmac_secret",
+            "must be at least 32 bytes (HS256 needs a key as long as its hash)",
+        )?;
         check(
             s.admin_listen.is_empty() || s.admin_listen.parse::<SocketAddr>().is_ok(),
             "server.admin_listen",
