@@ -352,9 +352,12 @@ impl Class {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PriorityConfig {
-    /// Share of capacity only `critical` may take. Default 0.10 (seed 001).
+    /// Share of capacity only `critical` may take. Default 0 (a development
+    /// node serves every client as `normal` and should use all its slots);
+    /// production.toml sets seed 001's 0.10.
     pub reserved_critical: f64,
-    /// Share of capacity only `high` and above may take. Default 0.20.
+    /// Share of capacity only `high` and above may take. Default 0
+    /// (production.toml: 0.20).
     pub reserved_high: f64,
     /// Class of clients without a token (`auth.mode = "none"`). Default `normal`.
     pub default_class: Class,
@@ -379,8 +382,8 @@ pub struct PriorityConfig {
 impl Default for PriorityConfig {
     fn default() -> Self {
         Self {
-            reserved_critical: 0.10,
-            reserved_high: 0.20,
+            reserved_critical: 0.0,
+            reserved_high: 0.0,
             default_class: Class::Normal,
             wait_ms_critical: 5_000,
             wait_ms_high: 3_000,

@@ -60,8 +60,9 @@ impl<C: Conns<Edge>> Responder for View<'_, C> {
         if !peer.via_proxy {
             return None; // limited at accept, by its socket address
         }
-        let xff = head.header("x-forwarded-for");
-        let client = proxy::client_from_xff(peer.client, xff, &self.cx.node().trusted);
+        // All lines: a proxy appends its own line after the client's.
+        let xff = head.header_joined("x-forwarded-for");
+        let client = proxy::client_from_xff(peer.client, xff.as_deref(), &self.cx.node().trusted);
         self.cx.admit_ip(self.id, client).err()
     }
 
@@ -111,6 +112,7 @@ fn metrics<M>(node: &NodeState<M>, shared: &EdgeShared) -> String {
     let mut t = Text::with_capacity(16 * 1024);
     let depth: Vec<(usize, usize)> = node.shards.iter().map(|s| (s.mailbox.len(), s.mailbox.queued_bytes())).collect();
     crate::runtime::metrics::render(&mut t, &node.metrics(), &depth);
+    crate::runtime::priority::render(&mut t, node);
     super::metrics::render(&mut t, &shared.metrics, &node.node_id, node.is_draining());
     shared.broker.render_metrics(&mut t);
     t.finish()

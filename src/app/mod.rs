@@ -258,6 +258,16 @@ impl Edge {
     }
 }
 
+impl Edge {
+    /// The `preempted` notice, then close 4004.
+    fn preempt<C: Conns<Self>>(&self, cx: &C, id: ConnId) {
+        let delay = cx.node().config.priority.preempt_reconnect_delay_ms;
+        let reason = "the node is full and a higher-priority client needed the slot";
+        cx.send_text(id, &protocol::preempted(reason, delay));
+        cx.close(id, crate::transport::close::PREEMPTED, "preempted: reconnect after the delay, possibly elsewhere");
+    }
+}
+
 impl App for Edge {
     type Msg = AppMsg;
     type Conn = Session;
@@ -277,7 +287,8 @@ impl App for Edge {
                     s.route = route;
                     s.client_id = client_id;
                 });
-                Answer::Upgrade { response, consumed }
+                let class = cx.node().config.priority.default_class;
+                Answer::Upgrade { response, consumed, class }
             }
         }
     }
@@ -346,6 +357,10 @@ impl App for Edge {
             AppMsg::UnknownClient { conn } => self.send_error(cx, conn, ClientError::UnknownClient),
             AppMsg::Kick { conn, code, reason } => cx.close(conn, code, reason),
         }
+    }
+
+    fn on_preempt<C: Conns<Self>>(&self, cx: &C, id: ConnId) {
+        self.preempt(cx, id);
     }
 
     fn on_sweep<C: Conns<Self>>(&self, cx: &C) -> Vec<ConnId> {
@@ -434,6 +449,7 @@ impl Sink for Delivery {
             handshake_p99_us: crate::runtime::metrics::handshake_p99_us(&n.metrics()),
             draining: n.is_draining(),
             started_at: n.started_at,
+            class_connections: n.classes.snapshot(),
         }
     }
 }

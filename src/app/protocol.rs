@@ -142,6 +142,11 @@ pub fn pong(id: &str) -> String {
     format!(r#"{{"type":"pong","id":{id}}}"#)
 }
 
+/// `{"type":"preempted","reason":TEXT,"reconnect_delay_ms":N}`
+pub fn preempted(reason: &str, reconnect_delay_ms: u64) -> String {
+    serde_json::json!({"type": "preempted", "reason": reason, "reconnect_delay_ms": reconnect_delay_ms}).to_string()
+}
+
 /// `{"type":"affinity","node":N,"url":U}`: this client's affinity node is another one.
 pub fn affinity(node: &str, url: &str) -> String {
     serde_json::json!({"type": "affinity", "node": node, "url": url}).to_string()

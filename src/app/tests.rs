@@ -99,6 +99,7 @@ impl Harness {
             started_at: 0,
             ip_table: None,
             trusted: Default::default(),
+            classes: Default::default(),
         });
         let key = std::collections::hash_map::RandomState::new();
         let broker = Arc::new(MemoryBroker::alone(Arc::new(Delivery::new(node.clone(), key.clone()))));

@@ -177,6 +177,7 @@ fn view(n: &LocalNode) -> serde_json::Value {
     serde_json::json!({
         "node": n.node_id, "url": n.url, "connections": n.connections(),
         "utilization": n.connections() as f64 / n.capacity().max(1) as f64, "health": health,
+        "classes": crate::config::Class::ALL.iter().map(|c| (c.name(), n.class_connections[c.index()])).collect::<std::collections::BTreeMap<_, _>>(),
     })
 }
 
@@ -215,6 +216,7 @@ mod tests {
                 handshake_p99_us: 0,
                 draining: false,
                 started_at: 0,
+                class_connections: [0, 1, 0, 0],
             }
         }
     }

@@ -84,6 +84,8 @@ pub struct LocalNode {
     pub draining: bool,
     /// Unix seconds at start.
     pub started_at: u64,
+    /// Connections per priority class (low, normal, high, critical).
+    pub class_connections: [usize; 4],
 }
 
 impl LocalNode {

@@ -190,6 +190,7 @@ fn node_state(
         started_at,
         ip_table,
         trusted,
+        classes: Default::default(),
     };
     Ok((Arc::new(state), receivers))
 }

@@ -114,6 +114,14 @@ pub struct ShardMetrics {
     pub unfinished_bytes: AtomicUsize,
     /// Bytes queued for sending, all connections (gauge, as of the last sweep).
     pub queued_bytes: AtomicUsize,
+    /// Connections preempted, by their class.
+    pub preempted: [Counter; 4],
+    /// Upgrades refused 503 after waiting (or with the queue full), by class.
+    pub class_refused: [Counter; 4],
+    /// Upgrades waiting for a slot now.
+    pub waiting: AtomicUsize,
+    /// Time upgrades waited for a slot, µs, by class.
+    pub waits_us: [Mutex<Histogram<u64>>; 4],
     /// Slotted connections (the shard's load, read for least-loaded selection).
     pub connections: AtomicUsize,
     /// Upgraded connections right now.
@@ -157,6 +165,10 @@ impl Default for ShardMetrics {
             read_paused: Counter::default(),
             unfinished_bytes: AtomicUsize::new(0),
             queued_bytes: AtomicUsize::new(0),
+            preempted: Default::default(),
+            class_refused: Default::default(),
+            waiting: AtomicUsize::new(0),
+            waits_us: std::array::from_fn(|_| Mutex::new(new_histogram())),
             connections: AtomicUsize::new(0),
             websockets: AtomicUsize::new(0),
             handshakes: AtomicUsize::new(0),
@@ -182,6 +194,13 @@ impl ShardMetrics {
     /// Records one handshake latency.
     pub fn record_handshake(&self, micros: u64) {
         if let Ok(mut h) = self.handshake_us.lock() {
+            h.saturating_record(micros.max(1));
+        }
+    }
+
+    /// Records how long an upgrade of `class` waited for its slot.
+    pub fn record_wait(&self, class: crate::config::Class, micros: u64) {
+        if let Ok(mut h) = self.waits_us[class.index()].lock() {
             h.saturating_record(micros.max(1));
         }
     }

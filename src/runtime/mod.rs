@@ -16,6 +16,7 @@ pub mod accept;
 pub mod limits;
 pub mod mailbox;
 pub mod metrics;
+pub mod priority;
 pub mod session;
 pub mod shard;
 pub mod sweep;
@@ -60,12 +61,15 @@ pub enum Answer {
         /// The refusal reason (counted), or `None` for a served endpoint.
         rejected: Option<Rejection>,
     },
-    /// Upgrade: send `response` (the 101), then speak WebSocket.
+    /// Upgrade: send `response` (the 101), then speak WebSocket, once a
+    /// slot is free for `class` (waiting or preempting if need be).
     Upgrade {
         /// The `101 Switching Protocols` response.
         response: Vec<u8>,
         /// Bytes of the head; anything after belongs to the WebSocket.
         consumed: usize,
+        /// The connection's priority class.
+        class: crate::config::Class,
     },
 }
 
@@ -118,6 +122,9 @@ pub trait App: Sized + 'static {
     fn on_mail<C: Conns<Self>>(&self, cx: &C, msg: Self::Msg);
     /// Once per sweep, after the timers. Returns connections to ping now.
     fn on_sweep<C: Conns<Self>>(&self, cx: &C) -> Vec<ConnId>;
+    /// `id` is preempted for an upgrade of a higher class: tell it, then
+    /// close it (4004).
+    fn on_preempt<C: Conns<Self>>(&self, cx: &C, id: ConnId);
 }
 
 /// What the application may do with the connections of its shard: the only
@@ -185,6 +192,8 @@ pub struct NodeState<M> {
     pub ip_table: Option<std::sync::Arc<limits::IpTable>>,
     /// Peers whose PROXY header and `X-Forwarded-For` are believed.
     pub trusted: crate::transport::proxy::Trusted,
+    /// Connections per priority class, node-wide.
+    pub classes: priority::ClassCounts,
 }
 
 /// A shard as seen from outside: its mailbox and its metrics.

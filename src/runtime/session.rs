@@ -15,13 +15,16 @@ use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use tungstenite::error::{CapacityError, Error as WsError};
 use tungstenite::Message;
 
+use super::priority;
 use super::shard::Shard;
 use super::table::{Conn, ConnId, Phase};
 use super::{Answer, App};
+use crate::config::Class;
 use crate::transport::close;
 use crate::transport::frame::{self, Io};
 use crate::transport::http::Rejection;
@@ -109,7 +112,16 @@ async fn http_phase<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id:
                 respond_and_close(shard, stream, id, bytes).await;
                 return None;
             }
-            Answer::Upgrade { response, consumed } => {
+            Answer::Upgrade { response, consumed, class } => {
+                if !admit_slot(shard, id, class).await {
+                    let why = Rejection::Full;
+                    shard.metrics().rejected[why.index()].inc();
+                    shard.metrics().class_refused[class.index()].inc();
+                    let retry = shard.node.config.server.retry_after_secs;
+                    let bytes = crate::transport::http::refusal(why, "every slot is taken", retry);
+                    respond_and_close(shard, stream, id, bytes).await;
+                    return None;
+                }
                 if !upgrade(shard, stream, id, response).await {
                     return None;
                 }
@@ -172,6 +184,93 @@ async fn respond_and_close<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStrea
     write_loop(shard.clone(), id, stream.clone()).await;
 }
 
+/// Takes a WebSocket slot for `id` as `class`: at once if one is free for
+/// it (and nobody waits ahead), else by preempting a lower class when the
+/// node is full, else by waiting (higher classes first, FIFO within one) up
+/// to `priority.wait_ms.<class>`. False: no slot (answer 503).
+async fn admit_slot<A: App>(shard: &Rc<Shard<A>>, id: ConnId, class: Class) -> bool {
+    let cfg = &shard.node.config.priority;
+    if shard.waiters.borrow().is_empty() && try_slot(shard, id, class) {
+        return true;
+    }
+    if shard.waiters.borrow().len() >= cfg.max_waiting_per_shard {
+        return false;
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(cfg.wait_ms(class));
+    let ticket = shard.waiters.borrow_mut().push(class);
+    shard.metrics().waiting.store(shard.waiters.borrow().len(), Ordering::Relaxed);
+    let mut preempted = false;
+    let got = loop {
+        let alive = shard.table.borrow().get(id).is_some_and(|c| c.phase == Phase::Http);
+        if !alive {
+            break false;
+        }
+        if shard.waiters.borrow().is_first(ticket) && try_slot(shard, id, class) {
+            break true;
+        }
+        if !preempted {
+            preempted = preempt_for(shard, class);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break false;
+        }
+        let woken =
+            poll_fn(
+                |cx| if shard.waiters.borrow_mut().poll(ticket, cx.waker()) { Poll::Ready(()) } else { Poll::Pending },
+            );
+        let _ = monoio::time::timeout(left, woken).await;
+    };
+    let mut w = shard.waiters.borrow_mut();
+    w.remove(ticket);
+    if got {
+        w.wake_first(); // a slot may be left for the next one
+    }
+    shard.metrics().waiting.store(w.len(), Ordering::Relaxed);
+    shard.metrics().record_wait(class, started.elapsed().as_micros() as u64);
+    got
+}
+
+/// Takes a slot if the shard has one and the class may have it (the
+/// reservations of higher classes, node-wide).
+fn try_slot<A: App>(shard: &Shard<A>, id: ConnId, class: Class) -> bool {
+    let node = &shard.node;
+    if !priority::can_accept(&node.config.priority, node.capacity(), node.classes.snapshot(), class) {
+        return false;
+    }
+    let mut table = shard.table.borrow_mut();
+    if !table.take_slot(id, node.capacity_per_shard) {
+        return false;
+    }
+    if let Some(c) = table.get_mut(id) {
+        c.class = class;
+    }
+    node.classes.add(class);
+    true
+}
+
+/// When the node (or this shard) is full, preempts this shard's least
+/// recently active connection of the lowest class below `class`. True if
+/// one was preempted (its slot frees when its close completes).
+fn preempt_for<A: App>(shard: &Rc<Shard<A>>, class: Class) -> bool {
+    let node = &shard.node;
+    let full = node.connections() >= node.capacity() || shard.table.borrow().slotted() >= node.capacity_per_shard;
+    if !full {
+        return false;
+    }
+    let victim = {
+        let mut table = shard.table.borrow_mut();
+        let open = table.iter_mut().filter(|(_, c)| c.phase == Phase::Open && c.slotted);
+        priority::victim(open.map(|(id, c)| (id, c.class, c.last_rx_ms)), class)
+    };
+    let Some(v) = victim else { return false };
+    let victim_class = shard.table.borrow().get(v).map(|c| c.class).unwrap_or(class);
+    shard.metrics().preempted[victim_class.index()].inc();
+    shard.app.on_preempt(shard, v);
+    true
+}
+
 /// Accepts the upgrade: the 101 and whatever the application queues on
 /// open (the welcome on `/ws`) go out in one write.
 async fn upgrade<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId, response: Vec<u8>) -> bool {
@@ -185,7 +284,7 @@ async fn upgrade<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: Co
         let slotted = table.slotted();
         let Some(c) = table.get_mut(id) else { return false };
         let mut hs = shard.handshakes.borrow_mut();
-        hs.release(c.client, id.raw());
+        hs.release(c.handshake_key, id.raw());
         shard.metrics().handshakes.store(hs.len(), Ordering::Relaxed);
         shard.metrics().connections.store(slotted, Ordering::Relaxed);
         c.phase = Phase::Open;

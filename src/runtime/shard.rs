@@ -19,6 +19,7 @@ use tungstenite::protocol::{Role, WebSocketConfig as WsConfig, WebSocketContext}
 use super::limits::{HandshakeSlots, Refusal};
 use super::mailbox::{MailboxError, ShardMsg};
 use super::metrics::ShardMetrics;
+use super::priority::Waiters;
 use super::table::{Conn, ConnId, Phase, Table};
 use super::{accept, App, Conns, NodeState, Peer, Sampled, SendOutcome};
 use crate::config::SlowConsumerPolicy;
@@ -48,6 +49,8 @@ pub struct Shard<A: App> {
     pub admin_cancel: RefCell<Option<Canceller>>,
     /// Sockets that have not finished their upgrade.
     pub handshakes: RefCell<HandshakeSlots>,
+    /// Upgrades waiting for a slot.
+    pub waiters: RefCell<Waiters>,
     /// Bytes held in unfinished frames and messages, all connections.
     pub unfinished: Cell<usize>,
     epoch: Instant,
@@ -82,6 +85,7 @@ impl<A: App> Shard<A> {
                 node.config.limits.max_handshakes_per_shard,
                 node.config.limits.max_handshakes_per_ip,
             )),
+            waiters: RefCell::new(Waiters::default()),
             unfinished: Cell::new(0),
             epoch: Instant::now(),
             node,
@@ -163,8 +167,11 @@ impl<A: App> Shard<A> {
         self.unfinished.set(self.unfinished.get() - c.unfinished_bytes);
         let m = self.metrics();
         m.connections.store(self.table.borrow().slotted(), Ordering::Relaxed);
-        if !c.slotted {
-            self.handshakes.borrow_mut().release(c.client, id.raw());
+        if c.slotted {
+            self.node.classes.sub(c.class);
+            self.waiters.borrow_mut().wake_first();
+        } else {
+            self.handshakes.borrow_mut().release(c.handshake_key, id.raw());
             m.handshakes.store(self.handshakes.borrow().len(), Ordering::Relaxed);
         }
         if c.phase != Phase::Http && c.upgraded {
@@ -283,13 +290,9 @@ impl<A: App> Conns<A> for Rc<Shard<A>> {
     }
 
     fn admission(&self, _id: ConnId) -> Option<Rejection> {
-        if self.draining.get() || self.node.is_draining() {
-            Some(Rejection::Draining)
-        } else if self.table.borrow().slotted() >= self.node.capacity_per_shard {
-            Some(Rejection::Full)
-        } else {
-            None
-        }
+        // Capacity is decided when the upgrade takes its slot (by class,
+        // waiting or preempting: `session::admit_slot`).
+        (self.draining.get() || self.node.is_draining()).then_some(Rejection::Draining)
     }
 
     fn now_ms(&self) -> u64 {

@@ -68,6 +68,9 @@ impl<A: App> Shard<A> {
             self.start_close(id, close::POLICY, "message not completed within websocket.message_timeout_ms", true);
         }
         pings.extend(self.app.on_sweep(self));
+        // Slots may have freed on other shards, or reservations been used:
+        // every waiting upgrade looks again.
+        self.waiters.borrow_mut().wake_all();
         for id in pings {
             self.ping(id);
         }

@@ -89,12 +89,17 @@ pub struct Conn<S> {
     pub client: std::net::IpAddr,
     /// Counts toward the per-address limits while it lives.
     pub ip_guard: Option<super::limits::IpGuard>,
+    /// The key its handshake slot was taken under (the socket peer, or a
+    /// per-connection key behind a trusted proxy).
+    pub handshake_key: std::net::IpAddr,
     /// The socket peer is a trusted proxy.
     pub via_proxy: bool,
     /// From a trusted proxy, and its PROXY header (if any) not yet read.
     pub proxy_pending: bool,
     /// Came in on the internal listener.
     pub admin: bool,
+    /// Priority class (set when it takes its slot).
+    pub class: crate::config::Class,
     /// When accepted (handshake latency, handshake timeout, lifetime).
     pub accepted_at: Instant,
     /// Last time anything arrived from the peer (ms since shard epoch).
@@ -145,9 +150,11 @@ impl<S: Default> Conn<S> {
             slotted,
             client: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             ip_guard: None,
+            handshake_key: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             via_proxy: false,
             proxy_pending: false,
             admin: false,
+            class: crate::config::Class::Normal,
             accepted_at,
             last_rx_ms: now_ms,
             ping_sent: false,

@@ -26,6 +26,20 @@ pub const TRY_AGAIN_LATER: u16 = 1013;
 pub const REPLACED: u16 = 4000;
 /// No data (nor pong) from the client within `websocket.idle_timeout_ms`.
 pub const IDLE_TIMEOUT: u16 = 4001;
+/// Preempted by a connection of a higher priority class: reconnect after
+/// the delay the `preempted` message gave, possibly elsewhere.
+pub const PREEMPTED: u16 = 4004;
 /// Every code above, for metrics labels (plus `none` and `other` there).
-pub const ALL: [u16; 10] =
-    [NORMAL, GOING_AWAY, PROTOCOL, INVALID_PAYLOAD, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN_LATER, REPLACED, IDLE_TIMEOUT];
+pub const ALL: [u16; 11] = [
+    NORMAL,
+    GOING_AWAY,
+    PROTOCOL,
+    INVALID_PAYLOAD,
+    POLICY,
+    TOO_BIG,
+    INTERNAL,
+    TRY_AGAIN_LATER,
+    REPLACED,
+    IDLE_TIMEOUT,
+    PREEMPTED,
+];

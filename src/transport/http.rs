@@ -157,9 +157,19 @@ impl Head {
         self.request.method() == http::Method::GET || self.is_head()
     }
 
-    /// A header's value, if present and visible ASCII.
+    /// A header's value, if present and visible ASCII (the first, if repeated).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.request.headers().get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Every line of a header, in order, joined with `,` (RFC 9110 §5.3:
+    /// repeated lines are one comma-separated list); `None` if absent or if
+    /// a line is not visible ASCII.
+    pub fn header_joined(&self, name: &str) -> Option<String> {
+        let mut lines = self.request.headers().get_all(name).iter().peekable();
+        lines.peek()?;
+        let parts: Option<Vec<&str>> = lines.map(|v| v.to_str().ok()).collect();
+        Some(parts?.join(","))
     }
 }
 

@@ -2,13 +2,14 @@
 //! pools each interval, and how the live nodes read back from Redis become
 //! the `/cluster` view with its least-loaded pick.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
 use super::backend::Op;
 use super::keys;
 use crate::broker::LocalNode;
+use crate::config::Class;
 
 /// One node as the registry describes it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -33,6 +34,8 @@ pub struct NodeInfo {
     pub version: String,
     /// Unix seconds at start.
     pub started_at: u64,
+    /// Connections per priority class (`low`, `normal`, `high`, `critical`).
+    pub classes: BTreeMap<String, u64>,
 }
 
 fn health(full: bool, draining: bool) -> &'static str {
@@ -59,6 +62,7 @@ pub fn self_info(local: &LocalNode) -> NodeInfo {
         health: health(local.full(), local.draining).to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_at: local.started_at,
+        classes: Class::ALL.iter().map(|c| (c.name().to_string(), local.class_connections[c.index()] as u64)).collect(),
     }
 }
 
@@ -75,6 +79,10 @@ pub fn register_ops(local: &LocalNode, me: &NodeInfo, ttl_ms: u64) -> Vec<Op> {
         ("version", me.version.clone()),
         ("started_at", me.started_at.to_string()),
     ];
+    let mut fields = fields;
+    for (name, n) in &me.classes {
+        fields.push((class_field(name), n.to_string()));
+    }
     let mut ops = vec![
         Op::HSet { key: keys::node(&me.node), fields, ttl_ms },
         Op::SAdd { key: keys::NODES_SET.into(), member: me.node.clone() },
@@ -90,6 +98,16 @@ pub fn register_ops(local: &LocalNode, me: &NodeInfo, ttl_ms: u64) -> Vec<Op> {
         ops.push(Op::HSet { key: keys::pool(&me.node, i), fields, ttl_ms });
     }
     ops
+}
+
+/// The node-hash field of a class's connection count (`class_<name>`).
+fn class_field(name: &str) -> &'static str {
+    match name {
+        "low" => "class_low",
+        "normal" => "class_normal",
+        "high" => "class_high",
+        _ => "class_critical",
+    }
 }
 
 /// What a graceful stop removes.
@@ -121,6 +139,7 @@ pub fn parse_node(node: &str, h: &HashMap<String, String>) -> Option<NodeInfo> {
         health: s("health"),
         version: s("version"),
         started_at: n("started_at"),
+        classes: Class::ALL.iter().map(|c| (c.name().to_string(), n(class_field(c.name())))).collect(),
     })
 }
 
@@ -160,6 +179,7 @@ mod tests {
             health: health.into(),
             version: "0".into(),
             started_at: 1,
+            classes: Class::ALL.iter().map(|c| (c.name().to_string(), 0)).collect(),
         }
     }
 
@@ -184,6 +204,10 @@ mod tests {
             ("health", "ok"),
             ("version", "0"),
             ("started_at", "1"),
+            ("class_low", "0"),
+            ("class_normal", "0"),
+            ("class_high", "0"),
+            ("class_critical", "0"),
         ] {
             h.insert(k.to_string(), v.to_string());
         }
