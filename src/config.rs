@@ -185,6 +185,10 @@ pub struct WebSocketConfig {
     pub close_timeout_ms: u64,
     /// How often each shard sweeps its table for timers. Default 1000 ms.
     pub sweep_interval_ms: u64,
+    /// A write that has not been accepted by the kernel within this (the peer
+    /// stopped reading and its TCP window is shut) applies the slow-consumer
+    /// policy: with `close`, 1008. Checked by the sweep. Default 10000 ms.
+    pub write_timeout_ms: u64,
     /// A frame or fragmented message that has started must complete within
     /// this, else close 1008 (a peer that trickles one byte at a time holds
     /// its bytes only this long). Checked by the sweep. Default 10000 ms.
@@ -212,6 +216,7 @@ impl Default for WebSocketConfig {
             idle_timeout_ms: 60_000,
             close_timeout_ms: 2_000,
             sweep_interval_ms: 1_000,
+            write_timeout_ms: 10_000,
             message_timeout_ms: 10_000,
             max_unfinished_bytes_per_shard: 64 << 20,
             mailbox_bytes: 64 << 20,
@@ -567,6 +572,7 @@ impl Config {
         )?;
         check(self.shutdown.drain_timeout_ms >= 10, "shutdown.drain_timeout_ms", "at least 10")?;
         check(w.message_timeout_ms >= 100, "websocket.message_timeout_ms", "must be at least 100")?;
+        check(w.write_timeout_ms >= 100, "websocket.write_timeout_ms", "must be at least 100")?;
         check(
             w.max_unfinished_bytes_per_shard >= w.max_frame_bytes,
             "websocket.max_unfinished_bytes_per_shard",

@@ -8,6 +8,7 @@
 //! through the mailbox as [`AppMsg`]; cross-node work through the
 //! [`Broker`], whose deliveries come back through [`Delivery`].
 
+pub mod directory;
 pub mod endpoints;
 pub mod http;
 pub mod metrics;
@@ -17,12 +18,12 @@ mod ws;
 
 use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use directory::Directory;
 use tungstenite::Message;
 
 use crate::broker::{Broker, LocalNode, Sink};
@@ -157,7 +158,7 @@ pub struct Edge {
     shared: Arc<EdgeShared>,
     rooms: RefCell<Rooms>,
     /// Client ids whose home is this shard → their live connection.
-    directory: RefCell<HashMap<Arc<str>, ConnId>>,
+    directory: RefCell<Directory>,
     id_counter: Cell<u64>,
 }
 
@@ -169,7 +170,7 @@ impl Edge {
             shard,
             shared,
             rooms: RefCell::new(Rooms::default()),
-            directory: RefCell::new(HashMap::with_capacity(capacity)),
+            directory: RefCell::new(Directory::with_capacity(capacity)),
             id_counter: Cell::new(0),
         }
     }
@@ -203,8 +204,9 @@ impl Edge {
     }
 
     fn register<C: Conns<Self>>(&self, cx: &C, client_id: Arc<str>, conn: ConnId) {
-        let old = self.directory.borrow_mut().insert(client_id, conn);
-        if let Some(old) = old.filter(|o| *o != conn) {
+        let max = cx.node().config.auth.sessions_per_client as usize;
+        let replaced = self.directory.borrow_mut().register(client_id, conn, max);
+        for old in replaced {
             let reason = "replaced by a newer connection with the same client_id";
             let kick = AppMsg::Kick { conn: old, code: crate::transport::close::REPLACED, reason };
             let _ = cx.send_to(old.shard(), kick);
@@ -244,16 +246,20 @@ impl Edge {
     }
 
     fn route_direct<C: Conns<Self>>(&self, cx: &C, to: Arc<str>, frame: Bytes, reply_to: Option<ConnId>) {
-        let target = self.directory.borrow().get(&to).copied();
-        match (target, reply_to) {
-            (Some(conn), _) if conn.shard() == self.shard => {
+        let targets = self.directory.borrow().sessions(&to);
+        if targets.is_empty() {
+            if let Some(from) = reply_to {
+                self.broker().direct(to, frame, from);
+            }
+            return;
+        }
+        // Every live session of the client (browser tabs) gets it.
+        for conn in targets {
+            if conn.shard() == self.shard {
                 cx.send_frame(conn, &frame);
+            } else {
+                let _ = cx.send_to(conn.shard(), AppMsg::Deliver { conn, frame: frame.clone() });
             }
-            (Some(conn), _) => {
-                let _ = cx.send_to(conn.shard(), AppMsg::Deliver { conn, frame });
-            }
-            (None, Some(from)) => self.broker().direct(to, frame, from),
-            (None, None) => {}
         }
     }
 }
@@ -279,8 +285,11 @@ impl App for Edge {
             http::Decision::NeedMore => Answer::NeedMore,
             http::Decision::Respond { bytes, rejected } => Answer::Respond { bytes, rejected },
             http::Decision::Upgrade { route, client_id, response, consumed } => {
+                // A chosen id is honoured only when the operator allows it:
+                // otherwise anyone could take over another client's id.
+                let chosen = client_id.filter(|_| cx.node().config.auth.allow_client_ids);
                 let client_id: Option<Arc<str>> = match route {
-                    Route::Rooms => Some(client_id.unwrap_or_else(|| self.generate_client_id()).into()),
+                    Route::Rooms => Some(chosen.unwrap_or_else(|| self.generate_client_id()).into()),
                     Route::Echo => None,
                 };
                 cx.state(id, |s| {
@@ -344,12 +353,7 @@ impl App for Edge {
         match msg {
             AppMsg::Room { room, frame, origin } => self.deliver_room(cx, &room, &frame, origin),
             AppMsg::Register { client_id, conn } => self.register(cx, client_id, conn),
-            AppMsg::Unregister { client_id, conn } => {
-                let mut dir = self.directory.borrow_mut();
-                if dir.get(&client_id) == Some(&conn) {
-                    dir.remove(&client_id);
-                }
-            }
+            AppMsg::Unregister { client_id, conn } => self.directory.borrow_mut().unregister(&client_id, conn),
             AppMsg::DirectRoute { to, frame, reply_to } => self.route_direct(cx, to, frame, reply_to),
             AppMsg::Deliver { conn, frame } => {
                 cx.send_frame(conn, &frame);

@@ -77,8 +77,11 @@ struct Harness {
 }
 
 impl Harness {
+    /// Client-chosen ids allowed (the tests name their clients).
     fn new(n: usize) -> Harness {
-        Harness::with(n, Config::default())
+        let mut config = Config::default();
+        config.auth.allow_client_ids = true;
+        Harness::with(n, config)
     }
 
     fn with(n: usize, config: Config) -> Harness {
@@ -291,4 +294,25 @@ fn publishing_needs_membership_and_messages_are_rate_limited() {
     let closed = h.shards[0].1.closed.borrow();
     assert_eq!(closed.first(), Some(&(a, crate::transport::close::POLICY)), "sustained: 1008 at the third strike");
     assert_eq!(closed.len(), 2, "strikes 3 and 4 (the runtime makes the second a no-op)");
+}
+
+#[test]
+fn chosen_ids_need_permission_and_several_sessions_all_get_directs() {
+    let mut h = Harness::with(1, Config::default());
+    let a = h.connect(0, "/ws?client_id=alice");
+    let id = h.received(a)[0]["client_id"].as_str().unwrap().to_string();
+    assert_ne!(id, "alice", "auth.allow_client_ids is off by default: the server assigns the id");
+    let mut config = Config::default();
+    config.auth.allow_client_ids = true;
+    config.auth.sessions_per_client = 2;
+    let mut h = Harness::with(2, config);
+    let tabs: Vec<ConnId> = (0..3).map(|i| h.connect(i % 2, "/ws?client_id=tabs")).collect();
+    let closed: Vec<_> = h.shards.iter().flat_map(|(_, cx)| cx.closed.borrow().clone()).collect();
+    assert_eq!(closed, vec![(tabs[0], crate::transport::close::REPLACED)], "the oldest of three goes");
+    let s = h.connect(1, "/ws?client_id=sender");
+    h.send(s, r#"{"type":"direct","to":"tabs","data":"hi"}"#);
+    for t in &tabs[1..] {
+        let got = h.received(*t);
+        assert!(got.iter().any(|m| m["type"] == "direct" && m["data"] == "hi"), "{got:?}");
+    }
 }

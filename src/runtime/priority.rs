@@ -199,7 +199,7 @@ mod tests {
     #[test]
     fn reservations_follow_the_seed_rule() {
         let cfg = PriorityConfig { reserved_critical: 0.10, reserved_high: 0.20, ..PriorityConfig::default() };
-                                             // 100 slots, 70 normal in use: 30 free, all of them reserved (10 + 20).
+        // 100 slots, 70 normal in use: 30 free, all of them reserved (10 + 20).
         let counts = [0, 70, 0, 0];
         assert!(!can_accept(&cfg, 100, counts, Class::Normal));
         assert!(!can_accept(&cfg, 100, counts, Class::Low));

@@ -11,7 +11,7 @@
 //! close frame, flush, `shutdown(SHUT_WR)`, read until the peer's EOF or the
 //! close deadline, then free the slot.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
@@ -318,9 +318,16 @@ async fn upgrade<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: Co
 /// connection's output is over its cap, it is not read at all (its peer's
 /// TCP window fills instead of our memory).
 async fn read_loop<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId) -> Next {
+    // Reads done since this task last really waited for the driver. On
+    // io_uring every readiness wait goes through the ring (it suspends); on
+    // epoll a cached readiness answers at once, so a busy peer would keep
+    // the task running without this count.
+    let mut streak = 0u32;
     loop {
-        if stream.readable().await.is_err() {
-            return Next::Linger;
+        match wait_readable(stream).await {
+            Ok(true) => streak = 0,
+            Ok(false) => {}
+            Err(_) => return Next::Linger,
         }
         loop {
             let next = {
@@ -339,19 +346,46 @@ async fn read_loop<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: 
                     Ok(Recv::Eof) | Err(_) => Some(Next::Linger),
                 }
             };
+            // The reader writes its own replies inline: while the peer's
+            // window is shut, this waits and the connection is not read
+            // (read-side backpressure); the sweep applies the slow-consumer
+            // policy after `websocket.write_timeout_ms`.
+            let before = shard.now_ms();
             flush(shard, stream, id).await;
+            if shard.now_ms().saturating_sub(before) >= READ_PAUSE_MS {
+                shard.metrics().read_paused.inc();
+            }
             if over_cap(shard, id) {
                 shard.metrics().read_paused.inc();
                 wait_writer(shard, id).await;
             }
-            match next {
-                None => yield_now().await,
-                Some(Next::Continue) => break,
-                Some(Next::Linger) => return Next::Linger,
+            if next == Some(Next::Linger) {
+                return Next::Linger;
+            }
+            streak += 1;
+            if streak > 1 {
+                fair_turn(streak).await;
+            }
+            if next.is_some() {
+                break;
             }
         }
     }
 }
+
+/// Waits for readability; true if the wait really suspended the task.
+async fn wait_readable(stream: &SharedStream) -> std::io::Result<bool> {
+    let mut fut = std::pin::pin!(stream.readable());
+    let mut polls = 0u32;
+    poll_fn(|cx| {
+        polls += 1;
+        fut.as_mut().poll(cx).map(|r| r.map(|()| polls > 1))
+    })
+    .await
+}
+
+/// An inline write that holds the reader this long counts as a read pause.
+const READ_PAUSE_MS: u64 = 100;
 
 /// The connection's output is over `websocket.send_queue_bytes`.
 fn over_cap<A: App>(shard: &Shard<A>, id: ConnId) -> bool {
@@ -374,7 +408,28 @@ async fn wait_writer<A: App>(shard: &Rc<Shard<A>>, id: ConnId) {
     .await;
 }
 
+/// After a read that did not wait for the driver: let the shard's other
+/// tasks run; every [`PARK_EVERY`]th time in a row, sleep a millisecond instead, so that the
+/// runtime parks (polls the driver and fires timers: the sweep), which it
+/// never does while some task is always ready.
+async fn fair_turn(streak: u32) {
+    if streak % PARK_EVERY == 0 {
+        monoio::time::sleep(Duration::from_millis(1)).await;
+    } else {
+        yield_now().await;
+    }
+}
+
+/// Reads of one connection without waiting, between two parks of the runtime.
+const PARK_EVERY: u32 = 8;
+
 /// Lets every other ready task of the shard run once.
+///
+/// Not by waking itself while it is being polled: monoio re-queues a task
+/// woken during its own poll at the *front* of the run queue (its
+/// `yield_now` scheduling), so it would run again before anyone else and
+/// starve the shard. Instead a tiny task, queued at the back, wakes it: by
+/// then every task that was ready has had its turn.
 pub async fn yield_now() {
     let mut yielded = false;
     poll_fn(|cx| {
@@ -382,7 +437,8 @@ pub async fn yield_now() {
             return Poll::Ready(());
         }
         yielded = true;
-        cx.waker().wake_by_ref();
+        let waker = cx.waker().clone();
+        monoio::spawn(async move { waker.wake() });
         Poll::Pending
     })
     .await;
@@ -465,7 +521,14 @@ fn process_input<A: App>(shard: &Rc<Shard<A>>, id: ConnId, data: &[u8]) -> Next 
         return Next::Continue;
     }
     let m = shard.metrics();
+    let phase = |shard: &Shard<A>| shard.table.borrow().get(id).map(|c| c.phase);
+    let at_start = phase(shard);
     for msg in messages {
+        // Once a handler started a close (a limit, a policy), the messages
+        // queued behind it in the same read are not handled.
+        if phase(shard) != at_start {
+            break;
+        }
         m.messages_in.inc();
         shard.app.on_message(shard, id, msg);
     }
@@ -549,6 +612,7 @@ pub async fn write_loop<A: App>(shard: Rc<Shard<A>>, id: ConnId, stream: Rc<Shar
             }
             let buf = std::mem::take(&mut c.out);
             c.inflight = buf.len();
+            c.write_started_ms = shard.now_ms();
             buf
         };
         let (res, _buf) = stream.write_all(buf).await;

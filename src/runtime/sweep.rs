@@ -30,6 +30,7 @@ impl<A: App> Shard<A> {
         let mut readers = 0;
         let mut queued = 0;
         let mut stalled = Vec::new();
+        let mut blocked = Vec::new();
         {
             let mut table = self.table.borrow_mut();
             for (id, c) in table.iter_mut() {
@@ -41,6 +42,18 @@ impl<A: App> Shard<A> {
                 }
                 readers += c.ctx.is_some() as usize;
                 queued += c.queued();
+                let stuck = c.inflight > 0 && now.saturating_sub(c.write_started_ms) > w.write_timeout_ms;
+                if c.phase == Phase::Open && stuck {
+                    match w.slow_consumer {
+                        crate::config::SlowConsumerPolicy::Close => blocked.push(id),
+                        // Kept open; its reader waits on the write: counted once.
+                        crate::config::SlowConsumerPolicy::Drop if c.write_started_ms != u64::MAX => {
+                            c.write_started_ms = u64::MAX;
+                            self.metrics().read_paused.inc();
+                        }
+                        crate::config::SlowConsumerPolicy::Drop => {}
+                    }
+                }
                 let since = c.unfinished_since_ms;
                 if c.phase == Phase::Open && since != 0 && now.saturating_sub(since) > w.message_timeout_ms {
                     stalled.push(id);
@@ -63,6 +76,10 @@ impl<A: App> Shard<A> {
         self.metrics().frame_readers.store(readers, Ordering::Relaxed);
         self.metrics().queued_bytes.store(queued, Ordering::Relaxed);
         self.metrics().unfinished_bytes.store(self.unfinished.get(), Ordering::Relaxed);
+        for id in blocked {
+            self.metrics().slow_consumer_closed.inc();
+            self.start_close(id, close::POLICY, "send blocked: reading too slowly", true);
+        }
         for id in stalled {
             self.metrics().message_timeouts.inc();
             self.start_close(id, close::POLICY, "message not completed within websocket.message_timeout_ms", true);

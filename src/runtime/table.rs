@@ -128,6 +128,8 @@ pub struct Conn<S> {
     pub out: Vec<u8>,
     /// Bytes in the write currently in flight.
     pub inflight: usize,
+    /// When the write in flight started (ms since shard epoch).
+    pub write_started_ms: u64,
     /// A writer is running (inline in the reader or as its own task).
     pub writing: bool,
     /// The reader waiting for the writer to finish (before lingering close).
@@ -168,6 +170,7 @@ impl<S: Default> Conn<S> {
             unfinished_since_ms: 0,
             out: Vec::new(),
             inflight: 0,
+            write_started_ms: 0,
             writing: false,
             flush_waker: None,
             stream: None,

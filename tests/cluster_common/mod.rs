@@ -180,6 +180,7 @@ impl Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringside"))
             .args(["--listen", "127.0.0.1:0", "--shards", "2", "--node-id", id, "--redis", redis_url])
             .args(["--set", &interval, "--set", "server.pin_cores=false", "--set", "websocket.sweep_interval_ms=100"])
+            .args(["--set", "auth.allow_client_ids=true"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -26,9 +26,11 @@ pub struct NodeProc {
 
 impl NodeProc {
     /// Starts `ringside --listen 127.0.0.1:0 <args>` and waits for its address.
+    /// Client-chosen ids are allowed (`auth.allow_client_ids`): the tests
+    /// name their clients; tests of the default use `start_command`.
     pub fn start(args: &[&str]) -> NodeProc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringside"));
-        cmd.args(["--listen", "127.0.0.1:0"]).args(args);
+        cmd.args(["--listen", "127.0.0.1:0", "--set", "auth.allow_client_ids=true"]).args(args);
         NodeProc::start_command(cmd)
     }
 

@@ -27,7 +27,8 @@ def check(name, ok, detail=""):
 
 
 def start_node(*args):
-    p = subprocess.Popen([BIN, "--listen", "127.0.0.1:0", "--shards", "2", *args], stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([BIN, "--listen", "127.0.0.1:0", "--shards", "2", "--set", "auth.allow_client_ids=true", *args],
+                         stderr=subprocess.PIPE, text=True)
     for line in p.stderr:
         m = re.search(r"listening on (\S+)", line)
         if m:
