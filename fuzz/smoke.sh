@@ -48,7 +48,7 @@ for t in "${targets[@]}"; do
     rc=0
     run cargo fuzz run --sanitizer "$SAN" "$t" "$scratch/$t" "corpus/$t" -- \
         -runs="$RUNS" -max_total_time="$TIME" -print_final_stats=1 >"$scratch/$t.log" 2>&1 || rc=$?
-    grep -E '^#[0-9]+ +(INITED|DONE)|^Done|^stat::number_of_executed_units|panicked|ERROR' "$scratch/$t.log" || true
+    grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)|^Done|^stat::number_of_executed_units|panicked|ERROR' "$scratch/$t.log" || true
     if [ "$rc" -ne 0 ]; then
         tail -n 60 "$scratch/$t.log"
         echo "fuzz smoke: $t FAILED (exit $rc; the input is in fuzz/artifacts/$t/)"
