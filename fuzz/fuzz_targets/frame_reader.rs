@@ -76,7 +76,9 @@ impl Conn {
         if self.done {
             return;
         }
-        self.boundary.feed(data);
+        // The whole chunk, like the runtime before it stashed partial frames:
+        // this target checks the tracker against tungstenite on every byte.
+        let _ = self.boundary.feed(data, u64::MAX);
         let mut ctx = self.ctx.take().unwrap_or_else(|| WebSocketContext::new(Role::Server, Some(config())));
         let mut io = Io { input: data, out: &mut self.out };
         loop {

@@ -63,7 +63,7 @@ pub fn parse(text: &str, max_payload: usize) -> Result<Request<'_>, ClientError>
         if d.len() > max_payload {
             Err(ClientError::TooLarge)
         } else {
-            Ok(d)
+            strict(d)
         }
     };
     Ok(match ty.as_ref() {
@@ -78,9 +78,18 @@ pub fn parse(text: &str, max_payload: usize) -> Result<Request<'_>, ClientError>
             Request::Direct { to, data: data()? }
         }
         "echo" => Request::Echo(data()?),
-        "ping" => Request::Ping(w.id.map(RawValue::get).unwrap_or("null")),
+        "ping" => Request::Ping(strict(w.id.map(RawValue::get).unwrap_or("null"))?),
         _ => return Err(ClientError::UnknownType),
     })
+}
+
+/// A raw value that is relayed verbatim to other clients must be JSON that
+/// strict parsers accept too: the grammar alone (what `RawValue` checks)
+/// lets through lone surrogate escapes, numbers beyond f64 and nesting past
+/// 128 levels, which would make the envelope unreadable for its recipients
+/// (found by fuzz/ws_json). Costs a parse of `data`, off the echo path.
+fn strict(raw: &str) -> Result<&str, ClientError> {
+    serde_json::from_str::<serde_json::Value>(raw).map(|_| raw).map_err(|_| ClientError::BadJson)
 }
 
 fn room_of<'a>(r: Option<Cow<'a, str>>) -> Result<Cow<'a, str>, ClientError> {
@@ -281,6 +290,12 @@ mod tests {
         );
         assert_eq!(parse(r#"{"type":"direct","to":"a b"}"#, 100), Err(ClientError::BadClientId));
         assert_eq!(parse(r#"{"type":"publish","room":"r","data":"0123456789"}"#, 5), Err(ClientError::TooLarge));
+        // Valid grammar, but not for strict readers (fuzz/crashes/ws_json).
+        assert_eq!(parse(r#"{"type":"echo","data":"\ude00"}"#, 100), Err(ClientError::BadJson));
+        assert_eq!(parse(r#"{"type":"ping","id":"\ud800"}"#, 100), Err(ClientError::BadJson));
+        assert_eq!(parse(r#"{"type":"echo","data":1e400}"#, 100), Err(ClientError::BadJson));
+        let deep = format!(r#"{{"type":"echo","data":{}{}}}"#, "[".repeat(200), "]".repeat(200));
+        assert_eq!(parse(&deep, 1 << 20), Err(ClientError::BadJson));
     }
 
     #[test]
