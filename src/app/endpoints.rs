@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
+use super::auth::{self, Claims, TokenError};
 use super::http::{Endpoint, Responder};
 use super::{Edge, EdgeShared};
 use crate::prom::Text;
@@ -64,6 +65,23 @@ impl<C: Conns<Edge>> Responder for View<'_, C> {
         let xff = head.header_joined("x-forwarded-for");
         let client = proxy::client_from_xff(peer.client, xff.as_deref(), &self.cx.node().trusted);
         self.cx.admit_ip(self.id, client).err()
+    }
+
+    fn authorize(&self, head: &Head) -> Result<Option<Claims>, TokenError> {
+        let Some(verifier) = &self.shared.verifier else { return Ok(None) };
+        let token = match auth::token_from(head) {
+            auth::TokenSource::None => Err(TokenError::Missing),
+            auth::TokenSource::Query(t) => verifier.verify(&t, super::unix_now()),
+            auth::TokenSource::Bearer(t) => verifier.verify(t, super::unix_now()),
+            auth::TokenSource::Protocol { token, .. } => verifier.verify(&token, super::unix_now()),
+        };
+        match token {
+            Ok(c) => Ok(Some(c)),
+            Err(e) => {
+                self.shared.metrics[self.cx.shard_id()].auth_failures[e.index()].inc();
+                Err(e)
+            }
+        }
     }
 
     fn origin_allowed(&self, origin: Option<&str>) -> bool {

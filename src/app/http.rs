@@ -34,6 +34,8 @@ pub enum Decision {
         route: Route,
         /// The client id asked for (`?client_id=` or `X-Client-Id`), if any.
         client_id: Option<String>,
+        /// The verified token's claims (`auth.mode = "token"`).
+        claims: Option<super::auth::Claims>,
         /// The `101 Switching Protocols` response.
         response: Vec<u8>,
         /// Bytes of the head; anything after belongs to the WebSocket.
@@ -79,6 +81,11 @@ pub trait Responder {
     /// A browser `Origin` may upgrade (`None`: no Origin header).
     fn origin_allowed(&self, _origin: Option<&str>) -> bool {
         true
+    }
+    /// Who the client is: `Ok(None)` when no token is needed, `Ok(claims)`
+    /// for a valid one, `Err` (answered 401) otherwise.
+    fn authorize(&self, _head: &Head) -> Result<Option<super::auth::Claims>, super::auth::TokenError> {
+        Ok(None)
     }
 }
 
@@ -141,7 +148,19 @@ fn upgrade(head: &Head, route: Route, node: &impl Responder) -> Decision {
             if why == Rejection::Draining { "node is draining; reconnect elsewhere" } else { "every shard is full" };
         return refuse(why, text, node);
     }
-    Decision::Upgrade { route, client_id: client_id.map(|c| c.unwrap_or_default()), response, consumed: head.consumed }
+    let claims = match node.authorize(head) {
+        Ok(c) => c,
+        Err(e) => return refuse(Rejection::Unauthorized, &format!("{}: {}", e.reason(), e.text()), node),
+    };
+    // A browser passes its token as a subprotocol: it must see `ringside`
+    // selected, or it drops the connection.
+    let mut response = response;
+    if let Some(p) = super::auth::selected_protocol(head) {
+        let at = response.len().saturating_sub(2);
+        response.splice(at..at, format!("Sec-WebSocket-Protocol: {p}\r\n").into_bytes());
+    }
+    let client_id = client_id.map(|c| c.unwrap_or_default());
+    Decision::Upgrade { route, client_id, claims, response, consumed: head.consumed }
 }
 
 /// The client id from `?client_id=` (first) or `X-Client-Id`.

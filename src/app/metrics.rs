@@ -1,6 +1,7 @@
 //! The application's own counters (one set per shard, written only by that
 //! shard) and the node-level families that only the application knows.
 
+use super::auth::TokenError;
 use super::protocol::ClientError;
 use crate::prom::{Kind, Text};
 use crate::runtime::metrics::Counter;
@@ -12,6 +13,12 @@ pub struct AppMetrics {
     pub client_errors: [Counter; ClientError::ALL.len()],
     /// Connections closed 1008 for sustained message-rate abuse.
     pub rate_limit_closed: Counter,
+    /// Upgrades refused 401, by token error.
+    pub auth_failures: [Counter; TokenError::ALL.len()],
+    /// Connections closed 4003: the token expired without a refresh.
+    pub tokens_expired: Counter,
+    /// Tokens refreshed on a live connection.
+    pub tokens_refreshed: Counter,
 }
 
 /// Renders the application's families over every shard.
@@ -25,6 +32,15 @@ pub fn render(t: &mut Text, shards: &[AppMetrics], node_id: &str, draining: bool
     t.family("rate_limit_closed_total", Kind::Counter, help);
     let n: u64 = shards.iter().map(|m| m.rate_limit_closed.get()).sum();
     t.sample("rate_limit_closed_total", &[], n);
+    t.family("auth_failures_total", Kind::Counter, "Upgrades refused 401, by the token's problem.");
+    for e in TokenError::ALL {
+        let n: u64 = shards.iter().map(|m| m.auth_failures[e.index()].get()).sum();
+        t.sample("auth_failures_total", &[("reason", &e.reason())], n);
+    }
+    let n: u64 = shards.iter().map(|m| m.tokens_expired.get()).sum();
+    t.single("tokens_expired_total", Kind::Counter, "Connections closed 4003: token expired without a refresh.", n);
+    let n: u64 = shards.iter().map(|m| m.tokens_refreshed.get()).sum();
+    t.single("tokens_refreshed_total", Kind::Counter, "Tokens refreshed on live connections.", n);
     t.single("draining", Kind::Gauge, "1 while the node drains for shutdown.", draining as u8);
     t.family("node_info", Kind::Gauge, "Node identity and version.");
     t.sample("node_info", &[("node", &node_id), ("version", &env!("CARGO_PKG_VERSION"))], 1);

@@ -8,6 +8,7 @@
 //! through the mailbox as [`AppMsg`]; cross-node work through the
 //! [`Broker`], whose deliveries come back through [`Delivery`].
 
+pub mod auth;
 pub mod directory;
 pub mod endpoints;
 pub mod http;
@@ -120,7 +121,31 @@ pub struct Session {
     /// Rooms joined on `/ws`.
     pub rooms: Vec<Rc<str>>,
     /// Message rate (`limits.messages_per_second`), created on the first message.
-    pub rate: Option<TokenBucket>,
+    pub rate: Option<Box<TokenBucket>>,
+    /// What the token allows (`auth.mode = "token"`); `None`: everything.
+    pub grants: Option<Box<Grants>>,
+}
+
+/// What a connection's token allows, until when.
+#[derive(Debug)]
+pub struct Grants {
+    /// Rooms it may join.
+    pub rooms: auth::Patterns,
+    /// Rooms it may publish to.
+    pub publish: auth::Patterns,
+    /// Unix seconds when the token expires (close 4003 unless refreshed).
+    pub exp: u64,
+}
+
+impl Grants {
+    fn of(claims: &auth::Claims) -> Box<Grants> {
+        Box::new(Grants { rooms: claims.rooms.clone(), publish: claims.publish.clone(), exp: claims.exp })
+    }
+}
+
+/// Unix seconds now (token times).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// What every shard's application shares: the broker and every shard's
@@ -133,12 +158,14 @@ pub struct EdgeShared {
     /// The key of the home-shard hash, random per node: client ids cannot be
     /// chosen to pile onto one shard.
     pub hash_key: RandomState,
+    /// Token verification (`auth.mode = "token"`).
+    pub verifier: Option<Arc<auth::Verifier>>,
 }
 
 impl EdgeShared {
     /// Shared state for `shards` shards over `broker`, with the node's hash key.
     pub fn new(broker: Arc<dyn Broker>, shards: usize, hash_key: RandomState) -> Self {
-        EdgeShared { broker, metrics: (0..shards).map(|_| AppMetrics::default()).collect(), hash_key }
+        EdgeShared { broker, metrics: (0..shards).map(|_| AppMetrics::default()).collect(), hash_key, verifier: None }
     }
 
     /// The shard that keeps `client_id`'s directory entry.
@@ -159,6 +186,10 @@ pub struct Edge {
     rooms: RefCell<Rooms>,
     /// Client ids whose home is this shard → their live connection.
     directory: RefCell<Directory>,
+    /// Token expiries of this shard's connections: (unix secs, connection).
+    /// A refresh adds a later entry; the sweep skips entries that no longer
+    /// match the connection's grants.
+    expiries: RefCell<std::collections::BTreeSet<(u64, ConnId)>>,
     id_counter: Cell<u64>,
 }
 
@@ -171,6 +202,7 @@ impl Edge {
             shared,
             rooms: RefCell::new(Rooms::default()),
             directory: RefCell::new(Directory::with_capacity(capacity)),
+            expiries: RefCell::default(),
             id_counter: Cell::new(0),
         }
     }
@@ -223,7 +255,7 @@ impl Edge {
         }
         let now = cx.now_ms();
         let verdict = cx.state(id, |s| {
-            let bucket = s.rate.get_or_insert_with(|| TokenBucket::new(l.message_burst, now));
+            let bucket = s.rate.get_or_insert_with(|| Box::new(TokenBucket::new(l.message_burst, now)));
             (bucket.take(l.messages_per_second, l.message_burst, now), bucket.strikes())
         });
         match verdict {
@@ -265,6 +297,25 @@ impl Edge {
 }
 
 impl Edge {
+    /// Closes (4003) the connections whose token expired without a refresh.
+    fn expire_tokens<C: Conns<Self>>(&self, cx: &C) {
+        // Closed once `exp + leeway < now`, exactly when a verifier would
+        // start refusing the token (never early).
+        let cut = unix_now().saturating_sub(cx.node().config.auth.leeway_secs);
+        let due: Vec<(u64, ConnId)> = {
+            let mut ex = self.expiries.borrow_mut();
+            let keep = ex.split_off(&(cut, ConnId::from_raw(0)));
+            std::mem::replace(&mut *ex, keep).into_iter().collect()
+        };
+        for (exp, id) in due {
+            // A refreshed token has a later expiry: this entry is stale.
+            if cx.state(id, |s| s.grants.as_ref().is_some_and(|g| g.exp == exp)) == Some(true) {
+                self.shared.metrics[self.shard].tokens_expired.inc();
+                cx.close(id, crate::transport::close::TOKEN_EXPIRED, "token expired: refresh, then reconnect");
+            }
+        }
+    }
+
     /// The `preempted` notice, then close 4004.
     fn preempt<C: Conns<Self>>(&self, cx: &C, id: ConnId) {
         let delay = cx.node().config.priority.preempt_reconnect_delay_ms;
@@ -284,19 +335,27 @@ impl App for Edge {
         match http::decide(head, max, &view) {
             http::Decision::NeedMore => Answer::NeedMore,
             http::Decision::Respond { bytes, rejected } => Answer::Respond { bytes, rejected },
-            http::Decision::Upgrade { route, client_id, response, consumed } => {
-                // A chosen id is honoured only when the operator allows it:
-                // otherwise anyone could take over another client's id.
-                let chosen = client_id.filter(|_| cx.node().config.auth.allow_client_ids);
+            http::Decision::Upgrade { route, client_id, claims, response, consumed } => {
+                // With a token the id is its `sub`; without, a chosen id is
+                // honoured only when the operator allows it: otherwise anyone
+                // could take over another client's id.
+                let chosen = match &claims {
+                    Some(c) => Some(c.sub.to_string()),
+                    None => client_id.filter(|_| cx.node().config.auth.allow_client_ids),
+                };
                 let client_id: Option<Arc<str>> = match route {
                     Route::Rooms => Some(chosen.unwrap_or_else(|| self.generate_client_id()).into()),
                     Route::Echo => None,
                 };
+                let class = claims.as_ref().map(|c| c.class).unwrap_or(cx.node().config.priority.default_class);
+                if let Some(c) = &claims {
+                    self.expiries.borrow_mut().insert((c.exp, id));
+                }
                 cx.state(id, |s| {
                     s.route = route;
                     s.client_id = client_id;
+                    s.grants = claims.as_ref().map(Grants::of);
                 });
-                let class = cx.node().config.priority.default_class;
                 Answer::Upgrade { response, consumed, class }
             }
         }
@@ -368,6 +427,7 @@ impl App for Edge {
     }
 
     fn on_sweep<C: Conns<Self>>(&self, cx: &C) -> Vec<ConnId> {
+        self.expire_tokens(cx);
         let k = self.broker().sample_size();
         if k == 0 {
             return Vec::new();

@@ -37,6 +37,8 @@ pub enum Request<'a> {
     Echo(&'a str),
     /// `{"type":"ping","id":X}`
     Ping(&'a str),
+    /// `{"type":"refresh","token":T}`
+    Refresh(Cow<'a, str>),
 }
 
 #[derive(Deserialize)]
@@ -51,6 +53,8 @@ struct Wire<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
 }
 
 /// Parses one client text message. Unknown fields are ignored (forward
@@ -79,6 +83,7 @@ pub fn parse(text: &str, max_payload: usize) -> Result<Request<'_>, ClientError>
         }
         "echo" => Request::Echo(data()?),
         "ping" => Request::Ping(strict(w.id.map(RawValue::get).unwrap_or("null"))?),
+        "refresh" => Request::Refresh(w.token.ok_or(ClientError::MissingField)?),
         _ => return Err(ClientError::UnknownType),
     })
 }
@@ -151,6 +156,11 @@ pub fn pong(id: &str) -> String {
     format!(r#"{{"type":"pong","id":{id}}}"#)
 }
 
+/// `{"type":"refreshed","exp":E}`
+pub fn refreshed(exp: u64) -> String {
+    format!(r#"{{"type":"refreshed","exp":{exp}}}"#)
+}
+
 /// `{"type":"preempted","reason":TEXT,"reconnect_delay_ms":N}`
 pub fn preempted(reason: &str, reconnect_delay_ms: u64) -> String {
     serde_json::json!({"type": "preempted", "reason": reason, "reconnect_delay_ms": reconnect_delay_ms}).to_string()
@@ -194,11 +204,16 @@ pub enum ClientError {
     NotJoined,
     /// More messages than `limits.messages_per_second` (plus the burst).
     RateLimited,
+    /// Joining or publishing outside the token's `rooms` / `publish`
+    /// claims, or refreshing with another client's token.
+    Forbidden,
+    /// A refresh token that does not verify (expired, bad signature, ...).
+    InvalidToken,
 }
 
 impl ClientError {
     /// Every variant, for metrics.
-    pub const ALL: [ClientError; 12] = [
+    pub const ALL: [ClientError; 14] = [
         ClientError::BadJson,
         ClientError::UnknownType,
         ClientError::MissingField,
@@ -211,6 +226,8 @@ impl ClientError {
         ClientError::Overloaded,
         ClientError::NotJoined,
         ClientError::RateLimited,
+        ClientError::Forbidden,
+        ClientError::InvalidToken,
     ];
 
     /// The stable `code` string.
@@ -228,6 +245,8 @@ impl ClientError {
             ClientError::Overloaded => "overloaded",
             ClientError::NotJoined => "not_joined",
             ClientError::RateLimited => "rate_limited",
+            ClientError::Forbidden => "forbidden",
+            ClientError::InvalidToken => "invalid_token",
         }
     }
 
@@ -252,6 +271,8 @@ pub fn error_text(e: ClientError) -> &'static str {
         ClientError::Overloaded => "the node is overloaded; message not delivered",
         ClientError::NotJoined => "join the room before publishing to it",
         ClientError::RateLimited => "too many messages; slow down (limits.messages_per_second)",
+        ClientError::Forbidden => "not allowed by your token (rooms / publish claims, or another client's token)",
+        ClientError::InvalidToken => "the token does not verify (expired, malformed or badly signed)",
     }
 }
 

@@ -38,10 +38,41 @@ impl Edge {
             Request::Ping(x) => {
                 cx.send_text(id, &protocol::pong(x));
             }
+            Request::Refresh(token) => self.refresh(cx, id, &from, &token),
         }
     }
 
+    /// `{"type":"refresh","token":T}`: a new token for the same client
+    /// extends the connection's life and replaces its grants.
+    fn refresh<C: Conns<Self>>(&self, cx: &C, id: ConnId, me: &str, token: &str) {
+        let Some(verifier) = &self.shared.verifier else { return self.send_error(cx, id, ClientError::UnknownType) };
+        let claims = match verifier.verify(token, super::unix_now()) {
+            Ok(c) => c,
+            Err(_) => return self.send_error(cx, id, ClientError::InvalidToken),
+        };
+        if &*claims.sub != me {
+            return self.send_error(cx, id, ClientError::Forbidden);
+        }
+        self.expiries.borrow_mut().insert((claims.exp, id));
+        cx.state(id, |s| s.grants = Some(super::Grants::of(&claims)));
+        self.shared.metrics[self.shard].tokens_refreshed.inc();
+        cx.send_text(id, &protocol::refreshed(claims.exp));
+    }
+
+    /// True if the connection's grants allow `room` (`publish` picks which list).
+    fn allowed<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str, publish: bool) -> bool {
+        cx.state(id, |s| match &s.grants {
+            None => true,
+            Some(g) if publish => g.publish.allows(room),
+            Some(g) => g.rooms.allows(room),
+        })
+        .unwrap_or(false)
+    }
+
     fn join<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str) {
+        if !self.allowed(cx, id, room, false) {
+            return self.send_error(cx, id, ClientError::Forbidden);
+        }
         let max = cx.node().config.rooms.max_rooms_per_connection;
         let Some((already, full)) = cx.state(id, |s| (s.rooms.iter().any(|r| &**r == room), s.rooms.len() >= max))
         else {
@@ -79,6 +110,9 @@ impl Edge {
     /// writing while this one does), then delivers to local members, then
     /// hands the payload to the broker for other nodes.
     fn publish<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str, payload: &str) {
+        if !self.allowed(cx, id, room, true) {
+            return self.send_error(cx, id, ClientError::Forbidden);
+        }
         if cx.node().config.rooms.publish_requires_join {
             let member = cx.state(id, |s| s.rooms.iter().any(|r| &**r == room)).unwrap_or(false);
             if !member {

@@ -12,11 +12,12 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::app::auth::Verifier;
 use crate::app::{AppMsg, Delivery, Edge, EdgeShared};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::{Broker, Sink};
-use crate::config::{Config, ConfigError};
+use crate::config::{AuthMode, Config, ConfigError};
 use crate::runtime::limits::{IpLimits, IpTable};
 use crate::runtime::mailbox::{mailbox, ShardMsg};
 use crate::runtime::metrics::ShardMetrics;
@@ -62,7 +63,12 @@ impl Node {
             threads.push(t);
             Arc::new(b)
         };
-        let shared = Arc::new(EdgeShared::new(broker, n, hash_key));
+        let mut shared = EdgeShared::new(broker, n, hash_key);
+        if state.config.auth.mode == AuthMode::Token {
+            let v = Verifier::new(&state.config.auth).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            shared.verifier = Some(Arc::new(v));
+        }
+        let shared = Arc::new(shared);
         let (ready_tx, ready_rx) = mpsc::channel();
         for (i, (public, rx)) in listeners.into_iter().zip(receivers).enumerate() {
             let listener = thread::Listeners { public, admin: admin.take() };
@@ -138,9 +144,17 @@ impl Node {
 }
 
 /// Checks what `Config::validate` cannot (settings parsed by a layer above
-/// the configuration): `server.trusted_proxies`.
+/// the configuration): `server.trusted_proxies`, and the `[auth]` keys (files
+/// are read, keys parsed).
 pub fn check(config: &Config) -> Result<(), ConfigError> {
     Trusted::parse_list(&config.server.trusted_proxies).map_err(|e| ConfigError::new("server.trusted_proxies", e))?;
+    if config.auth.mode == AuthMode::Token {
+        // The verifier's errors start with the key at fault.
+        Verifier::new(&config.auth).map_err(|e| {
+            let (key, why) = e.split_once(": ").unwrap_or(("auth", e.as_str()));
+            ConfigError::new(key, why)
+        })?;
+    }
     Ok(())
 }
 

@@ -82,14 +82,6 @@ fn on_accept<A: App>(shard: &Rc<Shard<A>>, stream: TcpStream, peer: IpAddr) {
     start_conn(shard, stream, now, peer, Listener::Public)
 }
 
-/// A handshake-slot key unique to `id` (in the IPv6 documentation range,
-/// which no client has).
-fn handshake_key(id: ConnId) -> IpAddr {
-    let r = id.raw();
-    let seg = |s: u32| ((r >> s) & 0xffff) as u16;
-    IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0x0db8, 0, 0, seg(48), seg(32), seg(16), seg(0)))
-}
-
 /// Puts `stream` in the table as a pending handshake (bounded apart from
 /// WebSocket slots, per shard and per address), applies the per-address
 /// limits, and starts its session.
@@ -106,13 +98,9 @@ pub fn start_conn<A: App>(shard: &Rc<Shard<A>>, stream: TcpStream, accepted_at: 
     conn.proxy_pending = conn.via_proxy;
     let id = shard.table.borrow_mut().insert(conn);
     if kind == Listener::Public {
-        // Behind a trusted proxy every client shares the proxy's address,
-        // and the real one is not known before the header: such sockets
-        // count toward the shard's total only, each under a key of its own.
-        let key = if trusted { handshake_key(id) } else { peer };
-        if let Some(c) = shard.table.borrow_mut().get_mut(id) {
-            c.handshake_key = key;
-        }
+        // Behind a trusted proxy such sockets count toward the shard's
+        // total only, each under a key of its own (`Conn::handshake_key`).
+        let key = shard.table.borrow().get(id).map(|c| c.handshake_key(id)).unwrap_or(peer);
         let take = shard.handshakes.borrow_mut().try_take(key, id.raw(), shard.now_ms());
         match take {
             Take::Ok => {}

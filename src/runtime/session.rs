@@ -284,7 +284,7 @@ async fn upgrade<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: Co
         let slotted = table.slotted();
         let Some(c) = table.get_mut(id) else { return false };
         let mut hs = shard.handshakes.borrow_mut();
-        hs.release(c.handshake_key, id.raw());
+        hs.release(c.handshake_key(id), id.raw());
         shard.metrics().handshakes.store(hs.len(), Ordering::Relaxed);
         shard.metrics().connections.store(slotted, Ordering::Relaxed);
         c.phase = Phase::Open;
@@ -364,7 +364,9 @@ async fn read_loop<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: 
             }
             streak += 1;
             if streak > 1 {
-                fair_turn(streak).await;
+                // Boxed: only a busy connection pays for the timer it may hold;
+                // the future that stays resident for an idle one stays small.
+                Box::pin(fair_turn(streak)).await;
             }
             if next.is_some() {
                 break;
@@ -479,7 +481,7 @@ fn process_input<A: App>(shard: &Rc<Shard<A>>, id: ConnId, data: &[u8]) -> Next 
         c.last_rx_ms = now;
         c.ping_sent = false;
         let cut = c.boundary.feed(data, w.max_frame_bytes as u64);
-        let mut stash = std::mem::take(&mut c.partial);
+        let mut stash = c.partial.take().map(|b| *b).unwrap_or_default();
         let had = !stash.is_empty();
         let owned;
         let input: &[u8] = match (had, cut) {
@@ -498,7 +500,7 @@ fn process_input<A: App>(shard: &Rc<Shard<A>>, id: ConnId, data: &[u8]) -> Next 
             stash.extend_from_slice(&data[cut..]);
         }
         // An emptied buffer gives its allocation back (idle connections hold none).
-        c.partial = if stash.is_empty() { Vec::new() } else { stash };
+        c.partial = if stash.is_empty() { None } else { Some(Box::new(stash)) };
         let next =
             if input.is_empty() { Next::Continue } else { read_frames(shard, c, input, deadline, &mut messages) };
         c.unfinished_since_ms = match (c.boundary.at_rest(), c.unfinished_since_ms) {
@@ -578,7 +580,7 @@ fn read_frames<A: App>(
 /// Updates the shard's count of unfinished bytes with what `c` holds now;
 /// true when the shard is over its budget (and `c` holds some of it).
 fn account_unfinished<A: App>(shard: &Shard<A>, c: &mut Conn<A::Conn>) -> bool {
-    let held = c.partial.len() + c.boundary.message_bytes() as usize;
+    let held = c.partial.as_ref().map_or(0, |p| p.len()) + c.boundary.message_bytes() as usize;
     let total = shard.unfinished.get() + held - c.unfinished_bytes;
     shard.unfinished.set(total);
     c.unfinished_bytes = held;

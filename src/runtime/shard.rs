@@ -171,7 +171,7 @@ impl<A: App> Shard<A> {
             self.node.classes.sub(c.class);
             self.waiters.borrow_mut().wake_first();
         } else {
-            self.handshakes.borrow_mut().release(c.handshake_key, id.raw());
+            self.handshakes.borrow_mut().release(c.handshake_key(id), id.raw());
             m.handshakes.store(self.handshakes.borrow().len(), Ordering::Relaxed);
         }
         if c.phase != Phase::Http && c.upgraded {

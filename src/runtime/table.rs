@@ -89,9 +89,6 @@ pub struct Conn<S> {
     pub client: std::net::IpAddr,
     /// Counts toward the per-address limits while it lives.
     pub ip_guard: Option<super::limits::IpGuard>,
-    /// The key its handshake slot was taken under (the socket peer, or a
-    /// per-connection key behind a trusted proxy).
-    pub handshake_key: std::net::IpAddr,
     /// The socket peer is a trusted proxy.
     pub via_proxy: bool,
     /// From a trusted proxy, and its PROXY header (if any) not yet read.
@@ -117,8 +114,9 @@ pub struct Conn<S> {
     pub ctx: Option<Box<WebSocketContext>>,
     /// Where the inbound byte stream stands relative to frames.
     pub boundary: Boundary,
-    /// Bytes of a frame still arriving (tungstenite gets whole frames only).
-    pub partial: Vec<u8>,
+    /// Bytes of a frame still arriving (tungstenite gets whole frames only);
+    /// boxed, so that the many connections without one pay 8 bytes.
+    pub partial: Option<Box<Vec<u8>>>,
     /// What this connection holds unfinished (partial frame + open
     /// fragmented message), as counted in the shard's total.
     pub unfinished_bytes: usize,
@@ -152,7 +150,6 @@ impl<S: Default> Conn<S> {
             slotted,
             client: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             ip_guard: None,
-            handshake_key: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             via_proxy: false,
             proxy_pending: false,
             admin: false,
@@ -165,7 +162,7 @@ impl<S: Default> Conn<S> {
             app: S::default(),
             ctx: None,
             boundary: Boundary::default(),
-            partial: Vec::new(),
+            partial: None,
             unfinished_bytes: 0,
             unfinished_since_ms: 0,
             out: Vec::new(),
@@ -202,6 +199,19 @@ impl<S> Conn<S> {
         self.phase = Phase::Closing;
         self.close_deadline_ms = now_ms;
         shutdown(self.fd, libc::SHUT_RDWR);
+    }
+
+    /// The key its handshake slot is held under: the socket peer, or behind
+    /// a trusted proxy (whose clients all share its address, and whose real
+    /// addresses are not known before the header) a key of its own.
+    pub fn handshake_key(&self, id: ConnId) -> std::net::IpAddr {
+        if !self.via_proxy {
+            return self.client;
+        }
+        let r = id.raw();
+        let seg = |s: u32| ((r >> s) & 0xffff) as u16;
+        // The IPv6 documentation range, which no client has.
+        std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0x0db8, 0, 0, seg(48), seg(32), seg(16), seg(0)))
     }
 
     /// Bytes queued or in flight.

@@ -26,11 +26,14 @@ pub const TRY_AGAIN_LATER: u16 = 1013;
 pub const REPLACED: u16 = 4000;
 /// No data (nor pong) from the client within `websocket.idle_timeout_ms`.
 pub const IDLE_TIMEOUT: u16 = 4001;
+/// The connection's token expired without a refresh: refresh the token,
+/// then reconnect.
+pub const TOKEN_EXPIRED: u16 = 4003;
 /// Preempted by a connection of a higher priority class: reconnect after
 /// the delay the `preempted` message gave, possibly elsewhere.
 pub const PREEMPTED: u16 = 4004;
 /// Every code above, for metrics labels (plus `none` and `other` there).
-pub const ALL: [u16; 11] = [
+pub const ALL: [u16; 12] = [
     NORMAL,
     GOING_AWAY,
     PROTOCOL,
@@ -41,5 +44,6 @@ pub const ALL: [u16; 11] = [
     TRY_AGAIN_LATER,
     REPLACED,
     IDLE_TIMEOUT,
+    TOKEN_EXPIRED,
     PREEMPTED,
 ];

@@ -53,11 +53,14 @@ pub enum Rejection {
     OriginNotAllowed,
     /// A malformed PROXY protocol header from a trusted proxy (400).
     BadProxyHeader,
+    /// No valid token (`auth.mode = "token"`): 401 with
+    /// `WWW-Authenticate: Bearer error="invalid_token"`.
+    Unauthorized,
 }
 
 impl Rejection {
     /// Every variant, for metrics.
-    pub const ALL: [Rejection; 17] = [
+    pub const ALL: [Rejection; 18] = [
         Rejection::Malformed,
         Rejection::HeaderTooLarge,
         Rejection::NotFound,
@@ -75,6 +78,7 @@ impl Rejection {
         Rejection::HandshakeLimit,
         Rejection::OriginNotAllowed,
         Rejection::BadProxyHeader,
+        Rejection::Unauthorized,
     ];
 
     /// HTTP status sent.
@@ -87,6 +91,7 @@ impl Rejection {
             | Rejection::BadProxyHeader => 400,
             Rejection::TooManyConnections | Rejection::RateLimited => 429,
             Rejection::OriginNotAllowed => 403,
+            Rejection::Unauthorized => 401,
             // Never answered (the socket is closed); 503 is the label.
             Rejection::HandshakeLimit => 503,
             Rejection::HeaderTooLarge => 431,
@@ -118,6 +123,7 @@ impl Rejection {
             Rejection::HandshakeLimit => "handshake_limit",
             Rejection::OriginNotAllowed => "origin_not_allowed",
             Rejection::BadProxyHeader => "bad_proxy_header",
+            Rejection::Unauthorized => "unauthorized",
         }
     }
 
@@ -261,6 +267,10 @@ pub fn refusal(why: Rejection, text: &str, retry_after: u32) -> Vec<u8> {
         Rejection::UpgradeRequired => "Upgrade: websocket\r\n".to_string(),
         Rejection::WsVersion => "Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n".to_string(),
         Rejection::MethodNotAllowed => "Allow: GET, HEAD\r\n".to_string(),
+        Rejection::Unauthorized => {
+            let why = text.split(':').next().unwrap_or("invalid");
+            format!("WWW-Authenticate: Bearer error=\"invalid_token\", error_description=\"{why}\"\r\n")
+        }
         Rejection::Full | Rejection::Draining | Rejection::RateLimited | Rejection::TooManyConnections => {
             format!("Retry-After: {retry_after}\r\n")
         }
