@@ -117,5 +117,8 @@ fuzz_target!(|input: &[u8]| {
                 assert_eq!(v["id"], i);
             }
         }
+        // The token is verified by app::auth (its own unit tests); here only
+        // its size bound: it came out of a message of at most the input.
+        Request::Refresh(token) => assert!(token.len() <= text.len(), "token longer than its message"),
     }
 });
