@@ -43,10 +43,13 @@ impl Directory {
     pub fn register(&mut self, client_id: Arc<str>, conn: ConnId, max: usize) -> Vec<ConnId> {
         let max = max.max(1);
         let entry = self.map.entry(client_id).or_insert(Sessions::Many(Vec::new()));
-        let mut all = entry.as_slice().to_vec();
-        if all.contains(&conn) {
+        if entry.as_slice().contains(&conn) {
             return Vec::new();
         }
+        let mut all = match std::mem::replace(entry, Sessions::Many(Vec::new())) {
+            Sessions::One(c) => vec![c],
+            Sessions::Many(v) => v,
+        };
         all.push(conn);
         let replaced: Vec<ConnId> = all.drain(..all.len().saturating_sub(max)).collect();
         *entry = if all.len() == 1 { Sessions::One(all[0]) } else { Sessions::Many(all) };
