@@ -525,6 +525,8 @@ impl Config {
                 return Ok(());
             }
             match tree.as_ref().and_then(|t| lookup(t, key)) {
+                // Secrets are never echoed into a log line.
+                Some(_) if key.contains("secret") => check(false, key, why),
                 Some(given) => check(false, key, &format!("{why} (got {given})")),
                 None => check(false, key, why),
             }

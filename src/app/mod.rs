@@ -389,6 +389,9 @@ impl App for Edge {
     }
 
     fn on_close<C: Conns<Self>>(&self, cx: &C, id: ConnId, state: Session) {
+        if let Some(g) = &state.grants {
+            self.expiries.borrow_mut().remove(&(g.exp, id));
+        }
         let mut emptied = Vec::new();
         {
             let mut rooms = self.rooms.borrow_mut();

@@ -197,7 +197,12 @@ async fn admit_slot<A: App>(shard: &Rc<Shard<A>>, id: ConnId, class: Class) -> b
         return false;
     }
     let started = Instant::now();
-    let deadline = started + Duration::from_millis(cfg.wait_ms(class));
+    // A waiting socket is still a pending handshake: it must get its 503
+    // before the handshake timeout would drop it without an answer.
+    let accepted = shard.table.borrow().get(id).map(|c| c.accepted_at).unwrap_or(started);
+    let handshake_end = accepted + Duration::from_millis(shard.node.config.server.handshake_timeout_ms);
+    let by_handshake = handshake_end.checked_sub(Duration::from_millis(WAIT_MARGIN_MS)).unwrap_or(started);
+    let deadline = (started + Duration::from_millis(cfg.wait_ms(class))).min(by_handshake);
     let ticket = shard.waiters.borrow_mut().push(class);
     shard.metrics().waiting.store(shard.waiters.borrow().len(), Ordering::Relaxed);
     let mut preempted = false;
@@ -231,6 +236,10 @@ async fn admit_slot<A: App>(shard: &Rc<Shard<A>>, id: ConnId, class: Class) -> b
     shard.metrics().record_wait(class, started.elapsed().as_micros() as u64);
     got
 }
+
+/// A waiting upgrade gives up this long before the handshake timeout, so
+/// that its 503 is written before the sweep would drop the socket.
+const WAIT_MARGIN_MS: u64 = 250;
 
 /// Takes a slot if the shard has one and the class may have it (the
 /// reservations of higher classes, node-wide).
