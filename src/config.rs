@@ -498,6 +498,12 @@ impl Config {
         let vars: BTreeMap<String, String> = env.into_iter().collect();
         for (name, value) in vars {
             if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+                // Only names in a settings section are settings (a typo there
+                // is refused); others (RINGSIDE_LOG, a test's RINGSIDE_BIN) are
+                // not ours to judge.
+                if !names_a_section(&tree, rest) {
+                    continue;
+                }
                 let key = env_key(&tree, rest)
                     .ok_or_else(|| ConfigError::new(&name, "no such setting (expected RINGSIDE_<SECTION>_<KEY>)"))?;
                 set_key(&mut tree, &key, &value)
@@ -828,6 +834,12 @@ fn merge(dst: &mut toml::Value, src: toml::Value, path: &str) -> Result<(), Conf
 }
 
 /// Maps `SERVER_MAX_CONNECTIONS_PER_SHARD` to `server.max_connections_per_shard`.
+/// True if `rest` (an env name after `RINGSIDE_`) starts with a section name.
+fn names_a_section(tree: &toml::Value, rest: &str) -> bool {
+    let lower = rest.to_ascii_lowercase();
+    tree.as_table().is_some_and(|t| t.keys().any(|section| lower.starts_with(&format!("{section}_"))))
+}
+
 fn env_key(tree: &toml::Value, rest: &str) -> Option<String> {
     let lower = rest.to_ascii_lowercase();
     let table = tree.as_table()?;
@@ -1038,6 +1050,8 @@ mod tests {
         let c = Config::load(None, env).unwrap();
         assert_eq!(c.server.max_connections_per_shard, 77);
         assert_eq!(c.websocket.slow_consumer, SlowConsumerPolicy::Drop);
+        let other = vec![("RINGSIDE_LOG".to_string(), "debug".to_string()), ("RINGSIDE_BIN".into(), "/x".into())];
+        assert!(Config::load(None, other).is_ok(), "names outside the settings sections are not settings");
         let bad = Config::load(None, vec![("RINGSIDE_SERVER_NOPE".into(), "1".into())]).unwrap_err();
         assert!(bad.to_string().contains("RINGSIDE_SERVER_NOPE"), "{bad}");
         let bad = Config::load(None, vec![("RINGSIDE_SERVER_SHARDS".into(), "two".into())]).unwrap_err();
