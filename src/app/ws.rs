@@ -57,6 +57,11 @@ impl Edge {
         cx.state(id, |s| s.grants = Some(super::Grants::of(&claims)));
         self.shared.metrics[self.shard].tokens_refreshed.inc();
         cx.send_text(id, &protocol::refreshed(claims.exp));
+        // Rooms the new token no longer allows are left (the client is told).
+        let joined = cx.state(id, |s| s.rooms.clone()).unwrap_or_default();
+        for room in joined.iter().filter(|r| !claims.rooms.allows(r)) {
+            self.leave(cx, id, room);
+        }
     }
 
     /// True if the connection's grants allow `room` (`publish` picks which list).
