@@ -53,8 +53,15 @@ impl Edge {
         if &*claims.sub != me {
             return self.send_error(cx, id, ClientError::Forbidden);
         }
-        self.expiries.borrow_mut().insert((claims.exp, id));
-        cx.state(id, |s| s.grants = Some(super::Grants::of(&claims)));
+        // One expiry entry per connection: the old one goes (a refresh flood
+        // cannot grow the set).
+        let old = cx.state(id, |s| s.grants.replace(super::Grants::of(&claims))).flatten();
+        let mut ex = self.expiries.borrow_mut();
+        if let Some(g) = old {
+            ex.remove(&(g.exp, id));
+        }
+        ex.insert((claims.exp, id));
+        drop(ex);
         self.shared.metrics[self.shard].tokens_refreshed.inc();
         cx.send_text(id, &protocol::refreshed(claims.exp));
         // Rooms the new token no longer allows are left (the client is told).

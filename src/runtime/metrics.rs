@@ -320,7 +320,7 @@ pub fn render(t: &mut Text, shards: &[&ShardMetrics], mailbox_depth: &[(usize, u
     per_shard(t, shards, "unfinished_budget_closed_total", C, help, |m| m.unfinished_closed.get());
     let help = "Connections closed 1008: a frame or message did not complete within websocket.message_timeout_ms.";
     per_shard(t, shards, "message_timeouts_total", C, help, |m| m.message_timeouts.get());
-    let help = "Times reading a connection was paused because its output was over websocket.send_queue_bytes.";
+    let help = "Times reading a connection was paused on its own output: over websocket.send_queue_bytes, an inline write that waited 100 ms or more, or (policy drop) a write stuck past websocket.write_timeout_ms.";
     per_shard(t, shards, "read_paused_total", C, help, |m| m.read_paused.get());
     let help = "Bytes held in unfinished frames and fragmented messages (as of the last sweep).";
     per_shard(t, shards, "unfinished_bytes", G, help, |m| gauge(&m.unfinished_bytes));
