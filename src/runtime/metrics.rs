@@ -303,13 +303,14 @@ pub fn render(t: &mut Text, shards: &[&ShardMetrics], mailbox_depth: &[(usize, u
     per_shard(t, shards, "cross_shard_received_total", C, help, |m| m.cross_shard_received.get());
     let help = "Cross-shard messages this shard could not deliver (the target mailbox was full).";
     per_shard(t, shards, "mailbox_full_total", C, help, |m| m.mailbox_full.get());
-    t.family("mailbox_depth", G, "Messages waiting in each shard's mailbox.");
-    for (i, (d, _)) in mailbox_depth.iter().enumerate() {
-        t.sample("mailbox_depth", &[("shard", &i)], d);
-    }
-    t.family("mailbox_bytes", G, "Bytes of data messages (room and direct frames) waiting in each shard's mailbox.");
-    for (i, (_, b)) in mailbox_depth.iter().enumerate() {
-        t.sample("mailbox_bytes", &[("shard", &i)], b);
+    let help = "Bytes of data messages (room and direct frames) waiting in each shard's mailbox.";
+    for (name, help, pick) in
+        [("mailbox_depth", "Messages waiting in each shard's mailbox.", 0), ("mailbox_bytes", help, 1)]
+    {
+        t.family(name, G, help);
+        for (i, (d, b)) in mailbox_depth.iter().enumerate() {
+            t.sample(name, &[("shard", &i)], if pick == 0 { d } else { b });
+        }
     }
     let help = "Messages dropped for slow readers (policy drop).";
     per_shard(t, shards, "send_queue_dropped_total", C, help, |m| m.send_queue_dropped.get());
