@@ -220,7 +220,7 @@ async fn a_sigkilled_node_expires_and_its_clients_work_elsewhere() {
     let mut a = Node::start("xa", &redis.url());
     let b = Node::start("xb", &redis.url());
     let c = Node::start("xc", &redis.url());
-    let mut r = redis_conn(&redis.url()).await;
+    let r = redis_conn(&redis.url()).await;
     let mut erin = Client::connect(&a, "erin").await;
     erin.join("r").await;
     tokio::time::sleep(Duration::from_millis(2 * INTERVAL_MS)).await;
@@ -252,9 +252,17 @@ async fn a_sigkilled_node_expires_and_its_clients_work_elsewhere() {
     frank.direct("erin", json!("psst")).await;
     let m = erin.recv().await.expect("direct on the new node");
     assert_eq!(m, json!({"type": "direct", "from": "frank", "data": "psst"}));
-    let conn: Option<String> =
-        redis::cmd("HGET").arg("ringside:conn:erin").arg("node").query_async(&mut r).await.unwrap();
-    assert_eq!(conn.as_deref(), Some("xb"));
+    // The conn hash follows at xb's next sync (directs route by the sessions set).
+    let moved = eventually(Duration::from_secs(2), || {
+        let mut r = r.clone();
+        async move {
+            let conn: Option<String> =
+                redis::cmd("HGET").arg("ringside:conn:erin").arg("node").query_async(&mut r).await.unwrap();
+            conn.as_deref() == Some("xb")
+        }
+    })
+    .await;
+    assert!(moved, "ringside:conn:erin still names xa");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,4 +327,69 @@ async fn a_redis_outage_leaves_local_traffic_alone_and_recovers() {
     let m = a1.recv().await.expect("direct after recovery");
     assert_eq!(m["data"], "hi again");
     let _ = numsub(&mut r, "x").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_per_client_across_nodes_the_newest_replaces_the_other_with_4000() {
+    need_redis!();
+    let redis = Redis::start();
+    let (a, b) = (Node::start("sa", &redis.url()), Node::start("sb", &redis.url()));
+    // Both nodes must see each other live before a replacement can cross.
+    let both = || async { a.get_json("/cluster")["nodes"].as_array().map_or(0, Vec::len) == 2 };
+    assert!(eventually(Duration::from_secs(5), both).await, "{}", a.get("/cluster"));
+    let mut old = Client::connect(&a, "zed").await;
+    let mut peer = Client::connect(&a, "yan").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut new = Client::connect(&b, "zed").await;
+    assert_eq!(old.close_code(Duration::from_secs(3)).await, Some(4000), "the older session, on the other node");
+    // The replacement is counted on both sides.
+    assert!(
+        eventually(Duration::from_secs(2), || async { b.metric("ringside_cluster_sessions_replaced_total") >= 1.0 })
+            .await
+    );
+    assert_eq!(a.metric("ringside_cluster_remote_replacements_total"), 1.0);
+    // The newest lives on and gets direct messages from the other node.
+    peer.direct("zed", json!("still here?")).await;
+    let m = new.recv().await.expect("direct to the surviving session");
+    assert_eq!(m, json!({"type": "direct", "from": "yan", "data": "still here?"}));
+    let r = redis_conn(&redis.url()).await;
+    let ok = eventually(Duration::from_secs(2), || {
+        let mut r = r.clone();
+        async move {
+            let m: Vec<String> =
+                redis::cmd("ZRANGE").arg("ringside:sessions:zed").arg(0).arg(-1).query_async(&mut r).await.unwrap();
+            m.len() == 1 && m[0].starts_with("sb|")
+        }
+    })
+    .await;
+    assert!(ok, "the sessions set keeps only sb's session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_sessions_per_client_span_nodes_all_get_directs_and_the_oldest_goes_first() {
+    need_redis!();
+    let redis = Redis::start();
+    let set = ["auth.sessions_per_client=2"];
+    let (a, b) = (Node::start_with("ta", &redis.url(), &set), Node::start_with("tb", &redis.url(), &set));
+    let both = || async { a.get_json("/cluster")["nodes"].as_array().map_or(0, Vec::len) == 2 };
+    assert!(eventually(Duration::from_secs(5), both).await, "{}", a.get("/cluster"));
+    let mut tab_a = Client::connect(&a, "uma").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut tab_b = Client::connect(&b, "uma").await;
+    let mut sender = Client::connect(&a, "vic").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Sent on a, where one tab is: that tab gets it locally, the other across.
+    sender.direct("uma", json!(1)).await;
+    let want = json!({"type": "direct", "from": "vic", "data": 1});
+    assert_eq!(tab_a.recv().await, Some(want.clone()), "tab on the sender's node");
+    assert_eq!(tab_b.recv().await, Some(want), "tab on the other node");
+    assert!(tab_a.drain(QUIET).await.is_empty() && tab_b.drain(Duration::ZERO).await.is_empty(), "once each");
+    // A third tab (on b) replaces the oldest, which is on a.
+    let mut tab_b2 = Client::connect(&b, "uma").await;
+    assert_eq!(tab_a.close_code(Duration::from_secs(3)).await, Some(4000));
+    sender.direct("uma", json!(2)).await;
+    let want = json!({"type": "direct", "from": "vic", "data": 2});
+    assert_eq!(tab_b.recv().await, Some(want.clone()));
+    assert_eq!(tab_b2.recv().await, Some(want));
+    assert!(sender.drain(QUIET).await.is_empty(), "no unknown_client");
 }

@@ -86,6 +86,14 @@ pub enum AppMsg {
         /// The sender.
         conn: ConnId,
     },
+    /// Sent to a client id's home shard: a newer session on another node
+    /// replaced `conn` (past `auth.sessions_per_client`).
+    Replaced {
+        /// Client id.
+        client_id: Arc<str>,
+        /// The replaced session.
+        conn: ConnId,
+    },
     /// Close `conn` with `code` (a newer connection took its client id).
     Kick {
         /// Connection to close.
@@ -106,6 +114,7 @@ impl crate::runtime::mailbox::Weigh for AppMsg {
             AppMsg::Register { .. }
             | AppMsg::Unregister { .. }
             | AppMsg::UnknownClient { .. }
+            | AppMsg::Replaced { .. }
             | AppMsg::Kick { .. } => None,
         }
     }
@@ -235,13 +244,33 @@ impl Edge {
         }
     }
 
+    /// On the client's home shard: records `conn` as one of its sessions,
+    /// replacing the oldest past `auth.sessions_per_client` here, and tells
+    /// the broker (from here, so that the cluster sees this node's sessions
+    /// in the order the directory does) to replace the oldest elsewhere.
     fn register<C: Conns<Self>>(&self, cx: &C, client_id: Arc<str>, conn: ConnId) {
         let max = cx.node().config.auth.sessions_per_client as usize;
-        let replaced = self.directory.borrow_mut().register(client_id, conn, max);
+        let replaced = self.directory.borrow_mut().register(client_id.clone(), conn, max);
         for old in replaced {
-            let reason = "replaced by a newer connection with the same client_id";
-            let kick = AppMsg::Kick { conn: old, code: crate::transport::close::REPLACED, reason };
-            let _ = cx.send_to(old.shard(), kick);
+            self.kick_replaced(cx, old);
+        }
+        self.broker().conn_opened(&client_id, conn, max);
+    }
+
+    fn kick_replaced<C: Conns<Self>>(&self, cx: &C, old: ConnId) {
+        let reason = "replaced by a newer connection with the same client_id";
+        let kick = AppMsg::Kick { conn: old, code: crate::transport::close::REPLACED, reason };
+        let _ = cx.send_to(old.shard(), kick);
+    }
+
+    /// On the home shard: a newer session on another node replaced `conn`.
+    fn replaced_elsewhere<C: Conns<Self>>(&self, cx: &C, client_id: &str, conn: ConnId) {
+        let mut dir = self.directory.borrow_mut();
+        // A stale notice (the session closed, or its id was reused) is ignored.
+        if dir.sessions(client_id).contains(&conn) {
+            dir.unregister(client_id, conn);
+            drop(dir);
+            self.kick_replaced(cx, conn);
         }
     }
 
@@ -279,11 +308,14 @@ impl Edge {
 
     fn route_direct<C: Conns<Self>>(&self, cx: &C, to: Arc<str>, frame: Bytes, reply_to: Option<ConnId>) {
         let targets = self.directory.borrow().sessions(&to);
-        if targets.is_empty() {
-            if let Some(from) = reply_to {
-                self.broker().direct(to, frame, from);
+        // A local sender's message also goes to the target's sessions on
+        // other nodes: always when it may have none here, and when it may
+        // keep several sessions (tabs on different nodes). With one session
+        // per client, a session here means any other is being replaced.
+        if let Some(from) = reply_to {
+            if targets.is_empty() || cx.node().config.auth.sessions_per_client > 1 {
+                self.broker().direct(to, frame.clone(), from, !targets.is_empty());
             }
-            return;
         }
         // Every live session of the client (browser tabs) gets it.
         for conn in targets {
@@ -365,7 +397,6 @@ impl App for Edge {
         let Some(Some(cid)) = cx.state(id, |s| s.client_id.clone()) else { return };
         let node = cx.node();
         cx.send_text(id, &protocol::welcome(&cid, &node.node_id, self.shard));
-        self.broker().conn_opened(&cid, id);
         let home = self.shared.home_shard(&cid, node.shards.len());
         let _ = cx.send_to(home, AppMsg::Register { client_id: cid, conn: id });
     }
@@ -405,7 +436,6 @@ impl App for Edge {
             self.broker().room_interest(self.shard, &room, false);
         }
         if let Some(client_id) = state.client_id {
-            self.broker().conn_closed(&client_id);
             let home = self.shared.home_shard(&client_id, cx.node().shards.len());
             let _ = cx.send_to(home, AppMsg::Unregister { client_id, conn: id });
         }
@@ -415,7 +445,11 @@ impl App for Edge {
         match msg {
             AppMsg::Room { room, frame, origin } => self.deliver_room(cx, &room, &frame, origin),
             AppMsg::Register { client_id, conn } => self.register(cx, client_id, conn),
-            AppMsg::Unregister { client_id, conn } => self.directory.borrow_mut().unregister(&client_id, conn),
+            AppMsg::Unregister { client_id, conn } => {
+                self.directory.borrow_mut().unregister(&client_id, conn);
+                self.broker().conn_closed(&client_id, conn);
+            }
+            AppMsg::Replaced { client_id, conn } => self.replaced_elsewhere(cx, &client_id, conn),
             AppMsg::DirectRoute { to, frame, reply_to } => self.route_direct(cx, to, frame, reply_to),
             AppMsg::Deliver { conn, frame } => {
                 cx.send_frame(conn, &frame);
@@ -495,6 +529,15 @@ impl Sink for Delivery {
 
     fn unknown_client(&self, from: ConnId, _to: Arc<str>) -> bool {
         self.to_shard(from.shard(), AppMsg::UnknownClient { conn: from })
+    }
+
+    fn replaced(&self, client_id: &str, conn: ConnId) -> bool {
+        if !protocol::valid_client_id(client_id) {
+            return true;
+        }
+        let client_id: Arc<str> = Arc::from(client_id);
+        let home = home_shard(&self.hash_key, &client_id, self.node.shards.len());
+        self.to_shard(home, AppMsg::Replaced { client_id, conn })
     }
 
     fn affinity(&self, conn: ConnId, node: &str, url: &str) -> bool {

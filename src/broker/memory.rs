@@ -33,8 +33,8 @@ struct Hub {
 #[derive(Default)]
 struct HubState {
     sinks: Vec<(String, Arc<dyn Sink>)>,
-    /// Client id → (node index, live connections there).
-    clients: HashMap<Arc<str>, (usize, u32)>,
+    /// Client id → its sessions (node index, connection), oldest first.
+    clients: HashMap<Arc<str>, Vec<(usize, ConnId)>>,
     /// Room → (node index, shard) pairs with local members.
     rooms: HashMap<Arc<str>, BTreeSet<(usize, usize)>>,
 }
@@ -71,24 +71,30 @@ impl MemoryBroker {
 }
 
 impl Broker for MemoryBroker {
-    fn conn_opened(&self, client_id: &Arc<str>, _conn: ConnId) {
+    fn conn_opened(&self, client_id: &Arc<str>, conn: ConnId, keep: usize) {
         if self.alone_on_hub() {
             return;
         }
-        self.with(|st| {
-            let e = st.clients.entry(client_id.clone()).or_insert((self.index, 0));
-            *e = (self.index, if e.0 == self.index { e.1 + 1 } else { 1 });
+        let evicted: Vec<(Arc<dyn Sink>, ConnId)> = self.with(|st| {
+            let sessions = st.clients.entry(client_id.clone()).or_default();
+            sessions.push((self.index, conn));
+            let past = sessions.len().saturating_sub(keep.max(1));
+            let gone: Vec<(usize, ConnId)> = sessions.drain(..past).collect();
+            gone.into_iter().map(|(n, c)| (st.sinks[n].1.clone(), c)).collect()
         });
+        for (sink, c) in evicted {
+            sink.replaced(client_id, c);
+        }
     }
 
-    fn conn_closed(&self, client_id: &Arc<str>) {
+    fn conn_closed(&self, client_id: &Arc<str>, conn: ConnId) {
         if self.alone_on_hub() {
             return;
         }
         self.with(|st| {
-            if let Some(e) = st.clients.get_mut(client_id).filter(|e| e.0 == self.index) {
-                e.1 -= 1;
-                if e.1 == 0 {
+            if let Some(sessions) = st.clients.get_mut(client_id) {
+                sessions.retain(|s| *s != (self.index, conn));
+                if sessions.is_empty() {
                     st.clients.remove(client_id);
                 }
             }
@@ -125,15 +131,22 @@ impl Broker for MemoryBroker {
         }
     }
 
-    fn direct(&self, to: Arc<str>, frame: Bytes, from: ConnId) {
-        let target = if self.alone_on_hub() {
-            None
+    fn direct(&self, to: Arc<str>, frame: Bytes, from: ConnId, delivered_here: bool) {
+        let targets: Vec<Arc<dyn Sink>> = if self.alone_on_hub() {
+            Vec::new()
         } else {
-            self.with(|st| st.clients.get(&to).filter(|e| e.0 != self.index).map(|e| st.sinks[e.0].1.clone()))
+            self.with(|st| {
+                let nodes: BTreeSet<usize> =
+                    st.clients.get(&to).into_iter().flatten().map(|(n, _)| *n).filter(|n| *n != self.index).collect();
+                nodes.into_iter().map(|n| st.sinks[n].1.clone()).collect()
+            })
         };
-        match target {
-            Some(t) => drop(t.direct(&to, &frame)),
-            None => drop(self.sink.unknown_client(from, to)),
+        if targets.is_empty() && !delivered_here {
+            let _ = self.sink.unknown_client(from, to);
+            return;
+        }
+        for t in targets {
+            let _ = t.direct(&to, &frame);
         }
     }
 
@@ -204,6 +217,10 @@ mod tests {
             self.got.lock().unwrap().push(format!("unknown {to}"));
             true
         }
+        fn replaced(&self, client_id: &str, conn: ConnId) -> bool {
+            self.got.lock().unwrap().push(format!("replaced {client_id} {}", conn.raw()));
+            true
+        }
         fn affinity(&self, _conn: ConnId, _node: &str, _url: &str) -> bool {
             true
         }
@@ -236,23 +253,45 @@ mod tests {
         b.publish(Arc::from("r"), "own");
         a.publish(Arc::from("other"), "p2");
         assert_eq!(*rb.got.lock().unwrap(), vec!["room r p1".to_string()]);
-        b.conn_opened(&Arc::from("bob"), ConnId::new(0, 1, 1));
-        a.direct(Arc::from("bob"), Bytes::from_static(b"hi"), ConnId::new(0, 2, 1));
-        a.direct(Arc::from("nobody"), Bytes::from_static(b"x"), ConnId::new(0, 2, 1));
+        b.conn_opened(&Arc::from("bob"), ConnId::new(0, 1, 1), 1);
+        a.direct(Arc::from("bob"), Bytes::from_static(b"hi"), ConnId::new(0, 2, 1), false);
+        a.direct(Arc::from("nobody"), Bytes::from_static(b"x"), ConnId::new(0, 2, 1), false);
         assert_eq!(rb.got.lock().unwrap().last().map(String::as_str), Some("direct bob hi"));
         assert_eq!(*ra.got.lock().unwrap(), vec!["unknown nobody".to_string()]);
-        b.conn_closed(&Arc::from("bob"));
-        a.direct(Arc::from("bob"), Bytes::from_static(b"late"), ConnId::new(0, 2, 1));
+        b.conn_closed(&Arc::from("bob"), ConnId::new(0, 1, 1));
+        a.direct(Arc::from("bob"), Bytes::from_static(b"late"), ConnId::new(0, 2, 1), false);
         assert_eq!(ra.got.lock().unwrap().last().map(String::as_str), Some("unknown bob"));
         assert_eq!(a.cluster_json()["nodes"].as_array().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn sessions_past_the_limit_are_replaced_across_nodes_oldest_first() {
+        let hub = MemoryHub::default();
+        let ((ra, a), (rb, b)) = (node(&hub, "a"), node(&hub, "b"));
+        let (a1, b1, a2) = (ConnId::new(0, 1, 1), ConnId::new(1, 1, 1), ConnId::new(0, 2, 1));
+        a.conn_opened(&Arc::from("t"), a1, 2);
+        b.conn_opened(&Arc::from("t"), b1, 2);
+        assert!(ra.got.lock().unwrap().is_empty(), "two sessions fit in two");
+        // A direct from a reaches b's session; a already delivered its own.
+        a.direct(Arc::from("t"), Bytes::from_static(b"m"), ConnId::new(0, 9, 1), true);
+        assert_eq!(rb.got.lock().unwrap().last().map(String::as_str), Some("direct t m"));
+        a.conn_opened(&Arc::from("t"), a2, 2);
+        assert_eq!(*ra.got.lock().unwrap(), vec![format!("replaced t {}", a1.raw())], "the oldest goes");
+        b.conn_opened(&Arc::from("t"), ConnId::new(1, 2, 1), 1);
+        assert_eq!(rb.got.lock().unwrap().last(), Some(&format!("replaced t {}", b1.raw())));
+        assert_eq!(ra.got.lock().unwrap().last(), Some(&format!("replaced t {}", a2.raw())));
+        // Only b's newest is left: a direct delivered here reaches nobody else and is not unknown.
+        let before = ra.got.lock().unwrap().len();
+        b.direct(Arc::from("t"), Bytes::from_static(b"x"), ConnId::new(1, 9, 1), true);
+        assert_eq!(ra.got.lock().unwrap().len(), before);
     }
 
     #[test]
     fn alone_answers_unknown_and_lists_itself() {
         let rec = Arc::new(Rec { id: "solo".into(), ..Rec::default() });
         let b = MemoryBroker::alone(rec.clone());
-        b.conn_opened(&Arc::from("x"), ConnId::new(0, 1, 1));
-        b.direct(Arc::from("x"), Bytes::new(), ConnId::new(0, 1, 1));
+        b.conn_opened(&Arc::from("x"), ConnId::new(0, 1, 1), 1);
+        b.direct(Arc::from("x"), Bytes::new(), ConnId::new(0, 1, 1), false);
         assert_eq!(*rec.got.lock().unwrap(), vec!["unknown x".to_string()]);
         let v = b.cluster_json();
         assert_eq!((v["mode"].as_str(), v["least_loaded"]["node"].as_str()), (Some("standalone"), Some("solo")));

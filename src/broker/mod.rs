@@ -24,19 +24,25 @@ use crate::runtime::table::ConnId;
 
 /// Cross-node operations, called from shard threads.
 pub trait Broker: Send + Sync {
-    /// A `/ws` client connected as `conn`.
-    fn conn_opened(&self, client_id: &Arc<str>, conn: ConnId);
-    /// A `/ws` client disconnected.
-    fn conn_closed(&self, client_id: &Arc<str>);
+    /// A `/ws` client connected as `conn`; it may keep `keep` sessions in
+    /// the whole cluster (`auth.sessions_per_client`): past that, the oldest
+    /// elsewhere are told to close through their node's [`Sink::replaced`].
+    /// Called from the client's home shard, in the order its directory
+    /// registered the sessions, so that the cluster's "oldest" and the
+    /// node's agree.
+    fn conn_opened(&self, client_id: &Arc<str>, conn: ConnId, keep: usize);
+    /// A `/ws` client's connection `conn` closed (or was replaced).
+    fn conn_closed(&self, client_id: &Arc<str>, conn: ConnId);
     /// The first local member joined `room` on `shard` (`on`), or the last left.
     fn room_interest(&self, shard: usize, room: &str, on: bool);
     /// A local client published `payload` (a `message` envelope) to `room`:
     /// deliver it to the other nodes' members.
     fn publish(&self, room: Arc<str>, payload: &str);
-    /// A direct message (`frame`, ready for the target) whose target is not
-    /// on this node; `from` is told `unknown_client` through the sink if
-    /// nobody has it.
-    fn direct(&self, to: Arc<str>, frame: Bytes, from: ConnId);
+    /// A direct message (`frame`, ready for the target) for the target's
+    /// sessions on other nodes. `delivered_here`: the target also has
+    /// sessions on this node, which already got it; otherwise `from` is told
+    /// `unknown_client` through the sink if nobody has it.
+    fn direct(&self, to: Arc<str>, frame: Bytes, from: ConnId, delivered_here: bool);
     /// How many connections per shard the broker wants in each sample (0 = none).
     fn sample_size(&self) -> usize;
     /// A shard's periodic sample of its connections.
@@ -61,6 +67,10 @@ pub trait Sink: Send + Sync + 'static {
     fn direct(&self, to: &str, frame: &[u8]) -> bool;
     /// `from`'s direct message to `to` found nobody.
     fn unknown_client(&self, from: ConnId, to: Arc<str>) -> bool;
+    /// `conn`, a session of `client_id` on this node, was replaced by a
+    /// newer session elsewhere (past `auth.sessions_per_client`): close it.
+    /// Ignored unless `conn` is still that client's session here.
+    fn replaced(&self, client_id: &str, conn: ConnId) -> bool;
     /// `conn`'s affinity node is another live one, reachable at `url`.
     fn affinity(&self, conn: ConnId, node: &str, url: &str) -> bool;
     /// This node's own figures, for the registry.

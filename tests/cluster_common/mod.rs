@@ -20,8 +20,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// The sync interval the tests run nodes with.
 pub const INTERVAL_MS: u64 = 200;
 
-/// True when `redis-server` is usable; tries `apt-get install` once if not.
-/// Prints a loud skip message when it cannot be had.
+/// True when `redis-server` is usable; tries `apt-get install` once if not,
+/// and fails the test when it cannot be had (scripts/test installs it: a
+/// cluster test that passed without Redis would prove nothing).
 pub fn redis_available() -> bool {
     let ok = || Command::new("redis-server").arg("--version").output().is_ok_and(|o| o.status.success());
     if ok() {
@@ -31,8 +32,7 @@ pub fn redis_available() -> bool {
     if ok() {
         return true;
     }
-    eprintln!("\n!!!!!!!! SKIPPED: redis-server is missing and could not be installed !!!!!!!!\n");
-    false
+    panic!("redis-server is missing and could not be installed: run scripts/test, which installs it");
 }
 
 /// A TCP port nothing listens on right now.
@@ -176,11 +176,17 @@ pub struct Node {
 impl Node {
     /// Starts `ringside` with `id`, `redis_url` and the test interval.
     pub fn start(id: &str, redis_url: &str) -> Node {
+        Node::start_with(id, redis_url, &[])
+    }
+
+    /// [`Node::start`] with more `--set key=value` settings.
+    pub fn start_with(id: &str, redis_url: &str, settings: &[&str]) -> Node {
         let interval = format!("cluster.sync_interval_ms={INTERVAL_MS}");
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringside"))
             .args(["--listen", "127.0.0.1:0", "--shards", "2", "--node-id", id, "--redis", redis_url])
             .args(["--set", &interval, "--set", "server.pin_cores=false", "--set", "websocket.sweep_interval_ms=100"])
             .args(["--set", "auth.allow_client_ids=true"])
+            .args(settings.iter().flat_map(|kv| ["--set", kv]))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -312,6 +318,18 @@ impl Client {
             }
         }
         out
+    }
+
+    /// The close code the server sends within `d` (skipping other messages).
+    pub async fn close_code(&mut self, d: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await.ok()?? {
+                Ok(Message::Close(f)) => return Some(f.map(|f| u16::from(f.code)).unwrap_or(1005)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
     }
 
     /// Joins `room` and waits for the ack.

@@ -85,6 +85,31 @@ pub enum Op {
         /// Key.
         key: String,
     },
+    /// Adds `member` to the sorted set `key` with `score`, refreshes its TTL
+    /// and answers every member, lowest score first ([`Reply::List`]); one
+    /// atomic script.
+    SessionOpen {
+        /// Key.
+        key: String,
+        /// Member.
+        member: String,
+        /// Score.
+        score: u64,
+        /// TTL, ms.
+        ttl_ms: u64,
+    },
+    /// `ZRANGE key 0 -1` → [`Reply::List`], lowest score first.
+    ZRange {
+        /// Key.
+        key: String,
+    },
+    /// `ZREM key member`.
+    ZRem {
+        /// Key.
+        key: String,
+        /// Member.
+        member: String,
+    },
     /// `PUBLISH` (or `SPUBLISH` in cluster mode) → [`Reply::Int`], the receivers.
     Publish {
         /// Channel.

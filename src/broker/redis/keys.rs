@@ -36,6 +36,24 @@ pub fn conn(client_id: &str) -> String {
     format!("{PREFIX}conn:{client_id}")
 }
 
+/// `ringside:sessions:{client_id}`: a sorted set of the client's live
+/// sessions in the whole cluster, `{node}|{conn}` scored by when they
+/// opened (unix ms × 1000 + a per-node sequence), oldest first.
+pub fn sessions(client_id: &str) -> String {
+    format!("{PREFIX}sessions:{client_id}")
+}
+
+/// A session's member in [`sessions`].
+pub fn session_member(node_id: &str, conn: u64) -> String {
+    format!("{node_id}|{conn}")
+}
+
+/// `(node, conn)` of a [`session_member`]; `None` if malformed.
+pub fn parse_session_member(m: &str) -> Option<(&str, u64)> {
+    let (node, conn) = m.rsplit_once('|')?;
+    Some((node, conn.parse().ok()?))
+}
+
 /// `ringside:affinity:{client_id}`
 pub fn affinity(client_id: &str) -> String {
     format!("{PREFIX}affinity:{client_id}")
@@ -96,6 +114,35 @@ pub fn decode_direct(msg: &[u8]) -> Option<(&str, &str, &[u8])> {
     (!to.is_empty()).then_some((origin, to, frame))
 }
 
+/// The `to` of an inbox message that replaces a session instead of carrying
+/// a frame (no client id contains `!`).
+const REPLACE: &str = "!replace";
+
+/// An inbox message telling a node to close its session `conn` of
+/// `client_id` (replaced by a newer one): `origin \n !replace \n client \n conn`.
+pub fn encode_replace(origin: &str, client_id: &str, conn: u64) -> Vec<u8> {
+    format!("{origin}\n{REPLACE}\n{client_id}\n{conn}").into_bytes()
+}
+
+/// What arrived on a node's inbox.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbox<'a> {
+    /// A direct message: `(to, frame)`.
+    Direct(&'a str, &'a [u8]),
+    /// Close session `conn` of this client: `(client_id, conn)`.
+    Replace(&'a str, u64),
+}
+
+/// Decodes an inbox message; `None` if malformed.
+pub fn decode_inbox(msg: &[u8]) -> Option<Inbox<'_>> {
+    let (_, to, rest) = decode_direct(msg)?;
+    if to != REPLACE {
+        return Some(Inbox::Direct(to, rest));
+    }
+    let (client, conn) = split_line(rest)?;
+    Some(Inbox::Replace(client, std::str::from_utf8(conn).ok()?.parse().ok()?))
+}
+
 fn split_line(b: &[u8]) -> Option<(&str, &[u8])> {
     let i = b.iter().position(|&c| c == b'\n')?;
     Some((std::str::from_utf8(&b[..i]).ok()?, &b[i + 1..]))
@@ -111,6 +158,8 @@ mod tests {
         assert_eq!(pool("n1", 3), "ringside:pool:n1:3");
         assert_eq!(conn("c"), "ringside:conn:c");
         assert_eq!(affinity("c"), "ringside:affinity:c");
+        assert_eq!(sessions("c"), "ringside:sessions:c");
+        assert_eq!(session_member("n-1", 42), "n-1|42");
         assert_eq!(sample("n1"), "ringside:sample:n1");
         assert_eq!(room_channel("r.1"), "ringside:room:r.1");
         assert_eq!(inbox_channel("n2"), "ringside:inbox:n2");
@@ -126,5 +175,10 @@ mod tests {
         assert_eq!(decode_room(b"no newline"), None);
         assert_eq!(decode_direct(b"n1\n\nx"), None);
         assert_eq!(decode_direct(b"n1 only"), None);
+        assert_eq!(decode_inbox(&d), Some(Inbox::Direct("bob", &frame[..])));
+        assert_eq!(decode_inbox(&encode_replace("n1", "bob", 77)), Some(Inbox::Replace("bob", 77)));
+        assert_eq!(decode_inbox(b"n1\n!replace\nbob\nx"), None);
+        assert_eq!(parse_session_member("n-1|42"), Some(("n-1", 42)));
+        assert_eq!(parse_session_member("n-1"), None);
     }
 }

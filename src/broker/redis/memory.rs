@@ -14,6 +14,8 @@ enum Val {
     Str(Vec<u8>),
     Hash(HashMap<String, String>),
     Set(BTreeSet<String>),
+    /// (score, member), kept sorted.
+    ZSet(Vec<(u64, String)>),
 }
 
 #[derive(Debug)]
@@ -78,6 +80,14 @@ impl MemoryHub {
         match self.lock().get(key) {
             Some(Val::Str(v)) => Some(String::from_utf8_lossy(&v).into_owned()),
             _ => None,
+        }
+    }
+
+    /// A sorted set's members, lowest score first.
+    pub fn zset(&self, key: &str) -> Vec<String> {
+        match self.lock().get(key) {
+            Some(Val::ZSet(z)) => z.into_iter().map(|(_, m)| m).collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -178,6 +188,35 @@ impl Hub {
                     Some(Val::Hash(h)) => h,
                     _ => HashMap::new(),
                 })
+            }
+            Op::SessionOpen { key, member, score, ttl_ms } => {
+                let mut z = match self.get(key) {
+                    Some(Val::ZSet(z)) => z,
+                    _ => Vec::new(),
+                };
+                z.retain(|(_, m)| m != member);
+                z.push((*score, member.clone()));
+                z.sort();
+                let all = z.iter().map(|(_, m)| m.clone()).collect();
+                self.put(key, Val::ZSet(z), None);
+                self.expire(key, *ttl_ms);
+                return Reply::List(all);
+            }
+            Op::ZRange { key } => {
+                return Reply::List(match self.get(key) {
+                    Some(Val::ZSet(z)) => z.into_iter().map(|(_, m)| m).collect(),
+                    _ => Vec::new(),
+                })
+            }
+            Op::ZRem { key, member } => {
+                if let Some(e) = self.kv.get_mut(key) {
+                    if let Val::ZSet(z) = &mut e.val {
+                        z.retain(|(_, m)| m != member);
+                        if z.is_empty() {
+                            self.kv.remove(key);
+                        }
+                    }
+                }
             }
             Op::Publish { channel, payload } => {
                 let mut n = 0;

@@ -44,11 +44,15 @@ pub enum ClusterCmd {
         client_id: Arc<str>,
         /// Its connection.
         conn: ConnId,
+        /// Sessions the client may keep in the cluster.
+        keep: usize,
     },
     /// A `/ws` client disconnected.
     ConnClosed {
         /// Client id.
         client_id: Arc<str>,
+        /// Its connection.
+        conn: ConnId,
     },
     /// The first local member joined `room` on `shard` (`on`), or the last left.
     RoomInterest {
@@ -74,6 +78,8 @@ pub enum ClusterCmd {
         frame: Bytes,
         /// The sender (told `unknown_client` if nobody has `to`).
         from: ConnId,
+        /// `to` has sessions here too, which already got it.
+        delivered_here: bool,
     },
     /// A shard's periodic sample of its connections.
     Sample {
@@ -152,6 +158,11 @@ pub struct ClusterStatus {
     pub redis_batches: AtomicU64,
     /// Room channels subscribed now.
     pub subscribed_rooms: AtomicU64,
+    /// Sessions this node told to close (here or elsewhere) because a newer
+    /// one took the client past `auth.sessions_per_client` in the cluster.
+    pub sessions_replaced: AtomicU64,
+    /// Replacement notices received from other nodes.
+    pub remote_replacements: AtomicU64,
     /// Messages from Redis dropped because the incoming queue was full.
     pub incoming_dropped: AtomicU64,
     /// The last `/cluster` view: live nodes from the registry (JSON).
@@ -228,12 +239,12 @@ impl RedisBroker {
 }
 
 impl Broker for RedisBroker {
-    fn conn_opened(&self, client_id: &Arc<str>, conn: ConnId) {
-        self.send(ClusterCmd::ConnOpened { client_id: client_id.clone(), conn });
+    fn conn_opened(&self, client_id: &Arc<str>, conn: ConnId, keep: usize) {
+        self.send(ClusterCmd::ConnOpened { client_id: client_id.clone(), conn, keep });
     }
 
-    fn conn_closed(&self, client_id: &Arc<str>) {
-        self.send(ClusterCmd::ConnClosed { client_id: client_id.clone() });
+    fn conn_closed(&self, client_id: &Arc<str>, conn: ConnId) {
+        self.send(ClusterCmd::ConnClosed { client_id: client_id.clone(), conn });
     }
 
     fn room_interest(&self, shard: usize, room: &str, on: bool) {
@@ -244,8 +255,8 @@ impl Broker for RedisBroker {
         self.send(ClusterCmd::Publish { room, payload: payload.to_string() });
     }
 
-    fn direct(&self, to: Arc<str>, frame: Bytes, from: ConnId) {
-        self.send(ClusterCmd::Direct { to, frame, from });
+    fn direct(&self, to: Arc<str>, frame: Bytes, from: ConnId, delivered_here: bool) {
+        self.send(ClusterCmd::Direct { to, frame, from, delivered_here });
     }
 
     fn sample_size(&self) -> usize {
@@ -297,6 +308,16 @@ impl Broker for RedisBroker {
             ("cluster_publish_dropped_total", "Room messages not forwarded (Redis away).", &s.publish_dropped),
             ("cluster_directs_sent_total", "Direct messages sent to other nodes.", &s.directs_sent),
             ("cluster_directs_unknown_total", "Direct messages answered unknown_client.", &s.directs_unknown),
+            (
+                "cluster_sessions_replaced_total",
+                "Sessions replaced by a newer one in the cluster (told by this node).",
+                &s.sessions_replaced,
+            ),
+            (
+                "cluster_remote_replacements_total",
+                "Replacement notices received from other nodes.",
+                &s.remote_replacements,
+            ),
             ("cluster_affinity_hints_total", "Affinity hints sent to clients.", &s.affinity_hints),
             ("cluster_mailbox_full_total", "Messages for shards refused by a full mailbox.", &s.mailbox_full),
             ("cluster_redis_batches_total", "Round trips to Redis.", &s.redis_batches),

@@ -155,6 +155,15 @@ fn add(p: &mut Pipeline, op: &Op, cluster: bool) {
         Op::HGetAll { key } => {
             p.cmd("HGETALL").arg(key);
         }
+        Op::SessionOpen { key, member, score, ttl_ms } => {
+            p.cmd("EVAL").arg(SESSION_OPEN).arg(1).arg(key).arg(*score).arg(member).arg(*ttl_ms);
+        }
+        Op::ZRange { key } => {
+            p.cmd("ZRANGE").arg(key).arg(0).arg(-1);
+        }
+        Op::ZRem { key, member } => {
+            p.cmd("ZREM").arg(key).arg(member);
+        }
         Op::Publish { channel, payload } => {
             p.cmd(if cluster { "SPUBLISH" } else { "PUBLISH" }).arg(channel).arg(payload);
         }
@@ -165,6 +174,10 @@ fn add(p: &mut Pipeline, op: &Op, cluster: bool) {
 const DEL_IF_NODE: &str =
     "if redis.call('HGET', KEYS[1], 'node') == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 
+/// Adds a session and answers all of the client's sessions, oldest first.
+const SESSION_OPEN: &str = "redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2]) \
+     redis.call('PEXPIRE', KEYS[1], ARGV[3]) return redis.call('ZRANGE', KEYS[1], 0, -1)";
+
 /// The reply of `op` from its first command's value.
 fn reply(op: &Op, v: Value) -> Result<Reply> {
     let bad = |e: redis::ParsingError| ClusterError::Command(e.to_string());
@@ -174,7 +187,9 @@ fn reply(op: &Op, v: Value) -> Result<Reply> {
     Ok(match op {
         Op::Get { .. } | Op::HGet { .. } => Reply::Str(redis::from_redis_value::<Option<String>>(v).map_err(bad)?),
         Op::HGetAll { .. } => Reply::Map(redis::from_redis_value::<HashMap<String, String>>(v).map_err(bad)?),
-        Op::SMembers { .. } => Reply::List(redis::from_redis_value::<Vec<String>>(v).map_err(bad)?),
+        Op::SMembers { .. } | Op::SessionOpen { .. } | Op::ZRange { .. } => {
+            Reply::List(redis::from_redis_value::<Vec<String>>(v).map_err(bad)?)
+        }
         Op::Publish { .. } => Reply::Int(redis::from_redis_value::<i64>(v).map_err(bad)?),
         _ => Reply::Done,
     })

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use super::backend::Op;
 use super::keys;
 use crate::broker::SampleEntry;
+use crate::runtime::table::ConnId;
 
 /// Closes remembered while Redis is away, at most; beyond this the conn keys
 /// are left to their TTL (readers also check that the named node is live).
@@ -24,8 +25,9 @@ pub const MAX_SAMPLE: usize = 256;
 /// A client connected to this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalClient {
-    /// Live connections with this id here (a reconnect may overlap the old one).
-    pub count: u32,
+    /// Its live sessions here (a reconnect may overlap the old one): the
+    /// connection's raw id and its score in the cluster's sessions set.
+    pub sessions: Vec<(u64, u64)>,
     /// Shard of the newest connection.
     pub shard: usize,
     /// Unix seconds of the newest connection.
@@ -55,6 +57,8 @@ pub struct State {
     subscribed: HashSet<Arc<str>>,
     dirty_rooms: HashSet<Arc<str>>,
     samples: HashMap<usize, Vec<SampleEntry>>,
+    /// Rewrite every local session into the sessions sets (after a reconnect).
+    resync_sessions: bool,
 }
 
 fn slice_of(client_id: &str, rounds: u64) -> u64 {
@@ -64,15 +68,17 @@ fn slice_of(client_id: &str, rounds: u64) -> u64 {
 }
 
 impl State {
-    /// A client connected on `shard` at `now_secs`.
-    pub fn conn_opened(&mut self, client_id: Arc<str>, shard: usize, now_secs: u64) {
+    /// A client connected as `conn` at `now_secs`; `score` orders it among
+    /// the client's sessions in the cluster.
+    pub fn conn_opened(&mut self, client_id: Arc<str>, conn: ConnId, score: u64, now_secs: u64) {
+        let shard = conn.shard();
         let e = self.clients.entry(client_id.clone()).or_insert(LocalClient {
-            count: 0,
+            sessions: Vec::new(),
             shard,
             connected_at: now_secs,
             written: false,
         });
-        e.count += 1;
+        e.sessions.push((conn.raw(), score));
         e.shard = shard;
         e.connected_at = now_secs;
         self.dirty_close.remove(&client_id);
@@ -80,11 +86,11 @@ impl State {
         self.affinity_dirty.insert(client_id);
     }
 
-    /// A client's connection closed.
-    pub fn conn_closed(&mut self, client_id: Arc<str>) {
+    /// A client's connection `conn` closed.
+    pub fn conn_closed(&mut self, client_id: Arc<str>, conn: ConnId) {
         let Some(e) = self.clients.get_mut(&client_id) else { return };
-        e.count = e.count.saturating_sub(1);
-        if e.count == 0 {
+        e.sessions.retain(|(c, _)| *c != conn.raw());
+        if e.sessions.is_empty() {
             let written = e.written;
             self.clients.remove(&client_id);
             self.dirty_open.remove(&client_id);
@@ -106,6 +112,7 @@ impl State {
     /// After a reconnect to Redis: every conn key is written again.
     pub fn mark_all_dirty(&mut self) {
         self.dirty_open.extend(self.clients.keys().cloned());
+        self.resync_sessions = true;
         self.subscribed.clear();
         self.dirty_rooms.extend(self.interest.keys().cloned());
     }
@@ -130,6 +137,15 @@ impl State {
         for (cid, c) in &self.clients {
             if c.written && slice_of(cid, keys::REFRESH_ROUNDS) == slice && !opened.contains(cid) {
                 f.ops.push(Op::Expire { key: keys::conn(cid), ttl_ms: conn_ttl_ms });
+                f.ops.push(Op::Expire { key: keys::sessions(cid), ttl_ms: conn_ttl_ms });
+            }
+        }
+        if std::mem::take(&mut self.resync_sessions) {
+            for (cid, c) in &self.clients {
+                for &(conn, score) in &c.sessions {
+                    let (key, member) = (keys::sessions(cid), keys::session_member(me, conn));
+                    f.ops.push(Op::SessionOpen { key, member, score, ttl_ms: conn_ttl_ms });
+                }
             }
         }
         for cid in self.dirty_close.drain() {
@@ -235,11 +251,15 @@ mod tests {
         Arc::from(s)
     }
 
+    fn c(n: usize) -> ConnId {
+        ConnId::new(n % 2, n, 1)
+    }
+
     #[test]
     fn short_lived_clients_cost_no_conn_write() {
         let mut s = State::default();
-        s.conn_opened(cid("a"), 0, 1);
-        s.conn_closed(cid("a"));
+        s.conn_opened(cid("a"), c(0), 1, 1);
+        s.conn_closed(cid("a"), c(0));
         let f = s.take_flush("n1", 1000, 9000, 0);
         assert_eq!(f.ops.len(), 1, "only the affinity write: {:?}", f.ops);
         assert!(matches!(&f.ops[0], Op::Set { key, .. } if key == "ringside:affinity:a"));
@@ -248,14 +268,16 @@ mod tests {
     #[test]
     fn written_clients_are_deleted_conditionally_and_overlaps_counted() {
         let mut s = State::default();
-        s.conn_opened(cid("a"), 1, 1);
+        s.conn_opened(cid("a"), c(1), 1, 1);
         let f = s.take_flush("n1", 1000, 9000, 0);
         assert!(f.ops.iter().any(|o| matches!(o, Op::HSet { key, .. } if key == "ringside:conn:a")));
         // Reconnect overlaps: the old connection's close must not delete.
-        s.conn_opened(cid("a"), 0, 2);
-        s.conn_closed(cid("a"));
+        s.conn_opened(cid("a"), c(2), 2, 2);
+        s.conn_closed(cid("a"), c(1));
         assert!(s.is_local("a"));
-        s.conn_closed(cid("a"));
+        s.conn_closed(cid("a"), c(1));
+        assert!(s.is_local("a"), "a repeated close is ignored");
+        s.conn_closed(cid("a"), c(2));
         assert!(!s.is_local("a"));
         let f = s.take_flush("n1", 1000, 9000, 1);
         assert!(f.ops.contains(&Op::DelIfNode { key: "ringside:conn:a".into(), node: "n1".into() }));
@@ -269,7 +291,7 @@ mod tests {
     fn live_keys_are_refreshed_once_per_round() {
         let mut s = State::default();
         for i in 0..100 {
-            s.conn_opened(cid(&format!("c{i}")), 0, 1);
+            s.conn_opened(cid(&format!("c{i}")), c(i), 1, 1);
         }
         let _ = s.take_flush("n1", 1000, 9000, 0);
         let mut refreshed = 0;
@@ -277,7 +299,27 @@ mod tests {
             let f = s.take_flush("n1", 1000, 9000, tick);
             refreshed += f.ops.iter().filter(|o| matches!(o, Op::Expire { .. })).count();
         }
-        assert_eq!(refreshed, 100);
+        assert_eq!(refreshed, 200, "conn and sessions keys");
+    }
+
+    #[test]
+    fn a_reconnect_rewrites_every_local_session() {
+        let mut s = State::default();
+        s.conn_opened(cid("a"), c(1), 10, 1);
+        s.conn_opened(cid("a"), c(2), 11, 1);
+        s.conn_opened(cid("b"), c(3), 12, 1);
+        let opens = |f: &Flush| f.ops.iter().filter(|o| matches!(o, Op::SessionOpen { .. })).count();
+        assert_eq!(opens(&s.take_flush("n1", 1000, 9000, 0)), 0, "opens are written by the worker at once");
+        s.mark_all_dirty();
+        let f = s.take_flush("n1", 1000, 9000, 1);
+        assert_eq!(opens(&f), 3);
+        assert!(f.ops.contains(&Op::SessionOpen {
+            key: "ringside:sessions:a".into(),
+            member: format!("n1|{}", c(2).raw()),
+            score: 11,
+            ttl_ms: 1000
+        }));
+        assert_eq!(opens(&s.take_flush("n1", 1000, 9000, 2)), 0);
     }
 
     #[test]

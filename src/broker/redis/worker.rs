@@ -49,11 +49,22 @@ pub fn run(config: ClusterConfig, me: String, sink: Arc<dyn Sink>, status: Arc<C
 }
 
 /// A direct message whose target's node is being looked up.
+#[derive(Clone)]
 struct PendingDirect {
     to: Arc<str>,
     frame: Bytes,
     from: ConnId,
+    /// The target's sessions here already got it: never `unknown_client`.
+    delivered_here: bool,
     deadline: Instant,
+}
+
+/// A session opened here, waiting for its sessions-set write.
+struct Opened {
+    client_id: Arc<str>,
+    conn: ConnId,
+    keep: usize,
+    score: u64,
 }
 
 /// The cluster thread's state.
@@ -72,8 +83,12 @@ pub struct Worker<C: Connector> {
     ticks: u64,
     live: HashMap<String, NodeInfo>,
     retries: VecDeque<PendingDirect>,
-    opened: Vec<(Arc<str>, ConnId)>,
+    opened: Vec<Opened>,
     opened_due: Instant,
+    /// Orders sessions opened here within one millisecond.
+    session_seq: u64,
+    /// `ZREM`s of closed sessions, sent with the next round trip.
+    closes: Vec<Op>,
     ever_connected: bool,
     /// The incoming queue's budget, kept across reconnects.
     incoming: std::sync::Arc<Budget>,
@@ -118,6 +133,8 @@ impl<C: Connector> Worker<C> {
             retries: VecDeque::new(),
             opened: Vec::new(),
             opened_due: Instant::now(),
+            session_seq: 0,
+            closes: Vec::new(),
             ever_connected: false,
             incoming: Budget::new(super::INCOMING_BYTES),
             config,
@@ -187,31 +204,41 @@ impl<C: Connector> Worker<C> {
         let deadline = Instant::now() + self.interval * 2 + Duration::from_millis(100);
         for cmd in batch {
             match cmd {
-                ClusterCmd::ConnOpened { client_id, conn } => {
-                    self.state.conn_opened(client_id.clone(), conn.shard(), now_secs);
+                ClusterCmd::ConnOpened { client_id, conn, keep } => {
+                    let score = self.next_score();
+                    self.state.conn_opened(client_id.clone(), conn, score, now_secs);
                     if self.opened.is_empty() {
                         self.opened_due = Instant::now() + AFFINITY_GATHER;
                     }
-                    self.opened.push((client_id, conn));
+                    self.opened.push(Opened { client_id, conn, keep, score });
                 }
-                ClusterCmd::ConnClosed { client_id } => self.state.conn_closed(client_id),
+                ClusterCmd::ConnClosed { client_id, conn } => {
+                    let (key, member) = (keys::sessions(&client_id), keys::session_member(&self.me, conn.raw()));
+                    self.state.conn_closed(client_id, conn);
+                    if self.closes.len() < MAX_PENDING_DIRECTS * 16 {
+                        self.closes.push(Op::ZRem { key, member });
+                    }
+                }
                 ClusterCmd::RoomInterest { shard, room, on } => self.state.room_interest(room, shard, on),
                 ClusterCmd::Publish { room, payload } => publishes.push(Op::Publish {
                     channel: keys::room_channel(&room),
                     payload: keys::encode_room(&self.me, &payload),
                 }),
-                ClusterCmd::Direct { to, frame, from } => directs.push(PendingDirect { to, frame, from, deadline }),
+                ClusterCmd::Direct { to, frame, from, delivered_here } => {
+                    directs.push(PendingDirect { to, frame, from, delivered_here, deadline })
+                }
                 ClusterCmd::Sample { shard, entries } => self.state.sample(shard, entries, self.config.sample_size),
                 ClusterCmd::Shutdown => stop = true,
             }
         }
         if !self.connected() {
             add(&self.status.publish_dropped, publishes.len() as u64);
-            directs.into_iter().for_each(|d| self.unknown(d.from, d.to));
+            directs.into_iter().for_each(|d| self.unknown_unless_delivered(d));
             self.opened.clear();
+            self.closes.clear();
             return stop;
         }
-        if !publishes.is_empty() || !directs.is_empty() {
+        if !publishes.is_empty() || !directs.is_empty() || !self.closes.is_empty() {
             let opened = std::mem::take(&mut self.opened);
             self.lookups(publishes, opened, directs).await;
         }
@@ -219,11 +246,20 @@ impl<C: Connector> Worker<C> {
         stop
     }
 
-    /// Publishes, affinity lookups and direct lookups of one batch, in one round trip.
-    async fn lookups(&mut self, mut ops: Vec<Op>, opened: Vec<(Arc<str>, ConnId)>, directs: Vec<PendingDirect>) {
+    /// Publishes, session writes, affinity lookups and direct lookups of one
+    /// batch, in one round trip.
+    async fn lookups(&mut self, mut ops: Vec<Op>, opened: Vec<Opened>, directs: Vec<PendingDirect>) {
         let n_pub = ops.len();
-        ops.extend(opened.iter().map(|(cid, _)| Op::Get { key: keys::affinity(cid) }));
-        ops.extend(directs.iter().map(|d| Op::HGet { key: keys::conn(&d.to), field: "node" }));
+        let closes = std::mem::take(&mut self.closes);
+        let n_writes = n_pub + closes.len();
+        ops.extend(closes);
+        let ttl_ms = self.ms(keys::CONN_TTL_INTERVALS);
+        for o in &opened {
+            ops.push(Op::Get { key: keys::affinity(&o.client_id) });
+            let (key, member) = (keys::sessions(&o.client_id), keys::session_member(&self.me, o.conn.raw()));
+            ops.push(Op::SessionOpen { key, member, score: o.score, ttl_ms });
+        }
+        ops.extend(directs.iter().map(|d| Op::ZRange { key: keys::sessions(&d.to) }));
         if ops.is_empty() {
             return;
         }
@@ -231,22 +267,71 @@ impl<C: Connector> Worker<C> {
             Ok(r) => r,
             Err(_) => {
                 add(&self.status.publish_dropped, n_pub as u64);
-                directs.into_iter().for_each(|d| self.unknown(d.from, d.to));
+                directs.into_iter().for_each(|d| self.unknown_unless_delivered(d));
                 return;
             }
         };
         add(&self.status.published, n_pub as u64);
-        let mut it = replies.into_iter().skip(n_pub);
-        for (_, conn) in opened {
+        let mut it = replies.into_iter().skip(n_writes);
+        let mut follow = Vec::new();
+        for o in opened {
             let node = it.next().and_then(Reply::into_str);
-            self.affinity_hint(conn, node);
+            self.affinity_hint(o.conn, node);
+            if let Some(Reply::List(members)) = it.next() {
+                self.enforce_sessions(&o, members, &mut follow);
+            }
         }
         let mut routes = Vec::new();
         for d in directs {
-            let node = it.next().and_then(Reply::into_str);
-            self.route_or_retry(d, node, &mut routes);
+            let members = match it.next() {
+                Some(Reply::List(m)) => m,
+                _ => Vec::new(),
+            };
+            self.route_or_retry(d, members, &mut routes);
+        }
+        if !follow.is_empty() {
+            let _ = self.exec(&follow).await;
         }
         self.send_directs(routes).await;
+    }
+
+    /// After `o` opened: closes the client's oldest live sessions past
+    /// `o.keep` in the whole cluster (here through the sink, elsewhere
+    /// through their node's inbox) and forgets members of dead nodes.
+    fn enforce_sessions(&mut self, o: &Opened, members: Vec<String>, follow: &mut Vec<Op>) {
+        let key = keys::sessions(&o.client_id);
+        let mut live = Vec::with_capacity(members.len());
+        for m in members {
+            match keys::parse_session_member(&m) {
+                Some((node, conn)) if node == self.me || self.live.contains_key(node) => {
+                    live.push((node.to_string(), conn, m))
+                }
+                _ => follow.push(Op::ZRem { key: key.clone(), member: m }),
+            }
+        }
+        let past = live.len().saturating_sub(o.keep.max(1));
+        for (node, conn, member) in live.into_iter().take(past) {
+            if conn == o.conn.raw() && node == self.me {
+                continue; // never the session that just opened
+            }
+            add(&self.status.sessions_replaced, 1);
+            if node == self.me {
+                let delivered = self.sink.replaced(&o.client_id, ConnId::from_raw(conn));
+                self.count_delivery(delivered);
+            } else {
+                let payload = keys::encode_replace(&self.me, &o.client_id, conn);
+                follow.push(Op::Publish { channel: keys::inbox_channel(&node), payload });
+            }
+            follow.push(Op::ZRem { key: key.clone(), member });
+        }
+    }
+
+    /// A sessions-set score: unix ms × 1000 plus a sequence, so that the
+    /// sessions this node opens keep their order within a millisecond.
+    fn next_score(&mut self) -> u64 {
+        let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        self.session_seq = (self.session_seq + 1) % 1000;
+        ms * 1000 + self.session_seq
     }
 
     /// Tells `conn` that its affinity node is another live one.
@@ -258,11 +343,27 @@ impl<C: Connector> Worker<C> {
         self.count_delivery(delivered);
     }
 
-    fn route_or_retry(&mut self, d: PendingDirect, node: Option<String>, routes: &mut Vec<(String, PendingDirect)>) {
-        match node {
-            Some(n) if n != self.me && self.live.contains_key(&n) => routes.push((n, d)),
-            // Not written yet (conn keys are batched), or stale: wait a little.
-            _ => self.retry_or_unknown(d),
+    /// Routes `d` to every live node other than this one that has a session
+    /// of its target; with none, looks again later (the sessions write may
+    /// not have landed yet) unless the target's sessions here got it.
+    fn route_or_retry(
+        &mut self,
+        d: PendingDirect,
+        members: Vec<String>,
+        routes: &mut Vec<(String, PendingDirect, bool)>,
+    ) {
+        let mut nodes: Vec<&str> = members
+            .iter()
+            .filter_map(|m| keys::parse_session_member(m).map(|(n, _)| n))
+            .filter(|n| *n != self.me && self.live.contains_key(*n))
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        match nodes.len() {
+            0 if d.delivered_here => {}
+            0 => self.retry_or_unknown(d),
+            1 => routes.push((nodes[0].to_string(), d, true)),
+            _ => routes.extend(nodes.into_iter().map(|n| (n.to_string(), d.clone(), false))),
         }
     }
 
@@ -271,40 +372,50 @@ impl<C: Connector> Worker<C> {
         if Instant::now() < d.deadline && self.retries.len() < MAX_PENDING_DIRECTS {
             self.retries.push_back(d);
         } else {
+            self.unknown_unless_delivered(d);
+        }
+    }
+
+    fn unknown_unless_delivered(&self, d: PendingDirect) {
+        if !d.delivered_here {
             self.unknown(d.from, d.to);
         }
     }
 
-    async fn send_directs(&mut self, routes: Vec<(String, PendingDirect)>) {
+    /// `routes`: (node, message, sole target). A message whose sole target
+    /// turns out to have no listener is looked up again; one of several
+    /// copies is not (the others arrived, and a retry would repeat them).
+    async fn send_directs(&mut self, routes: Vec<(String, PendingDirect, bool)>) {
         if routes.is_empty() {
             return;
         }
         let ops: Vec<Op> = routes
             .iter()
-            .map(|(node, d)| Op::Publish {
+            .map(|(node, d, _)| Op::Publish {
                 channel: keys::inbox_channel(node),
                 payload: keys::encode_direct(&self.me, &d.to, &d.frame),
             })
             .collect();
         match self.exec(&ops).await {
             Ok(replies) => {
-                for ((_, d), r) in routes.into_iter().zip(replies) {
+                for ((_, d, sole), r) in routes.into_iter().zip(replies) {
                     match r {
                         // Nobody listens on that inbox: the node just died and
                         // the client may be reconnecting elsewhere; look again.
-                        Reply::Int(0) => self.retry_or_unknown(d),
+                        Reply::Int(0) if sole && !d.delivered_here => self.retry_or_unknown(d),
+                        Reply::Int(0) => {}
                         _ => add(&self.status.directs_sent, 1),
                     }
                 }
             }
-            Err(_) => routes.into_iter().for_each(|(_, d)| self.unknown(d.from, d.to)),
+            Err(_) => routes.into_iter().filter(|r| r.2).for_each(|(_, d, _)| self.unknown_unless_delivered(d)),
         }
     }
 
     async fn retry_directs(&mut self) {
         let pending: Vec<PendingDirect> = self.retries.drain(..).collect();
         if !self.connected() {
-            return pending.into_iter().for_each(|d| self.unknown(d.from, d.to));
+            return pending.into_iter().for_each(|d| self.unknown_unless_delivered(d));
         }
         self.lookups(Vec::new(), Vec::new(), pending).await;
     }
@@ -339,9 +450,17 @@ impl<C: Connector> Worker<C> {
             let delivered = self.sink.room(room, body);
             self.count_delivery(delivered);
         } else if channel.starts_with(keys::INBOX_CHANNEL) {
-            let Some((_, to, frame)) = keys::decode_direct(&payload) else { return };
-            add(&self.status.remote_direct_messages, 1);
-            let delivered = self.sink.direct(to, frame);
+            let delivered = match keys::decode_inbox(&payload) {
+                Some(keys::Inbox::Direct(to, frame)) => {
+                    add(&self.status.remote_direct_messages, 1);
+                    self.sink.direct(to, frame)
+                }
+                Some(keys::Inbox::Replace(client_id, conn)) => {
+                    add(&self.status.remote_replacements, 1);
+                    self.sink.replaced(client_id, ConnId::from_raw(conn))
+                }
+                None => return,
+            };
             self.count_delivery(delivered);
         }
     }

@@ -23,6 +23,7 @@ enum Got {
     Direct(String, Vec<u8>),
     Unknown(ConnId, String),
     Affinity(ConnId, String, String),
+    Replaced(String, ConnId),
 }
 
 struct Rec {
@@ -41,6 +42,10 @@ impl Sink for Rec {
     }
     fn unknown_client(&self, from: ConnId, to: Arc<str>) -> bool {
         self.got.lock().unwrap().push(Got::Unknown(from, to.to_string()));
+        true
+    }
+    fn replaced(&self, client_id: &str, conn: ConnId) -> bool {
+        self.got.lock().unwrap().push(Got::Replaced(client_id.into(), conn));
         true
     }
     fn affinity(&self, conn: ConnId, node: &str, url: &str) -> bool {
@@ -151,22 +156,66 @@ async fn direct_reaches_the_target_node_or_says_unknown() {
         let hub = MemoryHub::default();
         let (a, b) = (TestNode::start(&hub, "a"), TestNode::start(&hub, "b"));
         settle(2).await;
-        b.cluster().conn_opened(&Arc::from("bob"), conn(1, 7));
+        b.cluster().conn_opened(&Arc::from("bob"), conn(1, 7), 1);
         // Sent before b's batch wrote bob's conn key: the worker waits for it.
-        a.cluster().direct(Arc::from("bob"), bytes::Bytes::from_static(b"frame"), conn(0, 3));
+        a.cluster().direct(Arc::from("bob"), bytes::Bytes::from_static(b"frame"), conn(0, 3), false);
         settle(4).await;
         assert_eq!(hub.hash("ringside:conn:bob").get("node").map(String::as_str), Some("b"));
         assert_eq!(b.drain_all(), vec![Got::Direct("bob".into(), b"frame".to_vec())]);
-        a.cluster().direct(Arc::from("nobody"), bytes::Bytes::from_static(b"x"), conn(0, 3));
+        a.cluster().direct(Arc::from("nobody"), bytes::Bytes::from_static(b"x"), conn(0, 3), false);
         settle(6).await;
         assert_eq!(a.drain_all(), vec![Got::Unknown(conn(0, 3), "nobody".into())]);
         // Leaving deletes the key (only b's own entry).
-        b.cluster().conn_closed(&Arc::from("bob"));
+        b.cluster().conn_closed(&Arc::from("bob"), conn(1, 7));
         settle(2).await;
         assert!(hub.hash("ringside:conn:bob").is_empty());
         assert_eq!(hub.string("ringside:affinity:bob").as_deref(), Some("b"));
     })
     .await;
+}
+
+#[tokio::test]
+async fn sessions_past_the_limit_are_replaced_across_nodes_and_directs_reach_all() {
+    local(async {
+        let hub = MemoryHub::default();
+        let (a, b) = (TestNode::start(&hub, "a"), TestNode::start(&hub, "b"));
+        settle(3).await;
+        let t: Arc<str> = Arc::from("tab");
+        // Two sessions allowed: one on each node.
+        a.cluster().conn_opened(&t, conn(0, 1), 2);
+        settle(1).await;
+        b.cluster().conn_opened(&t, conn(1, 1), 2);
+        settle(2).await;
+        assert_eq!(hub.zset("ringside:sessions:tab").len(), 2);
+        assert!(no_hints(a.drain_all()).is_empty() && no_hints(b.drain_all()).is_empty(), "both fit");
+        // A direct sent on a, delivered to a's own session there, also reaches b.
+        a.cluster().direct(t.clone(), bytes::Bytes::from_static(b"m"), conn(0, 9), true);
+        settle(2).await;
+        assert_eq!(no_hints(b.drain_all()), vec![Got::Direct("tab".into(), b"m".to_vec())]);
+        assert!(no_hints(a.drain_all()).is_empty(), "no unknown_client: a delivered it");
+        // A third session on b replaces the oldest, which is on a.
+        b.cluster().conn_opened(&t, conn(1, 2), 2);
+        let got = no_hints(drain_until(&a, 1).await);
+        assert_eq!(got, vec![Got::Replaced("tab".into(), conn(0, 1))]);
+        assert!(no_hints(b.drain_all()).is_empty(), "b's two sessions stay");
+        // With one session allowed, the newest (on a) replaces both of b's.
+        a.cluster().conn_closed(&t, conn(0, 1));
+        a.cluster().conn_opened(&t, conn(0, 2), 1);
+        let mut got = no_hints(drain_until(&b, 2).await);
+        got.sort_by_key(|g| format!("{g:?}"));
+        assert_eq!(got, vec![Got::Replaced("tab".into(), conn(1, 1)), Got::Replaced("tab".into(), conn(1, 2))]);
+        settle(2).await;
+        let left: Vec<String> = hub.zset("ringside:sessions:tab");
+        assert_eq!(left, vec![format!("a|{}", conn(0, 2).raw())]);
+        assert_eq!(a.broker.status.sessions_replaced.load(Ordering::Relaxed), 2);
+        assert_eq!(b.broker.status.remote_replacements.load(Ordering::Relaxed), 2);
+    })
+    .await;
+}
+
+/// Without affinity hints (a client moving between nodes gets one).
+fn no_hints(v: Vec<Got>) -> Vec<Got> {
+    v.into_iter().filter(|g| !matches!(g, Got::Affinity(..))).collect()
 }
 
 #[tokio::test]
@@ -192,8 +241,8 @@ async fn affinity_hint_names_the_previous_live_node() {
         let hub = MemoryHub::default();
         let (a, b) = (TestNode::start(&hub, "a"), TestNode::start(&hub, "b"));
         settle(2).await;
-        a.cluster().conn_opened(&Arc::from("carol"), conn(0, 1));
-        a.cluster().conn_closed(&Arc::from("carol"));
+        a.cluster().conn_opened(&Arc::from("carol"), conn(0, 1), 1);
+        a.cluster().conn_closed(&Arc::from("carol"), conn(0, 1));
         // a writes the affinity in its next batch; b looks it up once, on open.
         for _ in 0..40 {
             if hub.string("ringside:affinity:carol").as_deref() == Some("a") {
@@ -210,16 +259,16 @@ async fn affinity_hint_names_the_previous_live_node() {
         // a live; the hint must then name a, exactly once per connect.
         let mut got = Vec::new();
         for k in 0..5 {
-            b.cluster().conn_opened(&Arc::from("carol"), conn(1, 2 + k));
+            b.cluster().conn_opened(&Arc::from("carol"), conn(1, 2 + k), 1);
             got = drain_until(&b, 1).await;
             if !got.is_empty() {
                 assert_eq!(got, vec![Got::Affinity(conn(1, 2 + k), "a".into(), "ws://a/ws".into())], "one hint");
                 break;
             }
-            b.cluster().conn_closed(&Arc::from("carol"));
+            b.cluster().conn_closed(&Arc::from("carol"), conn(1, 2 + k));
             // Affinity must point at a again for the next try.
-            a.cluster().conn_opened(&Arc::from("carol"), conn(0, 1));
-            a.cluster().conn_closed(&Arc::from("carol"));
+            a.cluster().conn_opened(&Arc::from("carol"), conn(0, 1), 1);
+            a.cluster().conn_closed(&Arc::from("carol"), conn(0, 1));
             settle(4).await;
         }
         assert!(!got.is_empty(), "no affinity hint in 5 connects");
@@ -240,13 +289,13 @@ async fn breaker_fails_fast_then_reregisters() {
         let hub = MemoryHub::default();
         let a = TestNode::start(&hub, "a");
         settle(2).await;
-        a.cluster().conn_opened(&Arc::from("dave"), conn(0, 1));
+        a.cluster().conn_opened(&Arc::from("dave"), conn(0, 1), 1);
         a.cluster().room_interest(0, "r", true);
         settle(2).await;
         hub.set_down(true);
         settle(1).await;
         assert_eq!(a.cluster().breaker(), BreakerState::Open);
-        a.cluster().direct(Arc::from("x"), bytes::Bytes::new(), conn(1, 9));
+        a.cluster().direct(Arc::from("x"), bytes::Bytes::new(), conn(1, 9), false);
         settle(1).await;
         assert_eq!(a.drain_all(), vec![Got::Unknown(conn(1, 9), "x".into())], "fails fast while open");
         hub.set_down(false);
