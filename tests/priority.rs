@@ -339,36 +339,31 @@ async fn preemption_takes_the_least_recently_active_of_the_lowest_class_below() 
     let crit1 = spawn_attempt(&node, "crit1", Some("critical"));
     expect_preempted(&mut low_b, DELAY, "low_b").await;
     settle(&node, &by_class("preempted_total", "low"), 1.0);
-    // Its slot frees only when its close completes: while low_b's socket
-    // stays open (the node lingers for its EOF), the critical waits.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!crit1.is_finished(), "the critical was answered before the preempted connection's close completed");
-    let released = Instant::now();
-    drop(low_b);
-    let (outcome, at) = finish(crit1, "crit1").await;
-    assert!(at > released);
+    // Its slot is handed over at once: the critical does not wait for
+    // low_b's close to complete (low_b keeps its socket open, unread, and
+    // could hold it until the close deadline).
+    let (outcome, _) = finish(crit1, "crit1").await;
     let crit1 = expect_open(outcome, "crit1").await;
-    expect_classes(&node, [1, 2, 0, 1], "crit1 in place of low_b");
+    expect_classes(&node, [1, 2, 0, 1], "crit1 in place of low_b, whose close is still pending");
+    drop(low_b);
     expect_silence(&mut low_a, 100).await;
     expect_silence(&mut norm_a, 100).await;
     expect_silence(&mut norm_b, 100).await;
 
     // Another critical: the other low goes (a low before any normal).
     let crit2 = spawn_attempt(&node, "crit2", Some("critical"));
-    let closed = expect_preempted(&mut low_a, DELAY, "low_a").await;
+    expect_preempted(&mut low_a, DELAY, "low_a").await;
     drop(low_a);
-    let (outcome, at) = finish(crit2, "crit2").await;
-    assert!(at > closed);
+    let (outcome, _) = finish(crit2, "crit2").await;
     let crit2 = expect_open(outcome, "crit2").await;
     settle(&node, &by_class("preempted_total", "low"), 2.0);
     expect_classes(&node, [0, 2, 0, 2], "crit2 in place of low_a");
 
     // A high: the least recently active normal goes.
     let high = spawn_attempt(&node, "high", Some("high"));
-    let closed = expect_preempted(&mut norm_a, DELAY, "norm_a").await;
+    expect_preempted(&mut norm_a, DELAY, "norm_a").await;
     drop(norm_a);
-    let (outcome, at) = finish(high, "high").await;
-    assert!(at > closed);
+    let (outcome, _) = finish(high, "high").await;
     let high = expect_open(outcome, "high").await;
     settle(&node, &by_class("preempted_total", "normal"), 1.0);
     expect_classes(&node, [0, 1, 1, 2], "high in place of norm_a");

@@ -216,6 +216,9 @@ async fn admit_slot<A: App>(shard: &Rc<Shard<A>>, id: ConnId, class: Class) -> b
         }
         if !preempted {
             preempted = preempt_for(shard, class);
+            if preempted {
+                continue; // its slot is free now: try again at once
+            }
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -261,7 +264,10 @@ fn try_slot<A: App>(shard: &Shard<A>, id: ConnId, class: Class) -> bool {
 
 /// When the node (or this shard) is full, preempts this shard's least
 /// recently active connection of the lowest class below `class`. True if
-/// one was preempted (its slot frees when its close completes).
+/// one was preempted. Its slot is freed at once, before its close
+/// completes: a victim that never answers its close would otherwise keep
+/// the slot until the close deadline, longer than the upgrade may wait. It
+/// keeps its socket (not a slot) until the close completes or times out.
 fn preempt_for<A: App>(shard: &Rc<Shard<A>>, class: Class) -> bool {
     let node = &shard.node;
     let full = node.connections() >= node.capacity() || shard.table.borrow().slotted() >= node.capacity_per_shard;
@@ -277,6 +283,11 @@ fn preempt_for<A: App>(shard: &Rc<Shard<A>>, class: Class) -> bool {
     let victim_class = shard.table.borrow().get(v).map(|c| c.class).unwrap_or(class);
     shard.metrics().preempted[victim_class.index()].inc();
     shard.app.on_preempt(shard, v);
+    let released = shard.table.borrow_mut().release_slot(v);
+    if released {
+        node.classes.sub(victim_class);
+        shard.metrics().connections.store(shard.table.borrow().slotted(), Ordering::Relaxed);
+    }
     true
 }
 

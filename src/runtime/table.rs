@@ -283,6 +283,18 @@ impl<S> Table<S> {
         true
     }
 
+    /// Takes `id`'s slot away (a preempted connection that is still
+    /// closing); true if it held one.
+    pub fn release_slot(&mut self, id: ConnId) -> bool {
+        let Some(c) = self.slab.get_mut(id.slot()).filter(|c| c.generation == id.generation()) else { return false };
+        if !c.slotted {
+            return false;
+        }
+        c.slotted = false;
+        self.slotted -= 1;
+        true
+    }
+
     /// Connections holding a slot.
     pub fn slotted(&self) -> usize {
         self.slotted
