@@ -295,6 +295,12 @@ pub struct AuthConfig {
     /// Live sessions one client id may hold; a new one past this replaces
     /// the oldest with 4000. Default 1.
     pub sessions_per_client: u32,
+    /// A `refresh` sooner than this after the connection's previous one
+    /// (accepted or not) is answered `rate_limited` without verifying the
+    /// token: a signature check costs up to ~150 µs (ES256), so refreshes
+    /// are capped even when `limits.messages_per_second` is off. Default
+    /// 1000 ms; 0 = no cap.
+    pub min_refresh_interval_ms: u64,
 }
 
 impl Default for AuthConfig {
@@ -309,6 +315,7 @@ impl Default for AuthConfig {
             audience: String::new(),
             leeway_secs: 5,
             sessions_per_client: 1,
+            min_refresh_interval_ms: 1000,
         }
     }
 }

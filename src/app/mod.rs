@@ -144,11 +144,18 @@ pub struct Grants {
     pub publish: auth::Patterns,
     /// Unix seconds when the token expires (close 4003 unless refreshed).
     pub exp: u64,
+    /// Shard clock (ms) of the last `refresh` attempt (0: none yet).
+    pub refresh_ms: u64,
 }
 
 impl Grants {
     fn of(claims: &auth::Claims) -> Box<Grants> {
-        Box::new(Grants { rooms: claims.rooms.clone(), publish: claims.publish.clone(), exp: claims.exp })
+        Box::new(Grants {
+            rooms: claims.rooms.clone(),
+            publish: claims.publish.clone(),
+            exp: claims.exp,
+            refresh_ms: 0,
+        })
     }
 }
 

@@ -46,6 +46,18 @@ impl Edge {
     /// extends the connection's life and replaces its grants.
     fn refresh<C: Conns<Self>>(&self, cx: &C, id: ConnId, me: &str, token: &str) {
         let Some(verifier) = &self.shared.verifier else { return self.send_error(cx, id, ClientError::UnknownType) };
+        let (now, gap) = (cx.now_ms(), cx.node().config.auth.min_refresh_interval_ms);
+        let too_soon = cx.state(id, |s| match s.grants.as_mut() {
+            Some(g) if g.refresh_ms != 0 && now < g.refresh_ms + gap => true,
+            Some(g) => {
+                g.refresh_ms = now.max(1);
+                false
+            }
+            None => false,
+        });
+        if too_soon == Some(true) {
+            return self.send_error(cx, id, ClientError::RateLimited);
+        }
         let claims = match verifier.verify(token, super::unix_now()) {
             Ok(c) => c,
             Err(_) => return self.send_error(cx, id, ClientError::InvalidToken),
@@ -55,7 +67,9 @@ impl Edge {
         }
         // One expiry entry per connection: the old one goes (a refresh flood
         // cannot grow the set).
-        let old = cx.state(id, |s| s.grants.replace(super::Grants::of(&claims))).flatten();
+        let mut grants = super::Grants::of(&claims);
+        grants.refresh_ms = now.max(1);
+        let old = cx.state(id, |s| s.grants.replace(grants)).flatten();
         let mut ex = self.expiries.borrow_mut();
         if let Some(g) = old {
             ex.remove(&(g.exp, id));

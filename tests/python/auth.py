@@ -303,13 +303,20 @@ async def refresh(a):
         await send(ws, type="refresh", token=hs({"sub": "fresh", "exp": exp}))
         r = await recv_json(ws)
         check("refresh (same sub) -> refreshed with the new exp", r == {"type": "refreshed", "exp": exp}, r)
+        # auth.min_refresh_interval_ms=300: another at once is not even verified.
+        await send(ws, type="refresh", token=hs({"sub": "fresh", "exp": exp + 1}))
+        r = await recv_json(ws)
+        check("a refresh within auth.min_refresh_interval_ms -> rate_limited", r.get("code") == "rate_limited", r)
+        await asyncio.sleep(0.35)
         await send(ws, type="refresh", token=hs(claims("not_fresh")))
         r = await recv_json(ws)
         check("refresh with another sub's token -> forbidden", r.get("type") == "error" and
               r.get("code") == "forbidden", r)
+        await asyncio.sleep(0.35)
         await send(ws, type="refresh", token=hs({"sub": "fresh", "exp": now() - 30}))
         r = await recv_json(ws)
         check("refresh with an expired token -> invalid_token", r.get("code") == "invalid_token", r)
+        await asyncio.sleep(0.35)
         await send(ws, type="refresh", token=hs(claims("fresh"), OTHER_SECRET))
         r = await recv_json(ws)
         check("refresh with a badly signed token -> invalid_token", r.get("code") == "invalid_token", r)
@@ -482,7 +489,8 @@ async def main():
                                   serialization.NoEncryption()))
 
     hs_args = ["--shards", "2", "--set", "auth.mode=token", "--set", f"auth.hmac_secret={SECRET}",
-               "--set", "auth.leeway_secs=0", "--set", "websocket.sweep_interval_ms=100"]
+               "--set", "auth.leeway_secs=0", "--set", "websocket.sweep_interval_ms=100",
+               "--set", "auth.min_refresh_interval_ms=300"]
     nodes = []
     try:
         a = Node(*hs_args)
