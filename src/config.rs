@@ -236,11 +236,77 @@ pub struct RoomsConfig {
     /// Publishing to a room needs membership; otherwise error `not_joined`.
     /// Default true (a client cannot spray rooms it does not read).
     pub publish_requires_join: bool,
+    /// Messages of history kept per room (0 = no history: messages carry no
+    /// offset and a `join` with `since` answers `recovered:false`). Rooms
+    /// matching a `history_rules` pattern use that rule instead. Default 0.
+    pub history_size: usize,
+    /// How long a message stays in history, seconds. Default 300.
+    pub history_ttl_secs: u64,
+    /// Bytes of history per room at most (oldest messages go first). Default 1 MiB.
+    pub history_max_bytes: usize,
+    /// Bytes of history per shard at most, all rooms together; a room whose
+    /// next message would pass it loses its history (a later recovery
+    /// answers `recovered:false`, never a silent gap). Default 64 MiB.
+    pub history_bytes_per_shard: usize,
+    /// Per-pattern history settings, first match wins: `[[rooms.history_rules]]`
+    /// with `pattern` (an exact name or a trailing `*`), `size`, `ttl_secs`.
+    pub history_rules: Vec<HistoryRule>,
+    /// Joins of rooms with history waiting for their offset, per connection;
+    /// more answer `rate_limited`. Default 4.
+    pub max_pending_joins: usize,
+}
+
+/// `[[rooms.history_rules]]`: history settings for rooms matching `pattern`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRule {
+    /// An exact room name, or a prefix followed by `*` (`chat.*`).
+    pub pattern: String,
+    /// Messages kept (0 = no history for these rooms).
+    pub size: usize,
+    /// Seconds a message stays.
+    #[serde(default = "default_history_ttl")]
+    pub ttl_secs: u64,
+}
+
+fn default_history_ttl() -> u64 {
+    300
 }
 
 impl Default for RoomsConfig {
     fn default() -> Self {
-        Self { max_rooms_per_connection: 64, max_payload_bytes: 16 * 1024, publish_requires_join: true }
+        Self {
+            max_rooms_per_connection: 64,
+            max_payload_bytes: 16 * 1024,
+            publish_requires_join: true,
+            history_size: 0,
+            history_ttl_secs: default_history_ttl(),
+            history_max_bytes: 1 << 20,
+            history_bytes_per_shard: 64 << 20,
+            history_rules: Vec::new(),
+            max_pending_joins: 4,
+        }
+    }
+}
+
+impl RoomsConfig {
+    /// `(size, ttl_secs)` of `room`'s history (size 0: none).
+    pub fn history_of(&self, room: &str) -> (usize, u64) {
+        for r in &self.history_rules {
+            let hit = match r.pattern.strip_suffix('*') {
+                Some(prefix) => room.starts_with(prefix),
+                None => room == r.pattern,
+            };
+            if hit {
+                return (r.size, r.ttl_secs);
+            }
+        }
+        (self.history_size, self.history_ttl_secs)
+    }
+
+    /// True if any room can have history.
+    pub fn any_history(&self) -> bool {
+        self.history_size > 0 || self.history_rules.iter().any(|r| r.size > 0)
     }
 }
 
@@ -580,6 +646,34 @@ impl Config {
             "must be <= websocket.ping_interval_ms",
         )?;
         check(self.rooms.max_rooms_per_connection >= 1, "rooms.max_rooms_per_connection", "at least 1")?;
+        let r = &self.rooms;
+        check(r.history_size <= 100_000, "rooms.history_size", "at most 100000")?;
+        check(r.history_ttl_secs >= 1, "rooms.history_ttl_secs", "at least 1")?;
+        check(r.history_max_bytes >= 1024, "rooms.history_max_bytes", "at least 1024")?;
+        check(
+            r.history_bytes_per_shard >= r.history_max_bytes,
+            "rooms.history_bytes_per_shard",
+            "at least rooms.history_max_bytes",
+        )?;
+        check(r.max_pending_joins >= 1, "rooms.max_pending_joins", "at least 1")?;
+        for rule in &r.history_rules {
+            let name = rule.pattern.strip_suffix('*').unwrap_or(&rule.pattern);
+            let ok = name.len() <= 128
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+                && !rule.pattern.is_empty();
+            if !ok {
+                return Err(ConfigError::new(
+                    "rooms.history_rules",
+                    format!("bad pattern {:?}: a room name or a prefix followed by *", rule.pattern),
+                ));
+            }
+            if rule.size > 100_000 || rule.ttl_secs == 0 {
+                return Err(ConfigError::new(
+                    "rooms.history_rules",
+                    format!("pattern {:?}: size at most 100000, ttl_secs at least 1", rule.pattern),
+                ));
+            }
+        }
         check(
             self.rooms.max_payload_bytes + 512 <= w.max_message_bytes,
             "rooms.max_payload_bytes",

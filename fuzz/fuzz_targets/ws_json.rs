@@ -25,7 +25,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use ringside::app::protocol::{
-    direct_message, echo, parse, pong, room_ack, room_message, valid_client_id, valid_room, Request,
+    direct_message, echo, joined_at, parse, pong, room_ack, room_message, valid_client_id, valid_room, Request,
 };
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -84,6 +84,11 @@ fuzz_target!(|input: &[u8]| {
             assert!(valid_room(&room), "{room:?}");
             let v = json(&room_ack("joined", &room)).expect("an ack holds no escapes");
             assert_eq!(v["room"], Value::from(room.as_ref()));
+        }
+        Request::JoinSince { room, offset, epoch } => {
+            assert!(valid_room(&room), "{room:?}");
+            let v = json(&joined_at(&room, offset, &epoch, Some(true))).expect("a joined holds no escapes");
+            assert_eq!((v["offset"].as_u64(), v["epoch"].as_str()), (Some(offset), Some(epoch.as_ref())));
         }
         Request::Publish { room, data } => {
             assert!(valid_room(&room), "{room:?}");

@@ -19,6 +19,12 @@ pub struct AppMetrics {
     pub tokens_expired: Counter,
     /// Tokens refreshed on a live connection.
     pub tokens_refreshed: Counter,
+    /// Joins with `since`: [recovered, not recovered].
+    pub recoveries: [Counter; 2],
+    /// Bytes of room history kept by this shard (updated at each sweep).
+    pub history_bytes: std::sync::atomic::AtomicU64,
+    /// Messages of room history kept by this shard (updated at each sweep).
+    pub history_messages: std::sync::atomic::AtomicU64,
 }
 
 /// Renders the application's families over every shard.
@@ -41,6 +47,30 @@ pub fn render(t: &mut Text, shards: &[AppMetrics], node_id: &str, draining: bool
     t.single("tokens_expired_total", Kind::Counter, "Connections closed 4003: token expired without a refresh.", n);
     let n: u64 = shards.iter().map(|m| m.tokens_refreshed.get()).sum();
     t.single("tokens_refreshed_total", Kind::Counter, "Tokens refreshed on live connections.", n);
+    t.family(
+        "room_recoveries_total",
+        Kind::Counter,
+        "Joins with since: every missed message delivered (recovered) or not.",
+    );
+    for (i, outcome) in ["recovered", "unrecovered"].into_iter().enumerate() {
+        let n: u64 = shards.iter().map(|m| m.recoveries[i].get()).sum();
+        t.sample("room_recoveries_total", &[("outcome", &outcome)], n);
+    }
+    let g = |f: fn(&AppMetrics) -> &std::sync::atomic::AtomicU64| -> u64 {
+        shards.iter().map(|m| f(m).load(std::sync::atomic::Ordering::Relaxed)).sum()
+    };
+    t.single(
+        "room_history_bytes",
+        Kind::Gauge,
+        "Bytes of room history kept (as of the last sweep).",
+        g(|m| &m.history_bytes),
+    );
+    t.single(
+        "room_history_messages",
+        Kind::Gauge,
+        "Messages of room history kept (as of the last sweep).",
+        g(|m| &m.history_messages),
+    );
     t.single("draining", Kind::Gauge, "1 while the node drains for shutdown.", draining as u8);
     t.family("node_info", Kind::Gauge, "Node identity and version.");
     t.sample("node_info", &[("node", &node_id), ("version", &env!("CARGO_PKG_VERSION"))], 1);

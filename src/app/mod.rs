@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod directory;
 pub mod endpoints;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod protocol;
@@ -94,6 +95,39 @@ pub enum AppMsg {
         /// The replaced session.
         conn: ConnId,
     },
+    /// To a room's home shard: number and keep a message of a room with
+    /// history, then send it to every shard.
+    Sequence {
+        /// Room.
+        room: Arc<str>,
+        /// Publisher's client id.
+        from: Arc<str>,
+        /// Raw JSON data.
+        data: Box<str>,
+        /// The publisher (excluded from delivery).
+        origin: ConnId,
+    },
+    /// To a room's home shard: `conn` joins a room with history; answer with
+    /// its position and the messages after `since`.
+    Recover {
+        /// Room.
+        room: Arc<str>,
+        /// The joining connection.
+        conn: ConnId,
+        /// The client's last (offset, epoch), if it asked for recovery.
+        since: Option<(u64, Box<str>)>,
+    },
+    /// From a room's home shard: the answer to [`AppMsg::Recover`].
+    Replay {
+        /// Room.
+        room: Arc<str>,
+        /// The joining connection.
+        conn: ConnId,
+        /// What to send it.
+        replay: Box<history::Replay>,
+        /// Whether it asked for recovery (`recovered` is then in `joined`).
+        asked: bool,
+    },
     /// Close `conn` with `code` (a newer connection took its client id).
     Kick {
         /// Connection to close.
@@ -111,6 +145,10 @@ impl crate::runtime::mailbox::Weigh for AppMsg {
             AppMsg::Room { frame, .. } | AppMsg::DirectRoute { frame, .. } | AppMsg::Deliver { frame, .. } => {
                 Some(frame.len())
             }
+            AppMsg::Sequence { data, .. } => Some(data.len() + 64),
+            // Replies to a join (at most rooms.max_pending_joins per
+            // connection, each bounded by rooms.history_max_bytes): never refused.
+            AppMsg::Recover { .. } | AppMsg::Replay { .. } => None,
             AppMsg::Register { .. }
             | AppMsg::Unregister { .. }
             | AppMsg::UnknownClient { .. }
@@ -133,6 +171,8 @@ pub struct Session {
     pub rate: Option<Box<TokenBucket>>,
     /// What the token allows (`auth.mode = "token"`); `None`: everything.
     pub grants: Option<Box<Grants>>,
+    /// Joins of rooms with history waiting for their home shard's answer.
+    pub pending_joins: u8,
 }
 
 /// What a connection's token allows, until when.
@@ -207,6 +247,11 @@ pub struct Edge {
     /// match the connection's grants.
     expiries: RefCell<std::collections::BTreeSet<(u64, ConnId)>>,
     id_counter: Cell<u64>,
+    /// Sequencers of the rooms with history whose home is this shard.
+    history: RefCell<history::History>,
+    /// Members of rooms with history held back from live delivery until
+    /// their join's answer arrives (connection → rooms).
+    pending: RefCell<std::collections::HashMap<ConnId, Vec<Rc<str>>>>,
 }
 
 impl Edge {
@@ -220,6 +265,8 @@ impl Edge {
             directory: RefCell::new(Directory::with_capacity(capacity)),
             expiries: RefCell::default(),
             id_counter: Cell::new(0),
+            history: RefCell::default(),
+            pending: RefCell::default(),
         }
     }
 
@@ -245,7 +292,13 @@ impl Edge {
     /// Delivers a room frame to local members except `origin`.
     fn deliver_room<C: Conns<Self>>(&self, cx: &C, room: &str, frame: &Bytes, origin: Option<ConnId>) {
         let rooms = self.rooms.borrow();
+        let pending = self.pending.borrow();
         for &member in rooms.members(room).iter().filter(|m| Some(**m) != origin) {
+            // A member whose join is being answered gets this message in
+            // the answer (or joined after it): not now.
+            if !pending.is_empty() && pending.get(&member).is_some_and(|rs| rs.iter().any(|r| &**r == room)) {
+                continue;
+            }
             // The outcome is counted inside offer (drops, slow-consumer closes).
             cx.send_frame(member, frame);
         }
@@ -442,6 +495,9 @@ impl App for Edge {
         for room in emptied {
             self.broker().room_interest(self.shard, &room, false);
         }
+        if state.pending_joins > 0 {
+            self.pending.borrow_mut().remove(&id);
+        }
         if let Some(client_id) = state.client_id {
             let home = self.shared.home_shard(&client_id, cx.node().shards.len());
             let _ = cx.send_to(home, AppMsg::Unregister { client_id, conn: id });
@@ -463,6 +519,9 @@ impl App for Edge {
             }
             AppMsg::UnknownClient { conn } => self.send_error(cx, conn, ClientError::UnknownClient),
             AppMsg::Kick { conn, code, reason } => cx.close(conn, code, reason),
+            AppMsg::Sequence { room, from, data, origin } => self.sequence(cx, &room, &from, &data, origin),
+            AppMsg::Recover { room, conn, since } => self.recover(cx, room, conn, since),
+            AppMsg::Replay { room, conn, replay, asked } => self.replayed(cx, &room, conn, *replay, asked),
         }
     }
 
@@ -472,6 +531,7 @@ impl App for Edge {
 
     fn on_sweep<C: Conns<Self>>(&self, cx: &C) -> Vec<ConnId> {
         self.expire_tokens(cx);
+        self.sweep_history(cx);
         let k = self.broker().sample_size();
         if k == 0 {
             return Vec::new();

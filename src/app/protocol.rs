@@ -17,6 +17,16 @@ use serde_json::value::RawValue;
 pub enum Request<'a> {
     /// `{"type":"join","room":R}`
     Join(Cow<'a, str>),
+    /// `{"type":"join","room":R,"since":{"offset":O,"epoch":E}}`: join and
+    /// first get the messages published after offset `O` of epoch `E`.
+    JoinSince {
+        /// Room.
+        room: Cow<'a, str>,
+        /// The last offset the client saw.
+        offset: u64,
+        /// The epoch it saw it in.
+        epoch: Cow<'a, str>,
+    },
     /// `{"type":"leave","room":R}`
     Leave(Cow<'a, str>),
     /// `{"type":"publish","room":R,"data":ANY}`
@@ -55,6 +65,15 @@ struct Wire<'a> {
     id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    since: Option<Since<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Since<'a> {
+    offset: u64,
+    #[serde(borrow)]
+    epoch: Cow<'a, str>,
 }
 
 /// Parses one client text message. Unknown fields are ignored (forward
@@ -71,7 +90,13 @@ pub fn parse(text: &str, max_payload: usize) -> Result<Request<'_>, ClientError>
         }
     };
     Ok(match ty.as_ref() {
-        "join" => Request::Join(room_of(w.room)?),
+        "join" => match w.since {
+            None => Request::Join(room_of(w.room)?),
+            Some(Since { offset, epoch }) if valid_epoch(&epoch) => {
+                Request::JoinSince { room: room_of(w.room)?, offset, epoch }
+            }
+            Some(_) => return Err(ClientError::BadJson),
+        },
         "leave" => Request::Leave(room_of(w.room)?),
         "publish" => Request::Publish { room: room_of(w.room)?, data: data()? },
         "direct" => {
@@ -112,6 +137,11 @@ pub fn valid_room(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
+/// Epochs: 1-32 of `[A-Za-z0-9]` (the server makes 16 hex digits).
+pub fn valid_epoch(s: &str) -> bool {
+    (1..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
 /// Client ids: 1-64 of `[A-Za-z0-9_-]` (they go into JSON and Redis keys
 /// without escaping).
 pub fn valid_client_id(s: &str) -> bool {
@@ -139,6 +169,28 @@ pub fn room_message(room: &str, from: &str, data: &str) -> String {
     s.push_str(data);
     s.push('}');
     s
+}
+
+/// `{"type":"message","room":R,"from":ID,"data":ANY,"offset":N}`: a
+/// message of a room with history.
+pub fn room_message_at(room: &str, from: &str, data: &str, offset: u64) -> String {
+    let mut s = room_message(room, from, data);
+    s.pop();
+    s.push_str(r#","offset":"#);
+    s.push_str(&offset.to_string());
+    s.push('}');
+    s
+}
+
+/// `{"type":"joined","room":R,"offset":N,"epoch":E}` for a room with
+/// history, with `"recovered":B` when the join asked for recovery.
+pub fn joined_at(room: &str, offset: u64, epoch: &str, recovered: Option<bool>) -> String {
+    match recovered {
+        Some(r) => {
+            format!(r#"{{"type":"joined","room":"{room}","offset":{offset},"epoch":"{epoch}","recovered":{r}}}"#)
+        }
+        None => format!(r#"{{"type":"joined","room":"{room}","offset":{offset},"epoch":"{epoch}"}}"#),
+    }
 }
 
 /// `{"type":"direct","from":ID,"data":ANY}`
@@ -283,6 +335,21 @@ mod tests {
     #[test]
     fn parses_every_type() {
         assert_eq!(parse(r#"{"type":"join","room":"a.b:c-d_e"}"#, 100), Ok(Request::Join("a.b:c-d_e".into())));
+        assert_eq!(
+            parse(r#"{"type":"join","room":"r","since":{"offset":7,"epoch":"00ff"}}"#, 100),
+            Ok(Request::JoinSince { room: "r".into(), offset: 7, epoch: "00ff".into() })
+        );
+        for bad in [r#"{"offset":-1,"epoch":"e"}"#, r#"{"offset":1,"epoch":"a\"b"}"#, r#"{"offset":1}"#, "7"] {
+            let text = format!(r#"{{"type":"join","room":"r","since":{bad}}}"#);
+            assert_eq!(parse(&text, 100), Err(ClientError::BadJson), "{text}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&room_message_at("r", "c", "[1]", 42)).unwrap();
+        assert_eq!((v["offset"].as_u64(), v["data"][0].as_u64()), (Some(42), Some(1)));
+        let v: serde_json::Value = serde_json::from_str(&joined_at("r", 3, "ab", Some(false))).unwrap();
+        assert_eq!(
+            (v["offset"].as_u64(), v["epoch"].as_str(), v["recovered"].as_bool()),
+            (Some(3), Some("ab"), Some(false))
+        );
         assert_eq!(parse(r#"{"room":"r","type":"leave","x":1}"#, 100), Ok(Request::Leave("r".into())));
         assert_eq!(
             parse(r#"{"type":"publish","room":"r","data":{"k":[1,2]}}"#, 100),

@@ -316,3 +316,39 @@ fn chosen_ids_need_permission_and_several_sessions_all_get_directs() {
         assert!(got.iter().any(|m| m["type"] == "direct" && m["data"] == "hi"), "{got:?}");
     }
 }
+
+#[test]
+fn joins_waiting_for_their_offset_are_bounded_and_a_leave_or_close_drops_the_answer() {
+    let mut config = Config::default();
+    config.auth.allow_client_ids = true;
+    config.rooms.history_size = 10;
+    config.rooms.max_pending_joins = 4;
+    let mut h = Harness::with(2, config);
+    let a = h.connect(0, "/ws?client_id=alice");
+    h.received(a);
+    // Rooms whose home (sequencer) is the other shard: their joins wait for a mailbox round trip.
+    let shared = h.shards[0].0.shared.clone();
+    let far: Vec<String> = (0..).map(|i| format!("far{i}")).filter(|r| shared.home_shard(r, 2) == 1).take(5).collect();
+    let send_raw = |h: &Harness, id: ConnId, text: &str| {
+        let (edge, cx) = &h.shards[id.shard()];
+        edge.on_message(cx, id, Message::text(text));
+    };
+    for r in &far {
+        send_raw(&h, a, &format!(r#"{{"type":"join","room":"{r}"}}"#));
+    }
+    let now = h.received(a);
+    assert_eq!(now.len(), 1, "four wait, the fifth is refused: {now:?}");
+    assert_eq!(now[0]["code"], "rate_limited");
+    // Leaving one before its answer: the answer is dropped, the others arrive.
+    send_raw(&h, a, &format!(r#"{{"type":"leave","room":"{}"}}"#, far[0]));
+    h.pump();
+    let got = h.received(a);
+    assert_eq!(got[0], serde_json::json!({"type":"left","room": far[0]}));
+    let joined: Vec<&str> = got[1..].iter().map(|m| m["room"].as_str().unwrap()).collect();
+    assert_eq!(joined, far[1..4].iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(got[1..].iter().all(|m| m["type"] == "joined" && m["offset"] == 0 && m["epoch"].is_string()));
+    // Closing with a join pending: the answer finds nobody, nothing breaks.
+    send_raw(&h, a, &format!(r#"{{"type":"join","room":"{}"}}"#, far[4]));
+    h.disconnect(a);
+    assert!(h.shards[0].0.pending.borrow().is_empty());
+}

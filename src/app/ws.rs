@@ -19,11 +19,10 @@ impl Edge {
         };
         let Some(Some(from)) = cx.state(id, |s| s.client_id.clone()) else { return };
         match req {
-            Request::Join(room) => self.join(cx, id, &room),
+            Request::Join(room) => self.join(cx, id, &room, None),
+            Request::JoinSince { room, offset, epoch } => self.join(cx, id, &room, Some((offset, &epoch))),
             Request::Leave(room) => self.leave(cx, id, &room),
-            Request::Publish { room, data } => {
-                self.publish(cx, id, &room, &protocol::room_message(&room, &from, data));
-            }
+            Request::Publish { room, data } => self.publish(cx, id, &room, &from, data),
             Request::Direct { to, data } => {
                 let frame = frame::text(&protocol::direct_message(&from, data));
                 let to: Arc<str> = Arc::from(&*to);
@@ -95,26 +94,150 @@ impl Edge {
         .unwrap_or(false)
     }
 
-    fn join<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str) {
+    /// Joins `room`. In a room with history the `joined` (with the room's
+    /// offset and epoch) comes from the room's home shard, after the
+    /// messages after `since`; until then the member is held back from
+    /// live delivery. A repeated join of a room answers a plain `joined`.
+    fn join<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str, since: Option<(u64, &str)>) {
         if !self.allowed(cx, id, room, false) {
             return self.send_error(cx, id, ClientError::Forbidden);
         }
-        let max = cx.node().config.rooms.max_rooms_per_connection;
-        let Some((already, full)) = cx.state(id, |s| (s.rooms.iter().any(|r| &**r == room), s.rooms.len() >= max))
+        let cfg = &cx.node().config.rooms;
+        let max = cfg.max_rooms_per_connection;
+        let Some((already, full, pending)) =
+            cx.state(id, |s| (s.rooms.iter().any(|r| &**r == room), s.rooms.len() >= max, s.pending_joins))
         else {
             return;
         };
-        if !already {
-            if full {
-                return self.send_error(cx, id, ClientError::TooManyRooms);
-            }
-            let (name, first) = self.rooms.borrow_mut().join(room, id);
-            cx.state(id, |s| s.rooms.push(name));
-            if first {
-                self.broker().room_interest(self.shard, room, true);
-            }
+        if already {
+            cx.send_text(id, &protocol::room_ack("joined", room));
+            return;
         }
-        cx.send_text(id, &protocol::room_ack("joined", room));
+        if full {
+            return self.send_error(cx, id, ClientError::TooManyRooms);
+        }
+        let with_history = cfg.history_of(room).0 > 0;
+        if with_history && pending as usize >= cfg.max_pending_joins {
+            return self.send_error(cx, id, ClientError::RateLimited);
+        }
+        let (name, first) = self.rooms.borrow_mut().join(room, id);
+        cx.state(id, |s| s.rooms.push(name.clone()));
+        if first {
+            self.broker().room_interest(self.shard, room, true);
+        }
+        if !with_history {
+            if since.is_some() {
+                // No history here: nothing can be recovered.
+                self.shared.metrics[self.shard].recoveries[1].inc();
+                cx.send_text(id, &protocol::joined_at(room, 0, "none", Some(false)));
+            } else {
+                cx.send_text(id, &protocol::room_ack("joined", room));
+            }
+            return;
+        }
+        cx.state(id, |s| s.pending_joins += 1);
+        self.pending.borrow_mut().entry(id).or_default().push(name);
+        let room: Arc<str> = Arc::from(room);
+        let since = since.map(|(o, e)| (o, Box::from(e)));
+        let home = self.shared.home_shard(&room, cx.node().shards.len());
+        if home == self.shard {
+            self.recover(cx, room, id, since);
+        } else {
+            // Control (never refused): bounded by rooms.max_pending_joins.
+            let _ = cx.send_to(home, AppMsg::Recover { room, conn: id, since });
+        }
+    }
+
+    /// On a room's home shard: answers a join with the room's position and
+    /// the messages after `since`.
+    pub(super) fn recover<C: Conns<Self>>(&self, cx: &C, room: Arc<str>, conn: ConnId, since: Option<(u64, Box<str>)>) {
+        let ttl_ms = cx.node().config.rooms.history_of(&room).1 * 1000;
+        let asked = since.is_some();
+        let replay =
+            self.history.borrow_mut().since(&room, since.as_ref().map(|(o, e)| (*o, &**e)), ttl_ms, cx.now_ms());
+        if conn.shard() == self.shard {
+            self.replayed(cx, &room, conn, replay, asked);
+        } else {
+            let _ = cx.send_to(conn.shard(), AppMsg::Replay { room, conn, replay: Box::new(replay), asked });
+        }
+    }
+
+    /// On the member's shard: the join's answer. Sends the missed messages,
+    /// then `joined`, then lets live delivery through.
+    pub(super) fn replayed<C: Conns<Self>>(
+        &self,
+        cx: &C,
+        room: &str,
+        conn: ConnId,
+        replay: super::history::Replay,
+        asked: bool,
+    ) {
+        let was_pending = {
+            let mut pending = self.pending.borrow_mut();
+            let Some(rooms) = pending.get_mut(&conn) else { return };
+            let Some(i) = rooms.iter().position(|r| &**r == room) else { return };
+            rooms.swap_remove(i);
+            if rooms.is_empty() {
+                pending.remove(&conn);
+            }
+            true
+        };
+        if !was_pending {
+            return;
+        }
+        cx.state(conn, |s| s.pending_joins = s.pending_joins.saturating_sub(1));
+        for f in &replay.frames {
+            cx.send_frame(conn, f);
+        }
+        if asked {
+            self.shared.metrics[self.shard].recoveries[usize::from(!replay.recovered)].inc();
+        }
+        let recovered = asked.then_some(replay.recovered);
+        cx.send_text(conn, &protocol::joined_at(room, replay.offset, &replay.epoch, recovered));
+    }
+
+    /// On a room's home shard: numbers, keeps and fans out one message of a
+    /// room with history.
+    pub(super) fn sequence<C: Conns<Self>>(&self, cx: &C, room: &str, from: &str, data: &str, origin: ConnId) {
+        let cfg = &cx.node().config.rooms;
+        let (size, ttl) = cfg.history_of(room);
+        let policy = super::history::Policy { size, ttl_ms: ttl * 1000, max_bytes: cfg.history_max_bytes };
+        let frame = self.history.borrow_mut().append(room, policy, cfg.history_bytes_per_shard, cx.now_ms(), |o| {
+            frame::text(&protocol::room_message_at(room, from, data, o))
+        });
+        let room_arc: Arc<str> = Arc::from(room);
+        for to in (0..cx.node().shards.len()).filter(|s| *s != self.shard) {
+            // A full mailbox loses the message for that shard's members; they
+            // see the gap in the offsets and can recover it.
+            let _ = cx.send_to(to, AppMsg::Room { room: room_arc.clone(), frame: frame.clone(), origin: Some(origin) });
+        }
+        self.deliver_room(cx, room, &frame, Some(origin));
+    }
+
+    /// Drops expired history and forgets idle rooms; updates the gauges.
+    pub(super) fn sweep_history<C: Conns<Self>>(&self, cx: &C) {
+        let cfg = &cx.node().config.rooms;
+        if !cfg.any_history() {
+            return;
+        }
+        let mut h = self.history.borrow_mut();
+        let idle_ms = cfg.history_ttl_secs.max(cfg.history_rules.iter().map(|r| r.ttl_secs).max().unwrap_or(0)) * 1000;
+        h.sweep(cx.now_ms(), idle_ms, |room| cfg.history_of(room).1 * 1000);
+        let m = &self.shared.metrics[self.shard];
+        m.history_bytes.store(h.bytes() as u64, std::sync::atomic::Ordering::Relaxed);
+        m.history_messages.store(h.messages() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A member left before its join was answered: the answer is ignored.
+    fn forget_pending<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str) {
+        let mut pending = self.pending.borrow_mut();
+        let Some(rooms) = pending.get_mut(&id) else { return };
+        let Some(i) = rooms.iter().position(|r| &**r == room) else { return };
+        rooms.swap_remove(i);
+        if rooms.is_empty() {
+            pending.remove(&id);
+        }
+        cx.state(id, |s| s.pending_joins = s.pending_joins.saturating_sub(1));
     }
 
     fn leave<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str) {
@@ -125,6 +248,9 @@ impl Edge {
             }
             None => false,
         });
+        if was_member == Some(true) {
+            self.forget_pending(cx, id, room);
+        }
         let Some(was_member) = was_member else { return };
         if was_member && self.rooms.borrow_mut().leave(room, id) {
             self.broker().room_interest(self.shard, room, false);
@@ -135,7 +261,9 @@ impl Edge {
     /// Sends one shared frame to every other shard first (so they start
     /// writing while this one does), then delivers to local members, then
     /// hands the payload to the broker for other nodes.
-    fn publish<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str, payload: &str) {
+    /// A room with history takes a detour through its home shard, which
+    /// numbers the message (see [`super::history`]).
+    fn publish<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str, from: &Arc<str>, data: &str) {
         if !self.allowed(cx, id, room, true) {
             return self.send_error(cx, id, ClientError::Forbidden);
         }
@@ -145,6 +273,18 @@ impl Edge {
                 return self.send_error(cx, id, ClientError::NotJoined);
             }
         }
+        if cx.node().config.rooms.history_of(room).0 > 0 {
+            let home = self.shared.home_shard(room, cx.node().shards.len());
+            if home == self.shard {
+                return self.sequence(cx, room, from, data, id);
+            }
+            let msg = AppMsg::Sequence { room: Arc::from(room), from: from.clone(), data: Box::from(data), origin: id };
+            if cx.send_to(home, msg).is_err() {
+                self.send_error(cx, id, ClientError::Overloaded);
+            }
+            return;
+        }
+        let payload = &protocol::room_message(room, from, data);
         let frame = frame::text(payload);
         let room_arc: Arc<str> = Arc::from(room);
         let mut lost = false;
