@@ -8,7 +8,7 @@ mod cluster_common;
 use std::time::{Duration, Instant};
 
 use cluster_common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 const QUIET: Duration = Duration::from_millis(600);
 
@@ -392,4 +392,148 @@ async fn several_sessions_per_client_span_nodes_all_get_directs_and_the_oldest_g
     assert_eq!(tab_b.recv().await, Some(want.clone()));
     assert_eq!(tab_b2.recv().await, Some(want));
     assert!(sender.drain(QUIET).await.is_empty(), "no unknown_client");
+}
+
+/// Joins `room` (with `since`): the messages before the `joined`, and the `joined`.
+async fn join_since(c: &mut Client, room: &str, since: Option<(u64, &str)>) -> (Vec<Value>, Value) {
+    let mut msg = json!({"type": "join", "room": room});
+    if let Some((offset, epoch)) = since {
+        msg["since"] = json!({"offset": offset, "epoch": epoch});
+    }
+    c.send(msg).await;
+    let mut before = Vec::new();
+    loop {
+        let m = c.recv().await.expect("an answer to the join");
+        if m["type"] == "joined" {
+            return (before, m);
+        }
+        before.push(m);
+    }
+}
+
+/// The next `n` room messages' offsets and data.
+async fn ordered(c: &mut Client, n: usize) -> Vec<(u64, Value)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = c.recv().await.unwrap_or_else(|| panic!("{} of {n} messages", out.len()));
+        assert_eq!(m["type"], "message", "{m}");
+        out.push((m["offset"].as_u64().expect("offset"), m["data"].clone()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_rooms_have_one_order_across_nodes_and_recover_on_another_node_after_a_kill() {
+    need_redis!();
+    let redis = Redis::start();
+    let set = ["rooms.history_size=1000"];
+    let (mut a, b) = (Node::start_with("ha", &redis.url(), &set), Node::start_with("hb", &redis.url(), &set));
+    let mut sub_a = Client::connect(&a, "sa").await;
+    let mut sub_b = Client::connect(&b, "sb").await;
+    let (_, ja) = join_since(&mut sub_a, "h", None).await;
+    let (_, jb) = join_since(&mut sub_b, "h", None).await;
+    assert_eq!((ja["offset"].as_u64(), &ja["epoch"]), (Some(0), &jb["epoch"]), "{ja} {jb}");
+    let epoch = ja["epoch"].as_str().unwrap().to_string();
+    both_subscribed(&redis, "h", 2).await;
+    let mut pa = Client::connect(&a, "pa").await;
+    let mut pb = Client::connect(&b, "pb").await;
+    join_since(&mut pa, "h", None).await;
+    join_since(&mut pb, "h", None).await;
+    // Publishers on both nodes at once.
+    let (p1, p2) = (&mut pa, &mut pb);
+    tokio::join!(
+        async {
+            for i in 0..50 {
+                p1.publish("h", json!(["a", i])).await;
+            }
+        },
+        async {
+            for i in 0..50 {
+                p2.publish("h", json!(["b", i])).await;
+            }
+        }
+    );
+    let got_a = ordered(&mut sub_a, 100).await;
+    let got_b = ordered(&mut sub_b, 100).await;
+    assert_eq!(got_a.iter().map(|m| m.0).collect::<Vec<_>>(), (1..=100).collect::<Vec<u64>>());
+    assert_eq!(got_a, got_b, "one order on both nodes");
+    // pa gets pb's 50 but none of its own.
+    let own = ordered(&mut pa, 50).await;
+    assert!(own.iter().all(|m| m.1[0] == "b"));
+    // sub_a's node dies; 20 more are published on b; sub_a comes back on b.
+    a.kill();
+    for i in 0..20 {
+        pb.publish("h", json!(["after", i])).await;
+    }
+    // All 20 numbered (sub_b has them) before sub_a comes back.
+    assert_eq!(ordered(&mut sub_b, 20).await.last().map(|m| m.0), Some(120));
+    let mut back = Client::connect(&b, "sa").await;
+    let (missed, joined) = join_since(&mut back, "h", Some((100, &epoch))).await;
+    let missed: Vec<u64> = missed.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!(missed, (101..=120).collect::<Vec<u64>>(), "what it missed, from Redis");
+    assert_eq!((joined["recovered"].as_bool(), joined["offset"].as_u64()), (Some(true), Some(120)), "{joined}");
+    pb.publish("h", json!("live")).await;
+    assert_eq!(ordered(&mut back, 1).await[0].0, 121);
+    assert!(back.drain(QUIET).await.is_empty(), "nothing twice");
+    // An epoch Redis never gave: not recovered.
+    let mut other = Client::connect(&b, "sc").await;
+    let (m, j) = join_since(&mut other, "h", Some((3, "feedbeef"))).await;
+    assert!(m.is_empty() && j["recovered"] == false, "{j}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_across_nodes_while_publishing_goes_on_has_no_gap_and_no_duplicate() {
+    need_redis!();
+    let redis = Redis::start();
+    let set = ["rooms.history_size=5000"];
+    let (a, b) = (Node::start_with("ra2", &redis.url(), &set), Node::start_with("rb2", &redis.url(), &set));
+    let mut sub = Client::connect(&a, "w").await;
+    let (_, j) = join_since(&mut sub, "busy", None).await;
+    let epoch = j["epoch"].as_str().unwrap().to_string();
+    let mut pubs = [Client::connect(&a, "p1").await, Client::connect(&b, "p2").await];
+    for p in pubs.iter_mut() {
+        join_since(p, "busy", None).await;
+    }
+    for p in pubs.iter_mut() {
+        for i in 0..10 {
+            p.publish("busy", json!(i)).await;
+        }
+    }
+    let first = ordered(&mut sub, 20).await;
+    assert_eq!(first.last().map(|m| m.0), Some(20));
+    sub.close().await;
+    let sends = pubs.iter_mut().map(|p| async move {
+        for i in 0..200 {
+            p.publish("busy", json!(i)).await;
+        }
+    });
+    let rejoin = async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut c = Client::connect(&b, "w").await;
+        let (missed, joined) = join_since(&mut c, "busy", Some((20, &epoch))).await;
+        (c, missed, joined)
+    };
+    let (_, (mut c, missed, joined)) = tokio::join!(futures_util::future::join_all(sends), rejoin);
+    assert_eq!(joined["recovered"], true, "{joined}");
+    let at = joined["offset"].as_u64().unwrap();
+    let missed: Vec<u64> = missed.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!(missed, (21..=at).collect::<Vec<u64>>());
+    let rest: Vec<u64> = ordered(&mut c, (420 - at) as usize).await.into_iter().map(|m| m.0).collect();
+    assert_eq!(rest, (at + 1..=420).collect::<Vec<u64>>(), "live after the answer: none lost, none twice");
+    assert!(c.drain(QUIET).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_publish_during_a_redis_outage_answers_unavailable() {
+    need_redis!();
+    let mut redis = Redis::start();
+    let set = ["rooms.history_size=10"];
+    let a = Node::start_with("ua", &redis.url(), &set);
+    let mut c = Client::connect(&a, "u").await;
+    join_since(&mut c, "h", None).await;
+    redis.stop();
+    assert!(eventually(Duration::from_secs(3), || async { a.breaker() != "closed" }).await);
+    c.publish("h", json!(1)).await;
+    let e = c.recv().await.expect("an answer");
+    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("unavailable")), "{e}");
 }

@@ -107,4 +107,46 @@ async fn two_nodes_on_a_three_plus_three_redis_cluster() {
     });
     assert_eq!(hint["type"], "affinity");
     assert_eq!(hint["node"], "ca");
+
+    // Rooms with history on the cluster: the numbering script and the
+    // room's sharded channel share a slot (hash tag), one order on both nodes.
+    let set = ["rooms.history_size=100"];
+    let (ha, hb) = (Node::start_with("hca", &urls, &set), Node::start_with("hcb", &urls, &set));
+    let mut pa = Client::connect(&ha, "hpa").await;
+    let mut sb = Client::connect(&hb, "hsb").await;
+    pa.send(json!({"type": "join", "room": "hist.x"})).await;
+    assert!(pa.recv().await.is_some_and(|m| m["type"] == "joined" && m["offset"] == 0));
+    sb.send(json!({"type": "join", "room": "hist.x"})).await;
+    let joined = sb.recv().await.expect("joined");
+    let epoch = joined["epoch"].as_str().expect("epoch").to_string();
+    let mut heard = 0;
+    for i in 0..40 {
+        pa.publish("hist.x", json!(i)).await;
+        if let Some(m) = sb.recv_within(Duration::from_millis(100)).await {
+            heard = m["offset"].as_u64().expect("offset");
+            break;
+        }
+    }
+    assert!(heard > 0, "hcb never heard hca's history room");
+    let _ = sb.drain(Duration::from_millis(300)).await;
+    for i in 0..10 {
+        pa.publish("hist.x", json!({"n": i})).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A fresh client on hcb recovers the last ten from the cluster's stream.
+    let mut late = Client::connect(&hb, "hlate").await;
+    let since = heard;
+    late.send(json!({"type": "join", "room": "hist.x", "since": {"offset": since, "epoch": epoch}})).await;
+    let mut offsets = Vec::new();
+    let joined = loop {
+        let m = late.recv().await.expect("recovery");
+        if m["type"] == "joined" {
+            break m;
+        }
+        offsets.push(m["offset"].as_u64().expect("offset"));
+    };
+    assert_eq!(joined["recovered"], true, "{joined}");
+    let last = joined["offset"].as_u64().unwrap();
+    assert_eq!(offsets, (since + 1..=last).collect::<Vec<u64>>(), "contiguous from the stream");
+    assert!(last >= since + 10);
 }

@@ -246,13 +246,3 @@ async fn rooms_without_history_carry_no_offset_and_cannot_recover() {
     assert_eq!(next_json(&mut b).await["offset"], 1);
     let _ = std::fs::remove_file(&path);
 }
-
-#[test]
-fn history_in_cluster_mode_is_refused_until_it_is_built() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringside"))
-        .args(["--check-config", "--redis", "redis://127.0.0.1:1", "--set", "rooms.history_size=10"])
-        .output()
-        .expect("run");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("rooms.history_size"), "{err}");
-}

@@ -50,6 +50,8 @@ pub enum AppMsg {
         frame: Bytes,
         /// The publisher (excluded). `None` when it came from another node.
         origin: Option<ConnId>,
+        /// Its offset in a room with history (0: none).
+        offset: u64,
     },
     /// Sent to a client id's home shard: register `conn` as its live connection.
     Register {
@@ -81,6 +83,11 @@ pub enum AppMsg {
         conn: ConnId,
         /// A complete WebSocket frame.
         frame: Bytes,
+    },
+    /// Tell `conn` that its message of a room with history was not sent.
+    PublishFailed {
+        /// The publisher.
+        conn: ConnId,
     },
     /// Tell `conn` that its direct message found no one.
     UnknownClient {
@@ -152,6 +159,7 @@ impl crate::runtime::mailbox::Weigh for AppMsg {
             AppMsg::Register { .. }
             | AppMsg::Unregister { .. }
             | AppMsg::UnknownClient { .. }
+            | AppMsg::PublishFailed { .. }
             | AppMsg::Replaced { .. }
             | AppMsg::Kick { .. } => None,
         }
@@ -235,6 +243,9 @@ pub fn home_shard(key: &RandomState, client_id: &str, shards: usize) -> usize {
     (key.hash_one(client_id) % shards.max(1) as u64) as usize
 }
 
+/// A member's (room, offset) floors: live messages up to them are dropped.
+type Floors = Vec<(Rc<str>, u64)>;
+
 /// One shard's application.
 pub struct Edge {
     shard: usize,
@@ -252,6 +263,9 @@ pub struct Edge {
     /// Members of rooms with history held back from live delivery until
     /// their join's answer arrives (connection → rooms).
     pending: RefCell<std::collections::HashMap<ConnId, Vec<Rc<str>>>>,
+    /// Members recovered through the cluster: (room, offset of the answer);
+    /// live messages up to it are dropped (they were in the answer).
+    floors: RefCell<std::collections::HashMap<ConnId, Floors>>,
 }
 
 impl Edge {
@@ -267,6 +281,7 @@ impl Edge {
             id_counter: Cell::new(0),
             history: RefCell::default(),
             pending: RefCell::default(),
+            floors: RefCell::default(),
         }
     }
 
@@ -290,14 +305,30 @@ impl Edge {
     }
 
     /// Delivers a room frame to local members except `origin`.
-    fn deliver_room<C: Conns<Self>>(&self, cx: &C, room: &str, frame: &Bytes, origin: Option<ConnId>) {
+    fn deliver_room<C: Conns<Self>>(&self, cx: &C, room: &str, frame: &Bytes, origin: Option<ConnId>, offset: u64) {
         let rooms = self.rooms.borrow();
         let pending = self.pending.borrow();
+        let mut floors = self.floors.borrow_mut();
         for &member in rooms.members(room).iter().filter(|m| Some(**m) != origin) {
             // A member whose join is being answered gets this message in
             // the answer (or joined after it): not now.
             if !pending.is_empty() && pending.get(&member).is_some_and(|rs| rs.iter().any(|r| &**r == room)) {
                 continue;
+            }
+            // Just recovered through the cluster: messages up to the answer's
+            // offset may still arrive after it; they were in it.
+            if offset > 0 && !floors.is_empty() {
+                if let Some(fs) = floors.get_mut(&member) {
+                    if let Some(i) = fs.iter().position(|(r, _)| &**r == room) {
+                        if offset <= fs[i].1 {
+                            continue;
+                        }
+                        fs.swap_remove(i);
+                        if fs.is_empty() {
+                            floors.remove(&member);
+                        }
+                    }
+                }
             }
             // The outcome is counted inside offer (drops, slow-consumer closes).
             cx.send_frame(member, frame);
@@ -498,6 +529,9 @@ impl App for Edge {
         if state.pending_joins > 0 {
             self.pending.borrow_mut().remove(&id);
         }
+        if !self.floors.borrow().is_empty() {
+            self.floors.borrow_mut().remove(&id);
+        }
         if let Some(client_id) = state.client_id {
             let home = self.shared.home_shard(&client_id, cx.node().shards.len());
             let _ = cx.send_to(home, AppMsg::Unregister { client_id, conn: id });
@@ -506,7 +540,8 @@ impl App for Edge {
 
     fn on_mail<C: Conns<Self>>(&self, cx: &C, msg: AppMsg) {
         match msg {
-            AppMsg::Room { room, frame, origin } => self.deliver_room(cx, &room, &frame, origin),
+            AppMsg::Room { room, frame, origin, offset } => self.deliver_room(cx, &room, &frame, origin, offset),
+            AppMsg::PublishFailed { conn } => self.send_error(cx, conn, ClientError::Unavailable),
             AppMsg::Register { client_id, conn } => self.register(cx, client_id, conn),
             AppMsg::Unregister { client_id, conn } => {
                 self.directory.borrow_mut().unregister(&client_id, conn);
@@ -580,7 +615,7 @@ impl Sink for Delivery {
         let room: Arc<str> = Arc::from(room);
         let mut all = true;
         for i in 0..self.node.shards.len() {
-            all &= self.to_shard(i, AppMsg::Room { room: room.clone(), frame: frame.clone(), origin: None });
+            all &= self.to_shard(i, AppMsg::Room { room: room.clone(), frame: frame.clone(), origin: None, offset: 0 });
         }
         all
     }
@@ -596,6 +631,32 @@ impl Sink for Delivery {
 
     fn unknown_client(&self, from: ConnId, _to: Arc<str>) -> bool {
         self.to_shard(from.shard(), AppMsg::UnknownClient { conn: from })
+    }
+
+    fn room_ordered(&self, room: &str, offset: u64, payload: &str, origin: Option<ConnId>) -> bool {
+        let frame = frame::text(payload);
+        let room: Arc<str> = Arc::from(room);
+        let mut all = true;
+        for i in 0..self.node.shards.len() {
+            let msg = AppMsg::Room { room: room.clone(), frame: frame.clone(), origin, offset };
+            all &= self.to_shard(i, msg);
+        }
+        all
+    }
+
+    fn recovered(&self, room: &str, conn: ConnId, r: crate::broker::Recovery) -> bool {
+        let replay = history::Replay {
+            frames: r.messages.iter().map(|m| frame::text(m)).collect(),
+            recovered: r.recovered,
+            offset: r.offset,
+            epoch: Arc::from(r.epoch.as_str()),
+        };
+        let msg = AppMsg::Replay { room: Arc::from(room), conn, replay: Box::new(replay), asked: r.asked };
+        self.to_shard(conn.shard(), msg)
+    }
+
+    fn publish_failed(&self, origin: ConnId) -> bool {
+        self.to_shard(origin.shard(), AppMsg::PublishFailed { conn: origin })
     }
 
     fn replaced(&self, client_id: &str, conn: ConnId) -> bool {

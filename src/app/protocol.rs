@@ -174,11 +174,18 @@ pub fn room_message(room: &str, from: &str, data: &str) -> String {
 /// `{"type":"message","room":R,"from":ID,"data":ANY,"offset":N}`: a
 /// message of a room with history.
 pub fn room_message_at(room: &str, from: &str, data: &str, offset: u64) -> String {
+    let mut s = room_message_prefix(room, from, data);
+    s.push_str(&offset.to_string());
+    s.push('}');
+    s
+}
+
+/// `{"type":"message","room":R,"from":ID,"data":ANY,"offset":` — what
+/// [`room_message_at`] gives before the number, for a store that numbers it.
+pub fn room_message_prefix(room: &str, from: &str, data: &str) -> String {
     let mut s = room_message(room, from, data);
     s.pop();
     s.push_str(r#","offset":"#);
-    s.push_str(&offset.to_string());
-    s.push('}');
     s
 }
 
@@ -261,11 +268,14 @@ pub enum ClientError {
     Forbidden,
     /// A refresh token that does not verify (expired, bad signature, ...).
     InvalidToken,
+    /// A message of a room with history could not be sent: the cluster's
+    /// store (Redis) is unreachable.
+    Unavailable,
 }
 
 impl ClientError {
     /// Every variant, for metrics.
-    pub const ALL: [ClientError; 14] = [
+    pub const ALL: [ClientError; 15] = [
         ClientError::BadJson,
         ClientError::UnknownType,
         ClientError::MissingField,
@@ -280,6 +290,7 @@ impl ClientError {
         ClientError::RateLimited,
         ClientError::Forbidden,
         ClientError::InvalidToken,
+        ClientError::Unavailable,
     ];
 
     /// The stable `code` string.
@@ -299,6 +310,7 @@ impl ClientError {
             ClientError::RateLimited => "rate_limited",
             ClientError::Forbidden => "forbidden",
             ClientError::InvalidToken => "invalid_token",
+            ClientError::Unavailable => "unavailable",
         }
     }
 
@@ -325,6 +337,7 @@ pub fn error_text(e: ClientError) -> &'static str {
         ClientError::RateLimited => "too many messages; slow down (limits.messages_per_second)",
         ClientError::Forbidden => "not allowed by your token (rooms / publish claims, or another client's token)",
         ClientError::InvalidToken => "the token does not verify (expired, malformed or badly signed)",
+        ClientError::Unavailable => "the cluster's store is unreachable; message not sent",
     }
 }
 

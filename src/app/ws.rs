@@ -139,6 +139,10 @@ impl Edge {
         self.pending.borrow_mut().entry(id).or_default().push(name);
         let room: Arc<str> = Arc::from(room);
         let since = since.map(|(o, e)| (o, Box::from(e)));
+        if self.broker().orders_rooms() {
+            let ttl_ms = cfg.history_of(&room).1 * 1000;
+            return self.broker().recover(room, id, since, ttl_ms);
+        }
         let home = self.shared.home_shard(&room, cx.node().shards.len());
         if home == self.shard {
             self.recover(cx, room, id, since);
@@ -186,6 +190,13 @@ impl Edge {
             return;
         }
         cx.state(conn, |s| s.pending_joins = s.pending_joins.saturating_sub(1));
+        if self.broker().orders_rooms() {
+            // Messages up to the answer's offset may still be on their way.
+            let name = cx.state(conn, |s| s.rooms.iter().find(|r| &***r == room).cloned()).flatten();
+            if let Some(name) = name {
+                self.floors.borrow_mut().entry(conn).or_default().push((name, replay.offset));
+            }
+        }
         for f in &replay.frames {
             cx.send_frame(conn, f);
         }
@@ -202,16 +213,19 @@ impl Edge {
         let cfg = &cx.node().config.rooms;
         let (size, ttl) = cfg.history_of(room);
         let policy = super::history::Policy { size, ttl_ms: ttl * 1000, max_bytes: cfg.history_max_bytes };
+        let mut offset = 0;
         let frame = self.history.borrow_mut().append(room, policy, cfg.history_bytes_per_shard, cx.now_ms(), |o| {
+            offset = o;
             frame::text(&protocol::room_message_at(room, from, data, o))
         });
         let room_arc: Arc<str> = Arc::from(room);
         for to in (0..cx.node().shards.len()).filter(|s| *s != self.shard) {
             // A full mailbox loses the message for that shard's members; they
             // see the gap in the offsets and can recover it.
-            let _ = cx.send_to(to, AppMsg::Room { room: room_arc.clone(), frame: frame.clone(), origin: Some(origin) });
+            let msg = AppMsg::Room { room: room_arc.clone(), frame: frame.clone(), origin: Some(origin), offset };
+            let _ = cx.send_to(to, msg);
         }
-        self.deliver_room(cx, room, &frame, Some(origin));
+        self.deliver_room(cx, room, &frame, Some(origin), offset);
     }
 
     /// Drops expired history and forgets idle rooms; updates the gauges.
@@ -250,6 +264,13 @@ impl Edge {
         });
         if was_member == Some(true) {
             self.forget_pending(cx, id, room);
+            let mut floors = self.floors.borrow_mut();
+            if let Some(fs) = floors.get_mut(&id) {
+                fs.retain(|(r, _)| &**r != room);
+                if fs.is_empty() {
+                    floors.remove(&id);
+                }
+            }
         }
         let Some(was_member) = was_member else { return };
         if was_member && self.rooms.borrow_mut().leave(room, id) {
@@ -273,7 +294,16 @@ impl Edge {
                 return self.send_error(cx, id, ClientError::NotJoined);
             }
         }
-        if cx.node().config.rooms.history_of(room).0 > 0 {
+        let (size, ttl) = cx.node().config.rooms.history_of(room);
+        if size > 0 && self.broker().orders_rooms() {
+            // The cluster numbers it; every node (this one too) delivers it.
+            let prefix = protocol::room_message_prefix(room, from, data);
+            if !self.broker().publish_ordered(Arc::from(room), prefix, id, size, ttl * 1000) {
+                self.send_error(cx, id, ClientError::Overloaded);
+            }
+            return;
+        }
+        if size > 0 {
             let home = self.shared.home_shard(room, cx.node().shards.len());
             if home == self.shard {
                 return self.sequence(cx, room, from, data, id);
@@ -289,10 +319,10 @@ impl Edge {
         let room_arc: Arc<str> = Arc::from(room);
         let mut lost = false;
         for to in (0..cx.node().shards.len()).filter(|s| *s != self.shard) {
-            let msg = AppMsg::Room { room: room_arc.clone(), frame: frame.clone(), origin: Some(id) };
+            let msg = AppMsg::Room { room: room_arc.clone(), frame: frame.clone(), origin: Some(id), offset: 0 };
             lost |= cx.send_to(to, msg).is_err();
         }
-        self.deliver_room(cx, room, &frame, Some(id));
+        self.deliver_room(cx, room, &frame, Some(id), 0);
         self.broker().publish(room_arc, payload);
         if lost {
             self.send_error(cx, id, ClientError::Overloaded);

@@ -43,6 +43,25 @@ pub trait Broker: Send + Sync {
     /// sessions on this node, which already got it; otherwise `from` is told
     /// `unknown_client` through the sink if nobody has it.
     fn direct(&self, to: Arc<str>, frame: Bytes, from: ConnId, delivered_here: bool);
+    /// True when this broker gives rooms with history one order across
+    /// nodes ([`Broker::publish_ordered`], [`Broker::recover`]); otherwise
+    /// the application numbers them on the node.
+    fn orders_rooms(&self) -> bool {
+        false
+    }
+    /// A message of a room with history: number it, keep it (`size`
+    /// messages, `ttl_ms`) and deliver it to every node, this one included,
+    /// through [`Sink::room_ordered`] in one order. `prefix` is the message
+    /// JSON up to its offset: `{"type":"message",...,"offset":` (the broker
+    /// appends the number and `}`). False when it could not even be queued;
+    /// a later failure is told to `origin` through [`Sink::publish_failed`].
+    fn publish_ordered(&self, _room: Arc<str>, _prefix: String, _origin: ConnId, _size: usize, _ttl_ms: u64) -> bool {
+        false
+    }
+    /// `conn` joins a room with history: answer through [`Sink::recovered`]
+    /// with the room's position and, for `since` (offset, epoch), the kept
+    /// messages after it.
+    fn recover(&self, _room: Arc<str>, _conn: ConnId, _since: Option<(u64, Box<str>)>, _ttl_ms: u64) {}
     /// How many connections per shard the broker wants in each sample (0 = none).
     fn sample_size(&self) -> usize;
     /// A shard's periodic sample of its connections.
@@ -75,6 +94,34 @@ pub trait Sink: Send + Sync + 'static {
     fn affinity(&self, conn: ConnId, node: &str, url: &str) -> bool;
     /// This node's own figures, for the registry.
     fn local(&self) -> LocalNode;
+    /// A message of a room with history, numbered `offset` by the cluster;
+    /// `origin` is the publisher when it is on this node (it gets no copy).
+    fn room_ordered(&self, _room: &str, _offset: u64, _payload: &str, _origin: Option<ConnId>) -> bool {
+        true
+    }
+    /// The answer to [`Broker::recover`] for `conn`.
+    fn recovered(&self, _room: &str, _conn: ConnId, _r: Recovery) -> bool {
+        true
+    }
+    /// `origin`'s [`Broker::publish_ordered`] failed (Redis away).
+    fn publish_failed(&self, _origin: ConnId) -> bool {
+        true
+    }
+}
+
+/// A room's position and what a recovery replays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// The room's epoch (`none` when the store could not be asked).
+    pub epoch: String,
+    /// Its last offset.
+    pub offset: u64,
+    /// Every message after the client's `since` is in `messages`.
+    pub recovered: bool,
+    /// Those messages' JSON, in order.
+    pub messages: Vec<String>,
+    /// The join asked for recovery (`recovered` goes into `joined`).
+    pub asked: bool,
 }
 
 /// This node as the registry describes it.

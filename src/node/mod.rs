@@ -148,13 +148,6 @@ impl Node {
 /// are read, keys parsed).
 pub fn check(config: &Config) -> Result<(), ConfigError> {
     Trusted::parse_list(&config.server.trusted_proxies).map_err(|e| ConfigError::new("server.trusted_proxies", e))?;
-    if !config.cluster.redis_url.is_empty() && config.rooms.any_history() {
-        // Offsets would be per node, not one order per room in the cluster.
-        return Err(ConfigError::new(
-            "rooms.history_size",
-            "room history is single-node in this version: it needs one order per room across nodes (Redis), not built yet",
-        ));
-    }
     if config.auth.mode == AuthMode::Token {
         // The verifier's errors start with the key at fault.
         Verifier::new(&config.auth).map_err(|e| {

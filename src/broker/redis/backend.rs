@@ -110,6 +110,44 @@ pub enum Op {
         /// Member.
         member: String,
     },
+    /// One atomic script: numbers a message of a room with history, keeps it
+    /// in the room's stream (at most `size`, none older than `ttl_ms`) and
+    /// publishes `header` + `offset \n` + message on `channel` →
+    /// [`Reply::Int`], the offset. A room without a sequence (new, or
+    /// expired) starts one with `new_epoch`.
+    HistoryPublish {
+        /// `keys::history_seq`.
+        seq: String,
+        /// `keys::history_stream`.
+        stream: String,
+        /// The room's channel.
+        channel: String,
+        /// `keys::ordered_header`.
+        header: String,
+        /// The message JSON up to its offset (`...,"offset":`).
+        prefix: String,
+        /// Messages kept.
+        size: usize,
+        /// Age kept and the keys' TTL, ms.
+        ttl_ms: u64,
+        /// The epoch if the room has none.
+        new_epoch: String,
+    },
+    /// One atomic script: the room's epoch and last offset (starting a
+    /// sequence with `new_epoch` if it has none) and, for `since`, the kept
+    /// messages after it → [`Reply::Recovery`].
+    HistoryRecover {
+        /// `keys::history_seq`.
+        seq: String,
+        /// `keys::history_stream`.
+        stream: String,
+        /// The client's last (offset, epoch).
+        since: Option<(u64, String)>,
+        /// Age kept and the keys' TTL, ms.
+        ttl_ms: u64,
+        /// The epoch if the room has none.
+        new_epoch: String,
+    },
     /// `PUBLISH` (or `SPUBLISH` in cluster mode) → [`Reply::Int`], the receivers.
     Publish {
         /// Channel.
@@ -142,6 +180,8 @@ pub enum Reply {
     Map(HashMap<String, String>),
     /// `SMEMBERS`.
     List(Vec<String>),
+    /// `HistoryRecover`: (epoch, last offset, recovered, messages).
+    Recovery(String, u64, bool, Vec<String>),
 }
 
 impl Reply {

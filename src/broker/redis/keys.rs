@@ -54,6 +54,45 @@ pub fn parse_session_member(m: &str) -> Option<(&str, u64)> {
     Some((node, conn.parse().ok()?))
 }
 
+/// `ringside:seq:{ringside:room:R}`: a room with history's `epoch` and
+/// `last` offset. The hash tag is the room's channel, so that in Redis
+/// Cluster the keys and the channel share a slot (one script publishes).
+pub fn history_seq(room: &str) -> String {
+    format!("{PREFIX}seq:{{{ROOM_CHANNEL}{room}}}")
+}
+
+/// `ringside:history:{ringside:room:R}`: the room's kept messages, a stream
+/// of `o` (offset) and `m` (message JSON).
+pub fn history_stream(room: &str) -> String {
+    format!("{PREFIX}history:{{{ROOM_CHANNEL}{room}}}")
+}
+
+/// The start of an ordered room message on the wire, before the script
+/// appends `offset \n message`: `origin \n #conn \n`.
+pub fn ordered_header(origin: &str, conn: u64) -> String {
+    format!("{origin}\n#{conn}\n")
+}
+
+/// A room message from the channel.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RoomMsg<'a> {
+    /// A message of a room without history (already delivered on its origin).
+    Plain(&'a str),
+    /// A message of a room with history: `(publisher's conn, offset, JSON)`.
+    Ordered(u64, u64, &'a str),
+}
+
+/// `(origin, message)` of a room channel message; `None` if malformed.
+pub fn decode_room_msg(msg: &[u8]) -> Option<(&str, RoomMsg<'_>)> {
+    let (origin, rest) = split_line(msg)?;
+    let Some(rest) = rest.strip_prefix(b"#") else {
+        return Some((origin, RoomMsg::Plain(std::str::from_utf8(rest).ok()?)));
+    };
+    let (conn, rest) = split_line(rest)?;
+    let (offset, body) = split_line(rest)?;
+    Some((origin, RoomMsg::Ordered(conn.parse().ok()?, offset.parse().ok()?, std::str::from_utf8(body).ok()?)))
+}
+
 /// `ringside:affinity:{client_id}`
 pub fn affinity(client_id: &str) -> String {
     format!("{PREFIX}affinity:{client_id}")
@@ -159,6 +198,8 @@ mod tests {
         assert_eq!(conn("c"), "ringside:conn:c");
         assert_eq!(affinity("c"), "ringside:affinity:c");
         assert_eq!(sessions("c"), "ringside:sessions:c");
+        assert_eq!(history_seq("r.1"), "ringside:seq:{ringside:room:r.1}");
+        assert_eq!(history_stream("r.1"), "ringside:history:{ringside:room:r.1}");
         assert_eq!(session_member("n-1", 42), "n-1|42");
         assert_eq!(sample("n1"), "ringside:sample:n1");
         assert_eq!(room_channel("r.1"), "ringside:room:r.1");
@@ -173,6 +214,11 @@ mod tests {
         let d = encode_direct("n1", "bob", &frame);
         assert_eq!(decode_direct(&d), Some(("n1", "bob", &frame[..])));
         assert_eq!(decode_room(b"no newline"), None);
+        assert_eq!(decode_room_msg(&m), Some(("n1", RoomMsg::Plain("{\"a\":\"x\\ny\"}"))));
+        let mut o = ordered_header("n2", 77).into_bytes();
+        o.extend_from_slice(b"5\n{\"offset\":5}");
+        assert_eq!(decode_room_msg(&o), Some(("n2", RoomMsg::Ordered(77, 5, "{\"offset\":5}"))));
+        assert_eq!(decode_room_msg(b"n2\n#x\n5\n{}"), None);
         assert_eq!(decode_direct(b"n1\n\nx"), None);
         assert_eq!(decode_direct(b"n1 only"), None);
         assert_eq!(decode_inbox(&d), Some(Inbox::Direct("bob", &frame[..])));

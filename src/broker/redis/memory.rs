@@ -16,6 +16,8 @@ enum Val {
     Set(BTreeSet<String>),
     /// (score, member), kept sorted.
     ZSet(Vec<(u64, String)>),
+    /// (added, offset, message): a room's history stream.
+    Stream(Vec<(Instant, u64, String)>),
 }
 
 #[derive(Debug)]
@@ -124,6 +126,20 @@ impl Hub {
         self.kv.insert(key.to_string(), Entry { val, expires });
     }
 
+    /// A room's (epoch, last offset), starting a sequence with `new_epoch`.
+    fn sequence(&mut self, seq: &str, stream: &str, new_epoch: &str, ttl_ms: u64) -> (String, u64) {
+        if let Some(Val::Hash(h)) = self.get(seq) {
+            let last = h.get("last").and_then(|l| l.parse().ok()).unwrap_or(0);
+            return (h.get("epoch").cloned().unwrap_or_default(), last);
+        }
+        self.kv.remove(stream);
+        let mut h = HashMap::new();
+        h.insert("epoch".to_string(), new_epoch.to_string());
+        h.insert("last".to_string(), "0".to_string());
+        self.put(seq, Val::Hash(h), Some(Instant::now() + Duration::from_millis(ttl_ms)));
+        (new_epoch.to_string(), 0)
+    }
+
     fn run(&mut self, op: &Op) -> Reply {
         self.commands += op.commands();
         match op {
@@ -217,6 +233,48 @@ impl Hub {
                         }
                     }
                 }
+            }
+            Op::HistoryPublish { seq, stream, channel, header, prefix, size, ttl_ms, new_epoch } => {
+                let (epoch, last) = self.sequence(seq, stream, new_epoch, *ttl_ms);
+                let off = last + 1;
+                let msg = format!("{prefix}{off}}}");
+                let mut st = match self.get(stream) {
+                    Some(Val::Stream(v)) => v,
+                    _ => Vec::new(),
+                };
+                st.push((Instant::now(), off, msg.clone()));
+                let ttl = Duration::from_millis(*ttl_ms);
+                st.retain(|(at, _, _)| at.elapsed() < ttl);
+                let excess = st.len().saturating_sub(*size);
+                st.drain(..excess);
+                let mut h = HashMap::new();
+                h.insert("epoch".to_string(), epoch);
+                h.insert("last".to_string(), off.to_string());
+                self.put(seq, Val::Hash(h), Some(Instant::now() + ttl));
+                self.put(stream, Val::Stream(st), Some(Instant::now() + ttl));
+                let payload = format!("{header}{off}\n{msg}").into_bytes();
+                self.run(&Op::Publish { channel: channel.clone(), payload });
+                return Reply::Int(off as i64);
+            }
+            Op::HistoryRecover { seq, stream, since, ttl_ms, new_epoch } => {
+                let (epoch, last) = self.sequence(seq, stream, new_epoch, *ttl_ms);
+                let ttl = Duration::from_millis(*ttl_ms);
+                let kept: Vec<(u64, String)> = match self.get(stream) {
+                    Some(Val::Stream(v)) => {
+                        v.into_iter().filter(|(at, _, _)| at.elapsed() < ttl).map(|(_, o, m)| (o, m)).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                let Some((from, their)) = since else { return Reply::Recovery(epoch, last, true, Vec::new()) };
+                if *their != epoch || *from > last {
+                    return Reply::Recovery(epoch, last, false, Vec::new());
+                }
+                let first = kept.first().map_or(last + 1, |(o, _)| *o);
+                if *from < last && first > from + 1 {
+                    return Reply::Recovery(epoch, last, false, Vec::new());
+                }
+                let msgs = kept.into_iter().filter(|(o, _)| o > from).map(|(_, m)| m).collect();
+                return Reply::Recovery(epoch, last, true, msgs);
             }
             Op::Publish { channel, payload } => {
                 let mut n = 0;

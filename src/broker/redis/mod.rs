@@ -70,6 +70,30 @@ pub enum ClusterCmd {
         /// The `{"type":"message",...}` JSON text.
         payload: String,
     },
+    /// A message of a room with history (see [`Broker::publish_ordered`]).
+    PublishOrdered {
+        /// Room.
+        room: Arc<str>,
+        /// The message JSON up to its offset.
+        prefix: String,
+        /// The publisher.
+        origin: ConnId,
+        /// Messages kept.
+        size: usize,
+        /// Age kept, ms.
+        ttl_ms: u64,
+    },
+    /// A join of a room with history (see [`Broker::recover`]).
+    Recover {
+        /// Room.
+        room: Arc<str>,
+        /// The joining connection.
+        conn: ConnId,
+        /// Its last (offset, epoch).
+        since: Option<(u64, Box<str>)>,
+        /// Age kept, ms.
+        ttl_ms: u64,
+    },
     /// A direct message whose target is not on this node.
     Direct {
         /// Target client id.
@@ -190,6 +214,9 @@ impl ClusterCmd {
     fn weight(&self) -> Option<usize> {
         match self {
             ClusterCmd::Publish { room, payload } => Some(room.len() + payload.len() + 64),
+            ClusterCmd::PublishOrdered { room, prefix, .. } => Some(room.len() + prefix.len() + 64),
+            // One per join of a room with history (rooms.max_pending_joins per connection).
+            ClusterCmd::Recover { .. } => None,
             ClusterCmd::Direct { to, frame, .. } => Some(to.len() + frame.len() + 64),
             ClusterCmd::Sample { entries, .. } => Some(entries.len() * 96 + 64),
             ClusterCmd::ConnOpened { .. }
@@ -225,11 +252,14 @@ impl RedisBroker {
         (RedisBroker { tx, sample_size, status: Arc::new(ClusterStatus::default()) }, rx)
     }
 
-    fn send(&self, cmd: ClusterCmd) {
+    /// Queues `cmd` for the cluster thread; false (counted) when refused.
+    fn send(&self, cmd: ClusterCmd) -> bool {
         let w = cmd.weight();
-        if !self.tx.send(cmd, w) {
+        let queued = self.tx.send(cmd, w);
+        if !queued {
             self.status.dropped_events.fetch_add(1, Ordering::Relaxed);
         }
+        queued
     }
 
     /// The breaker state.
@@ -257,6 +287,18 @@ impl Broker for RedisBroker {
 
     fn direct(&self, to: Arc<str>, frame: Bytes, from: ConnId, delivered_here: bool) {
         self.send(ClusterCmd::Direct { to, frame, from, delivered_here });
+    }
+
+    fn orders_rooms(&self) -> bool {
+        true
+    }
+
+    fn publish_ordered(&self, room: Arc<str>, prefix: String, origin: ConnId, size: usize, ttl_ms: u64) -> bool {
+        self.send(ClusterCmd::PublishOrdered { room, prefix, origin, size, ttl_ms })
+    }
+
+    fn recover(&self, room: Arc<str>, conn: ConnId, since: Option<(u64, Box<str>)>, ttl_ms: u64) {
+        self.send(ClusterCmd::Recover { room, conn, since, ttl_ms });
     }
 
     fn sample_size(&self) -> usize {

@@ -164,6 +164,19 @@ fn add(p: &mut Pipeline, op: &Op, cluster: bool) {
         Op::ZRem { key, member } => {
             p.cmd("ZREM").arg(key).arg(member);
         }
+        Op::HistoryPublish { seq, stream, channel, header, prefix, size, ttl_ms, new_epoch } => {
+            let publish = if cluster { "SPUBLISH" } else { "PUBLISH" };
+            p.cmd("EVAL").arg(HISTORY_PUBLISH).arg(2).arg(seq).arg(stream);
+            p.arg(prefix).arg(*size).arg(*ttl_ms).arg(new_epoch).arg(publish).arg(channel).arg(header);
+        }
+        Op::HistoryRecover { seq, stream, since, ttl_ms, new_epoch } => {
+            let (offset, epoch) = match since {
+                Some((o, e)) => (o.to_string(), e.clone()),
+                None => (String::new(), String::new()),
+            };
+            p.cmd("EVAL").arg(HISTORY_RECOVER).arg(2).arg(seq).arg(stream);
+            p.arg(offset).arg(epoch).arg(*ttl_ms).arg(new_epoch);
+        }
         Op::Publish { channel, payload } => {
             p.cmd(if cluster { "SPUBLISH" } else { "PUBLISH" }).arg(channel).arg(payload);
         }
@@ -178,6 +191,58 @@ const DEL_IF_NODE: &str =
 const SESSION_OPEN: &str = "redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2]) \
      redis.call('PEXPIRE', KEYS[1], ARGV[3]) return redis.call('ZRANGE', KEYS[1], 0, -1)";
 
+/// Numbers, keeps and publishes a message of a room with history.
+/// KEYS: seq, stream. ARGV: prefix, size, ttl_ms, new_epoch, PUBLISH or
+/// SPUBLISH, channel, header.
+const HISTORY_PUBLISH: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'last', 0)
+end
+local off = redis.call('HINCRBY', KEYS[1], 'last', 1)
+local msg = ARGV[1] .. off .. '}'
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '*', 'o', off, 'm', msg)
+local t = redis.call('TIME')
+local cut = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3])
+redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', cut))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call(ARGV[5], ARGV[6], ARGV[7] .. off .. '\n' .. msg)
+return off
+"#;
+
+/// A room's position and the kept messages after `since`.
+/// KEYS: seq, stream. ARGV: since offset ('' = none), since epoch, ttl_ms,
+/// new_epoch. Returns {epoch, last, recovered (0/1), {messages}}.
+const HISTORY_RECOVER: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'last', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last'))
+local t = redis.call('TIME')
+local cut = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3])
+redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', cut))
+if ARGV[1] == '' then return {epoch, last, 1, {}} end
+local since = tonumber(ARGV[1])
+if ARGV[2] ~= epoch or since > last then return {epoch, last, 0, {}} end
+if since == last then return {epoch, last, 1, {}} end
+local out = {}
+local first = nil
+for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
+  local off = tonumber(e[2][2])
+  if first == nil then first = off end
+  if off > since then out[#out + 1] = e[2][4] end
+end
+if first == nil or first > since + 1 then return {epoch, last, 0, {}} end
+return {epoch, last, 1, out}
+"#;
+
 /// The reply of `op` from its first command's value.
 fn reply(op: &Op, v: Value) -> Result<Reply> {
     let bad = |e: redis::ParsingError| ClusterError::Command(e.to_string());
@@ -190,7 +255,11 @@ fn reply(op: &Op, v: Value) -> Result<Reply> {
         Op::SMembers { .. } | Op::SessionOpen { .. } | Op::ZRange { .. } => {
             Reply::List(redis::from_redis_value::<Vec<String>>(v).map_err(bad)?)
         }
-        Op::Publish { .. } => Reply::Int(redis::from_redis_value::<i64>(v).map_err(bad)?),
+        Op::Publish { .. } | Op::HistoryPublish { .. } => Reply::Int(redis::from_redis_value::<i64>(v).map_err(bad)?),
+        Op::HistoryRecover { .. } => {
+            let (epoch, last, ok, msgs) = redis::from_redis_value::<(String, u64, i64, Vec<String>)>(v).map_err(bad)?;
+            Reply::Recovery(epoch, last, ok == 1, msgs)
+        }
         _ => Reply::Done,
     })
 }

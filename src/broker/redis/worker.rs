@@ -20,7 +20,7 @@ use super::breaker::Breaker;
 use super::registry::{self, NodeInfo};
 use super::state::State;
 use super::{keys, ClusterCmd, ClusterStatus};
-use crate::broker::Sink;
+use crate::broker::{Recovery, Sink};
 use crate::config::ClusterConfig;
 use crate::runtime::table::ConnId;
 
@@ -59,6 +59,9 @@ struct PendingDirect {
     deadline: Instant,
 }
 
+/// A join of a room with history: (room, connection, since, ttl ms).
+type PendingRecover = (Arc<str>, ConnId, Option<(u64, Box<str>)>, u64);
+
 /// A session opened here, waiting for its sessions-set write.
 struct Opened {
     client_id: Arc<str>,
@@ -96,6 +99,11 @@ pub struct Worker<C: Connector> {
 
 fn unix_secs() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A fresh epoch for a room's history: 16 hex digits.
+fn new_epoch() -> String {
+    format!("{:016x}", fastrand::u64(..))
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -199,6 +207,8 @@ impl<C: Connector> Worker<C> {
     async fn handle_batch(&mut self, batch: Vec<ClusterCmd>) -> bool {
         let mut publishes = Vec::new();
         let mut directs = Vec::new();
+        let mut ordered = Vec::new();
+        let mut recovers = Vec::new();
         let mut stop = false;
         let now_secs = unix_secs();
         let deadline = Instant::now() + self.interval * 2 + Duration::from_millis(100);
@@ -224,6 +234,20 @@ impl<C: Connector> Worker<C> {
                     channel: keys::room_channel(&room),
                     payload: keys::encode_room(&self.me, &payload),
                 }),
+                ClusterCmd::PublishOrdered { room, prefix, origin, size, ttl_ms } => {
+                    let op = Op::HistoryPublish {
+                        seq: keys::history_seq(&room),
+                        stream: keys::history_stream(&room),
+                        channel: keys::room_channel(&room),
+                        header: keys::ordered_header(&self.me, origin.raw()),
+                        prefix,
+                        size,
+                        ttl_ms,
+                        new_epoch: new_epoch(),
+                    };
+                    ordered.push((op, origin));
+                }
+                ClusterCmd::Recover { room, conn, since, ttl_ms } => recovers.push((room, conn, since, ttl_ms)),
                 ClusterCmd::Direct { to, frame, from, delivered_here } => {
                     directs.push(PendingDirect { to, frame, from, delivered_here, deadline })
                 }
@@ -231,6 +255,7 @@ impl<C: Connector> Worker<C> {
                 ClusterCmd::Shutdown => stop = true,
             }
         }
+        self.history(ordered, recovers).await;
         if !self.connected() {
             add(&self.status.publish_dropped, publishes.len() as u64);
             directs.into_iter().for_each(|d| self.unknown_unless_delivered(d));
@@ -332,6 +357,48 @@ impl<C: Connector> Worker<C> {
         let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         self.session_seq = (self.session_seq + 1) % 1000;
         ms * 1000 + self.session_seq
+    }
+
+    /// Ordered publishes and recoveries of rooms with history, in one round
+    /// trip. While it runs nothing from the subscription is forwarded, so
+    /// a recovery's answer reaches the member's shard before any message
+    /// numbered after it (the shard drops the ones it already covers).
+    async fn history(&mut self, ordered: Vec<(Op, ConnId)>, recovers: Vec<PendingRecover>) {
+        if ordered.is_empty() && recovers.is_empty() {
+            return;
+        }
+        let mut ops: Vec<Op> = ordered.iter().map(|(op, _)| op.clone()).collect();
+        ops.extend(recovers.iter().map(|(room, _, since, ttl_ms)| Op::HistoryRecover {
+            seq: keys::history_seq(room),
+            stream: keys::history_stream(room),
+            since: since.as_ref().map(|(o, e)| (*o, e.to_string())),
+            ttl_ms: *ttl_ms,
+            new_epoch: new_epoch(),
+        }));
+        let replies = if self.connected() { self.exec(&ops).await.ok() } else { None };
+        let mut replies = replies.map(Vec::into_iter);
+        for (_, origin) in &ordered {
+            match replies.as_mut().and_then(Iterator::next) {
+                Some(Reply::Int(_)) => add(&self.status.published, 1),
+                _ => {
+                    add(&self.status.publish_dropped, 1);
+                    let told = self.sink.publish_failed(*origin);
+                    self.count_delivery(told);
+                }
+            }
+        }
+        for (room, conn, since, _) in recovers {
+            let asked = since.is_some();
+            let r = match replies.as_mut().and_then(Iterator::next) {
+                Some(Reply::Recovery(epoch, offset, recovered, messages)) => {
+                    Recovery { epoch, offset, recovered, messages, asked }
+                }
+                // Redis away: the join stands, nothing can be recovered.
+                _ => Recovery { epoch: "none".into(), offset: 0, recovered: false, messages: Vec::new(), asked },
+            };
+            let delivered = self.sink.recovered(&room, conn, r);
+            self.count_delivery(delivered);
+        }
     }
 
     /// Tells `conn` that its affinity node is another live one.
@@ -442,12 +509,21 @@ impl<C: Connector> Worker<C> {
             }
         };
         if let Some(room) = channel.strip_prefix(keys::ROOM_CHANNEL) {
-            let Some((origin, body)) = keys::decode_room(&payload) else { return };
-            if origin == self.me {
-                return; // our own publish, already delivered locally
-            }
-            add(&self.status.remote_room_messages, 1);
-            let delivered = self.sink.room(room, body);
+            let Some((origin, msg)) = keys::decode_room_msg(&payload) else { return };
+            let delivered = match msg {
+                // Our own publish, already delivered locally.
+                keys::RoomMsg::Plain(_) if origin == self.me => return,
+                keys::RoomMsg::Plain(body) => {
+                    add(&self.status.remote_room_messages, 1);
+                    self.sink.room(room, body)
+                }
+                // Ordered messages reach every node, the origin too (that
+                // is their only delivery); the publisher gets no copy.
+                keys::RoomMsg::Ordered(conn, offset, body) => {
+                    let origin = (origin == self.me).then(|| ConnId::from_raw(conn));
+                    self.sink.room_ordered(room, offset, body, origin)
+                }
+            };
             self.count_delivery(delivered);
         } else if channel.starts_with(keys::INBOX_CHANNEL) {
             let delivered = match keys::decode_inbox(&payload) {
