@@ -254,6 +254,10 @@ pub struct RoomsConfig {
     /// Joins of rooms with history waiting for their offset, per connection;
     /// more answer `rate_limited`. Default 4.
     pub max_pending_joins: usize,
+    /// Rooms whose members get `presence_join` / `presence_leave` when a
+    /// client id's first session joins or its last leaves: exact names or
+    /// prefixes with a trailing `*`. Default none.
+    pub presence_events: Vec<String>,
 }
 
 /// `[[rooms.history_rules]]`: history settings for rooms matching `pattern`.
@@ -285,6 +289,7 @@ impl Default for RoomsConfig {
             history_bytes_per_shard: 64 << 20,
             history_rules: Vec::new(),
             max_pending_joins: 4,
+            presence_events: Vec::new(),
         }
     }
 }
@@ -302,6 +307,14 @@ impl RoomsConfig {
             }
         }
         (self.history_size, self.history_ttl_secs)
+    }
+
+    /// True if `room`'s members get presence events.
+    pub fn presence_events_of(&self, room: &str) -> bool {
+        self.presence_events.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => room.starts_with(prefix),
+            None => room == p,
+        })
     }
 
     /// True if any room can have history.

@@ -537,3 +537,54 @@ async fn a_history_publish_during_a_redis_outage_answers_unavailable() {
     let e = c.recv().await.expect("an answer");
     assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("unavailable")), "{e}");
 }
+
+/// `{"type":"presence","room":R}`'s client list.
+async fn presence_of(c: &mut Client, room: &str) -> Vec<String> {
+    c.send(json!({"type": "presence", "room": room})).await;
+    loop {
+        let m = c.recv().await.expect("a presence answer");
+        if m["type"] == "presence" {
+            return m["clients"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_spans_nodes_events_cross_and_a_killed_node_drops_out() {
+    need_redis!();
+    let redis = Redis::start();
+    let set = ["rooms.presence_events=p.*"];
+    let (a, mut b) = (Node::start_with("pa", &redis.url(), &set), Node::start_with("pb", &redis.url(), &set));
+    let both = || async { a.get_json("/cluster")["nodes"].as_array().map_or(0, Vec::len) == 2 };
+    assert!(eventually(Duration::from_secs(5), both).await);
+    let mut ann = Client::connect(&a, "ann").await;
+    ann.join("p.room").await;
+    both_subscribed(&redis, "p.room", 1).await;
+    let mut ben = Client::connect(&b, "ben").await;
+    ben.join("p.room").await;
+    // ann (on a) hears ben joining on b.
+    let ev = ann.recv().await.expect("presence_join across nodes");
+    assert_eq!(ev, json!({"type": "presence_join", "room": "p.room", "client_id": "ben"}));
+    let mut view = Vec::new();
+    for _ in 0..20 {
+        view = presence_of(&mut ann, "p.room").await;
+        if view == ["ann", "ben"] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(view, ["ann", "ben"], "both nodes' members");
+    // b dies: its entries go within its registry TTL (3 intervals).
+    b.kill();
+    let killed = Instant::now();
+    loop {
+        view = presence_of(&mut ann, "p.room").await;
+        if view == ["ann"] || killed.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(view, ["ann"], "ben's entry outlived b by {:?}", killed.elapsed());
+    assert!(killed.elapsed() <= Duration::from_millis(4 * INTERVAL_MS + 500), "{:?}", killed.elapsed());
+    drop(ben);
+}

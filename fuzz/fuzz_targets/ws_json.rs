@@ -25,7 +25,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use ringside::app::protocol::{
-    direct_message, echo, joined_at, parse, pong, room_ack, room_message, valid_client_id, valid_room, Request,
+    direct_message, echo, joined_at, parse, pong, presence_event, room_ack, room_message, valid_client_id, valid_room, Request,
 };
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -83,6 +83,11 @@ fuzz_target!(|input: &[u8]| {
         Request::Join(room) | Request::Leave(room) => {
             assert!(valid_room(&room), "{room:?}");
             let v = json(&room_ack("joined", &room)).expect("an ack holds no escapes");
+            assert_eq!(v["room"], Value::from(room.as_ref()));
+        }
+        Request::Presence(room) => {
+            assert!(valid_room(&room), "{room:?}");
+            let v = json(&presence_event(true, &room, from)).expect("an event holds no escapes");
             assert_eq!(v["room"], Value::from(room.as_ref()));
         }
         Request::JoinSince { room, offset, epoch } => {

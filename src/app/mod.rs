@@ -135,6 +135,24 @@ pub enum AppMsg {
         /// Whether it asked for recovery (`recovered` is then in `joined`).
         asked: bool,
     },
+    /// To a room's home shard: `client`'s session `conn` joined (`on`) or left the room.
+    PresenceChange {
+        /// Room.
+        room: Arc<str>,
+        /// Client id.
+        client: Arc<str>,
+        /// Joined or left.
+        on: bool,
+        /// The session (a joiner gets no event about itself).
+        conn: ConnId,
+    },
+    /// To a room's home shard: `conn` asks who is in the room.
+    PresenceQuery {
+        /// Room.
+        room: Arc<str>,
+        /// Who asks.
+        conn: ConnId,
+    },
     /// Close `conn` with `code` (a newer connection took its client id).
     Kick {
         /// Connection to close.
@@ -160,6 +178,8 @@ impl crate::runtime::mailbox::Weigh for AppMsg {
             | AppMsg::Unregister { .. }
             | AppMsg::UnknownClient { .. }
             | AppMsg::PublishFailed { .. }
+            | AppMsg::PresenceChange { .. }
+            | AppMsg::PresenceQuery { .. }
             | AppMsg::Replaced { .. }
             | AppMsg::Kick { .. } => None,
         }
@@ -243,6 +263,9 @@ pub fn home_shard(key: &RandomState, client_id: &str, shards: usize) -> usize {
     (key.hash_one(client_id) % shards.max(1) as u64) as usize
 }
 
+/// A room's present clients on this node → their sessions in it.
+type Present = std::collections::HashMap<Arc<str>, u32>;
+
 /// A member's (room, offset) floors: live messages up to them are dropped.
 type Floors = Vec<(Rc<str>, u64)>;
 
@@ -266,6 +289,8 @@ pub struct Edge {
     /// Members recovered through the cluster: (room, offset of the answer);
     /// live messages up to it are dropped (they were in the answer).
     floors: RefCell<std::collections::HashMap<ConnId, Floors>>,
+    /// Rooms whose home is this shard → client id → its sessions in the room (this node).
+    presence: RefCell<std::collections::HashMap<Arc<str>, Present>>,
 }
 
 impl Edge {
@@ -282,6 +307,7 @@ impl Edge {
             history: RefCell::default(),
             pending: RefCell::default(),
             floors: RefCell::default(),
+            presence: RefCell::default(),
         }
     }
 
@@ -523,6 +549,11 @@ impl App for Edge {
                 }
             }
         }
+        if let Some(client) = &state.client_id {
+            for room in &state.rooms {
+                self.presence_change(cx, room, client, false, id);
+            }
+        }
         for room in emptied {
             self.broker().room_interest(self.shard, &room, false);
         }
@@ -542,6 +573,8 @@ impl App for Edge {
         match msg {
             AppMsg::Room { room, frame, origin, offset } => self.deliver_room(cx, &room, &frame, origin, offset),
             AppMsg::PublishFailed { conn } => self.send_error(cx, conn, ClientError::Unavailable),
+            AppMsg::PresenceChange { room, client, on, conn } => self.presence_changed(cx, room, client, on, conn),
+            AppMsg::PresenceQuery { room, conn } => self.presence_query(cx, &room, conn),
             AppMsg::Register { client_id, conn } => self.register(cx, client_id, conn),
             AppMsg::Unregister { client_id, conn } => {
                 self.directory.borrow_mut().unregister(&client_id, conn);
@@ -653,6 +686,15 @@ impl Sink for Delivery {
         };
         let msg = AppMsg::Replay { room: Arc::from(room), conn, replay: Box::new(replay), asked: r.asked };
         self.to_shard(conn.shard(), msg)
+    }
+
+    fn presence(&self, room: &str, conn: ConnId, mut clients: Vec<String>) -> bool {
+        clients.sort_unstable();
+        clients.dedup();
+        let clients: Vec<Arc<str>> =
+            clients.iter().filter(|c| protocol::valid_client_id(c)).map(|c| Arc::from(c.as_str())).collect();
+        let frame = frame::text(&protocol::presence(room, &clients));
+        self.to_shard(conn.shard(), AppMsg::Deliver { conn, frame })
     }
 
     fn publish_failed(&self, origin: ConnId) -> bool {

@@ -9,6 +9,8 @@
 
 use std::borrow::Cow;
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -47,6 +49,8 @@ pub enum Request<'a> {
     Echo(&'a str),
     /// `{"type":"ping","id":X}`
     Ping(&'a str),
+    /// `{"type":"presence","room":R}`
+    Presence(Cow<'a, str>),
     /// `{"type":"refresh","token":T}`
     Refresh(Cow<'a, str>),
 }
@@ -107,6 +111,7 @@ pub fn parse(text: &str, max_payload: usize) -> Result<Request<'_>, ClientError>
             Request::Direct { to, data: data()? }
         }
         "echo" => Request::Echo(data()?),
+        "presence" => Request::Presence(room_of(w.room)?),
         "ping" => Request::Ping(strict(w.id.map(RawValue::get).unwrap_or("null"))?),
         "refresh" => Request::Refresh(w.token.ok_or(ClientError::MissingField)?),
         _ => return Err(ClientError::UnknownType),
@@ -198,6 +203,27 @@ pub fn joined_at(room: &str, offset: u64, epoch: &str, recovered: Option<bool>) 
         }
         None => format!(r#"{{"type":"joined","room":"{room}","offset":{offset},"epoch":"{epoch}"}}"#),
     }
+}
+
+/// `{"type":"presence","room":R,"clients":[...]}` (ids need no escaping).
+pub fn presence(room: &str, clients: &[Arc<str>]) -> String {
+    let mut s = format!(r#"{{"type":"presence","room":"{room}","clients":["#);
+    for (i, c) in clients.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push('"');
+        s.push_str(c);
+        s.push('"');
+    }
+    s.push_str("]}");
+    s
+}
+
+/// `{"type":"presence_join"|"presence_leave","room":R,"client_id":ID}`
+pub fn presence_event(join: bool, room: &str, client_id: &str) -> String {
+    let kind = if join { "presence_join" } else { "presence_leave" };
+    format!(r#"{{"type":"{kind}","room":"{room}","client_id":"{client_id}"}}"#)
 }
 
 /// `{"type":"direct","from":ID,"data":ANY}`
@@ -358,6 +384,11 @@ mod tests {
         }
         let v: serde_json::Value = serde_json::from_str(&room_message_at("r", "c", "[1]", 42)).unwrap();
         assert_eq!((v["offset"].as_u64(), v["data"][0].as_u64()), (Some(42), Some(1)));
+        assert_eq!(parse(r#"{"type":"presence","room":"r"}"#, 100), Ok(Request::Presence("r".into())));
+        let v: serde_json::Value = serde_json::from_str(&presence("r", &[Arc::from("a"), Arc::from("b")])).unwrap();
+        assert_eq!(v["clients"], serde_json::json!(["a", "b"]));
+        let v: serde_json::Value = serde_json::from_str(&presence_event(false, "r", "a")).unwrap();
+        assert_eq!((v["type"].as_str(), v["client_id"].as_str()), (Some("presence_leave"), Some("a")));
         let v: serde_json::Value = serde_json::from_str(&joined_at("r", 3, "ab", Some(false))).unwrap();
         assert_eq!(
             (v["offset"].as_u64(), v["epoch"].as_str(), v["recovered"].as_bool()),

@@ -34,6 +34,7 @@ impl Edge {
             Request::Echo(data) => {
                 cx.send_text(id, &protocol::echo(data));
             }
+            Request::Presence(room) => self.presence_request(cx, id, &room),
             Request::Ping(x) => {
                 cx.send_text(id, &protocol::pong(x));
             }
@@ -121,9 +122,15 @@ impl Edge {
             return self.send_error(cx, id, ClientError::RateLimited);
         }
         let (name, first) = self.rooms.borrow_mut().join(room, id);
-        cx.state(id, |s| s.rooms.push(name.clone()));
+        let client = cx.state(id, |s| {
+            s.rooms.push(name.clone());
+            s.client_id.clone()
+        });
         if first {
             self.broker().room_interest(self.shard, room, true);
+        }
+        if let Some(Some(client)) = client {
+            self.presence_change(cx, room, &client, true, id);
         }
         if !with_history {
             if since.is_some() {
@@ -242,6 +249,99 @@ impl Edge {
         m.history_messages.store(h.messages() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Tells `room`'s home shard that `client`'s session `conn` joined (`on`) or left.
+    pub(super) fn presence_change<C: Conns<Self>>(
+        &self,
+        cx: &C,
+        room: &str,
+        client: &Arc<str>,
+        on: bool,
+        conn: ConnId,
+    ) {
+        let room: Arc<str> = Arc::from(room);
+        let home = self.shared.home_shard(&room, cx.node().shards.len());
+        if home == self.shard {
+            self.presence_changed(cx, room, client.clone(), on, conn);
+        } else {
+            // Control (never refused): one per join or leave.
+            let _ = cx.send_to(home, AppMsg::PresenceChange { room, client: client.clone(), on, conn });
+        }
+    }
+
+    /// On a room's home shard: counts `client`'s sessions in the room; when
+    /// its first joins or its last leaves, tells the cluster and, with
+    /// `rooms.presence_events`, every member (here and on other nodes).
+    pub(super) fn presence_changed<C: Conns<Self>>(
+        &self,
+        cx: &C,
+        room: Arc<str>,
+        client: Arc<str>,
+        on: bool,
+        conn: ConnId,
+    ) {
+        let changed = {
+            let mut p = self.presence.borrow_mut();
+            let members = p.entry(room.clone()).or_default();
+            let n = members.entry(client.clone()).or_insert(0);
+            let before = *n;
+            *n = if on { before + 1 } else { before.saturating_sub(1) };
+            let after = *n;
+            if after == 0 {
+                members.remove(&client);
+                if members.is_empty() {
+                    p.remove(&room);
+                }
+            }
+            (before == 0) != (after == 0)
+        };
+        if !changed {
+            return;
+        }
+        self.broker().presence_changed(&room, &client, on);
+        if !cx.node().config.rooms.presence_events_of(&room) {
+            return;
+        }
+        let payload = protocol::presence_event(on, &room, &client);
+        let frame = frame::text(&payload);
+        let origin = on.then_some(conn);
+        for to in (0..cx.node().shards.len()).filter(|s| *s != self.shard) {
+            let msg = AppMsg::Room { room: room.clone(), frame: frame.clone(), origin, offset: 0 };
+            let _ = cx.send_to(to, msg);
+        }
+        self.deliver_room(cx, &room, &frame, origin, 0);
+        self.broker().publish(room, &payload);
+    }
+
+    /// `{"type":"presence","room":R}`: allowed to whoever may join the room.
+    fn presence_request<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str) {
+        if !self.allowed(cx, id, room, false) {
+            return self.send_error(cx, id, ClientError::Forbidden);
+        }
+        let room: Arc<str> = Arc::from(room);
+        if self.broker().presence(room.clone(), id) {
+            return; // the cluster answers
+        }
+        let home = self.shared.home_shard(&room, cx.node().shards.len());
+        if home == self.shard {
+            self.presence_query(cx, &room, id);
+        } else if cx.send_to(home, AppMsg::PresenceQuery { room, conn: id }).is_err() {
+            self.send_error(cx, id, ClientError::Overloaded);
+        }
+    }
+
+    /// On a room's home shard: answers who is in the room on this node.
+    pub(super) fn presence_query<C: Conns<Self>>(&self, cx: &C, room: &str, conn: ConnId) {
+        let mut clients: Vec<Arc<str>> =
+            self.presence.borrow().get(room).map(|m| m.keys().cloned().collect()).unwrap_or_default();
+        clients.sort_unstable();
+        let frame = frame::text(&protocol::presence(room, &clients));
+        if conn.shard() == self.shard {
+            cx.send_frame(conn, &frame);
+        } else {
+            let _ = cx.send_to(conn.shard(), AppMsg::Deliver { conn, frame });
+        }
+    }
+
     /// A member left before its join was answered: the answer is ignored.
     fn forget_pending<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str) {
         let mut pending = self.pending.borrow_mut();
@@ -263,6 +363,9 @@ impl Edge {
             None => false,
         });
         if was_member == Some(true) {
+            if let Some(Some(client)) = cx.state(id, |s| s.client_id.clone()) {
+                self.presence_change(cx, room, &client, false, id);
+            }
             self.forget_pending(cx, id, room);
             let mut floors = self.floors.borrow_mut();
             if let Some(fs) = floors.get_mut(&id) {

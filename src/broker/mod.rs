@@ -62,6 +62,15 @@ pub trait Broker: Send + Sync {
     /// with the room's position and, for `since` (offset, epoch), the kept
     /// messages after it.
     fn recover(&self, _room: Arc<str>, _conn: ConnId, _since: Option<(u64, Box<str>)>, _ttl_ms: u64) {}
+    /// `client` is now present in `room` on this node (`on`: its first
+    /// session here joined) or no longer (its last left).
+    fn presence_changed(&self, _room: &str, _client: &Arc<str>, _on: bool) {}
+    /// Answers `conn` who is in `room` across the cluster, through
+    /// [`Sink::presence`]; false when this broker has no cluster view (the
+    /// node answers from its own).
+    fn presence(&self, _room: Arc<str>, _conn: ConnId) -> bool {
+        false
+    }
     /// How many connections per shard the broker wants in each sample (0 = none).
     fn sample_size(&self) -> usize;
     /// A shard's periodic sample of its connections.
@@ -101,6 +110,10 @@ pub trait Sink: Send + Sync + 'static {
     }
     /// The answer to [`Broker::recover`] for `conn`.
     fn recovered(&self, _room: &str, _conn: ConnId, _r: Recovery) -> bool {
+        true
+    }
+    /// The answer to [`Broker::presence`]: the client ids in `room`.
+    fn presence(&self, _room: &str, _conn: ConnId, _clients: Vec<String>) -> bool {
         true
     }
     /// `origin`'s [`Broker::publish_ordered`] failed (Redis away).

@@ -36,6 +36,24 @@ pub enum Op {
         /// TTL, ms.
         ttl_ms: u64,
     },
+    /// `HSET key field value` then `PEXPIRE key ttl_ms` (a field named at run time).
+    HSetField {
+        /// Key.
+        key: String,
+        /// Field.
+        field: String,
+        /// Value.
+        value: String,
+        /// TTL, ms.
+        ttl_ms: u64,
+    },
+    /// `HDEL key field`.
+    HDel {
+        /// Key.
+        key: String,
+        /// Field.
+        field: String,
+    },
     /// `DEL key`.
     Del {
         /// Key.
@@ -161,7 +179,7 @@ impl Op {
     /// Redis commands this op costs (for `redis_commands`).
     pub fn commands(&self) -> u64 {
         match self {
-            Op::HSet { .. } => 2,
+            Op::HSet { .. } | Op::HSetField { .. } => 2,
             _ => 1,
         }
     }

@@ -67,6 +67,13 @@ pub fn history_stream(room: &str) -> String {
     format!("{PREFIX}history:{{{ROOM_CHANNEL}{room}}}")
 }
 
+/// `ringside:presence:{ringside:room:R}`: who is in room R, fields
+/// `{client_id}|{node_id}` (one per node where the client has a session in
+/// the room); readers skip nodes that are not live.
+pub fn presence(room: &str) -> String {
+    format!("{PREFIX}presence:{{{ROOM_CHANNEL}{room}}}")
+}
+
 /// The start of an ordered room message on the wire, before the script
 /// appends `offset \n message`: `origin \n #conn \n`.
 pub fn ordered_header(origin: &str, conn: u64) -> String {

@@ -156,6 +156,25 @@ impl Hub {
                 self.put(key, Val::Str(value.clone()), Some(Instant::now() + Duration::from_millis(*ttl_ms)))
             }
             Op::Expire { key, ttl_ms } => self.expire(key, *ttl_ms),
+            Op::HSetField { key, field, value, ttl_ms } => {
+                let mut h = match self.get(key) {
+                    Some(Val::Hash(h)) => h,
+                    _ => HashMap::new(),
+                };
+                h.insert(field.clone(), value.clone());
+                self.put(key, Val::Hash(h), None);
+                self.expire(key, *ttl_ms);
+            }
+            Op::HDel { key, field } => {
+                if let Some(e) = self.kv.get_mut(key) {
+                    if let Val::Hash(h) = &mut e.val {
+                        h.remove(field);
+                        if h.is_empty() {
+                            self.kv.remove(key);
+                        }
+                    }
+                }
+            }
             Op::Del { key } => {
                 self.kv.remove(key);
             }

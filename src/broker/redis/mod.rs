@@ -94,6 +94,22 @@ pub enum ClusterCmd {
         /// Age kept, ms.
         ttl_ms: u64,
     },
+    /// A client became present in a room on this node, or stopped being.
+    PresenceChanged {
+        /// Room.
+        room: Arc<str>,
+        /// Client id.
+        client: Arc<str>,
+        /// Present now.
+        on: bool,
+    },
+    /// `conn` asks who is in `room` across the cluster.
+    PresenceQuery {
+        /// Room.
+        room: Arc<str>,
+        /// Who asks.
+        conn: ConnId,
+    },
     /// A direct message whose target is not on this node.
     Direct {
         /// Target client id.
@@ -217,6 +233,9 @@ impl ClusterCmd {
             ClusterCmd::PublishOrdered { room, prefix, .. } => Some(room.len() + prefix.len() + 64),
             // One per join of a room with history (rooms.max_pending_joins per connection).
             ClusterCmd::Recover { .. } => None,
+            // One per presence change; queries one per request (the
+            // message rate limit bounds those).
+            ClusterCmd::PresenceChanged { .. } | ClusterCmd::PresenceQuery { .. } => None,
             ClusterCmd::Direct { to, frame, .. } => Some(to.len() + frame.len() + 64),
             ClusterCmd::Sample { entries, .. } => Some(entries.len() * 96 + 64),
             ClusterCmd::ConnOpened { .. }
@@ -291,6 +310,14 @@ impl Broker for RedisBroker {
 
     fn orders_rooms(&self) -> bool {
         true
+    }
+
+    fn presence_changed(&self, room: &str, client: &Arc<str>, on: bool) {
+        self.send(ClusterCmd::PresenceChanged { room: Arc::from(room), client: client.clone(), on });
+    }
+
+    fn presence(&self, room: Arc<str>, conn: ConnId) -> bool {
+        self.send(ClusterCmd::PresenceQuery { room, conn })
     }
 
     fn publish_ordered(&self, room: Arc<str>, prefix: String, origin: ConnId, size: usize, ttl_ms: u64) -> bool {

@@ -131,6 +131,13 @@ fn add(p: &mut Pipeline, op: &Op, cluster: bool) {
         Op::Expire { key, ttl_ms } => {
             p.cmd("PEXPIRE").arg(key).arg(*ttl_ms);
         }
+        Op::HSetField { key, field, value, ttl_ms } => {
+            p.cmd("HSET").arg(key).arg(field).arg(value);
+            p.cmd("PEXPIRE").arg(key).arg(*ttl_ms);
+        }
+        Op::HDel { key, field } => {
+            p.cmd("HDEL").arg(key).arg(field);
+        }
         Op::Del { key } => {
             p.cmd("DEL").arg(key);
         }

@@ -59,6 +59,10 @@ pub struct State {
     samples: HashMap<usize, Vec<SampleEntry>>,
     /// Rewrite every local session into the sessions sets (after a reconnect).
     resync_sessions: bool,
+    /// Rooms → clients present in them on this node.
+    presence: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    /// Rewrite every local presence entry (after a reconnect).
+    resync_presence: bool,
 }
 
 fn slice_of(client_id: &str, rounds: u64) -> u64 {
@@ -113,6 +117,7 @@ impl State {
     pub fn mark_all_dirty(&mut self) {
         self.dirty_open.extend(self.clients.keys().cloned());
         self.resync_sessions = true;
+        self.resync_presence = true;
         self.subscribed.clear();
         self.dirty_rooms.extend(self.interest.keys().cloned());
     }
@@ -140,6 +145,7 @@ impl State {
                 f.ops.push(Op::Expire { key: keys::sessions(cid), ttl_ms: conn_ttl_ms });
             }
         }
+        self.presence_flush(me, conn_ttl_ms, slice, &mut f.ops);
         if std::mem::take(&mut self.resync_sessions) {
             for (cid, c) in &self.clients {
                 for &(conn, score) in &c.sessions {
@@ -157,6 +163,40 @@ impl State {
             f.affinity.push(cid);
         }
         f
+    }
+
+    /// `client` is present in `room` here (`on`) or no longer.
+    pub fn presence_changed(&mut self, room: &Arc<str>, client: &Arc<str>, on: bool) {
+        if on {
+            self.presence.entry(room.clone()).or_default().insert(client.clone());
+        } else if let Some(set) = self.presence.get_mut(room) {
+            set.remove(client);
+            if set.is_empty() {
+                self.presence.remove(room);
+            }
+        }
+    }
+
+    /// Clients present in `room` on this node.
+    pub fn present(&self, room: &str) -> Vec<String> {
+        self.presence.get(room).map(|s| s.iter().map(|c| c.to_string()).collect()).unwrap_or_default()
+    }
+
+    /// The presence writes of this interval: TTL refreshes for a slice of
+    /// the rooms, and every entry after a reconnect.
+    fn presence_flush(&mut self, me: &str, ttl_ms: u64, slice: u64, ops: &mut Vec<Op>) {
+        let resync = std::mem::take(&mut self.resync_presence);
+        for (room, clients) in &self.presence {
+            let key = keys::presence(room);
+            if resync {
+                for c in clients {
+                    let (field, value) = (format!("{c}|{me}"), "1".to_string());
+                    ops.push(Op::HSetField { key: key.clone(), field, value, ttl_ms });
+                }
+            } else if slice_of(room, keys::REFRESH_ROUNDS) == slice {
+                ops.push(Op::Expire { key, ttl_ms });
+            }
+        }
     }
 
     /// Gives back the closes and affinity writes of a flush that failed.

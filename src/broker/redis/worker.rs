@@ -90,7 +90,8 @@ pub struct Worker<C: Connector> {
     opened_due: Instant,
     /// Orders sessions opened here within one millisecond.
     session_seq: u64,
-    /// `ZREM`s of closed sessions, sent with the next round trip.
+    /// Prompt writes (`ZREM`s of closed sessions, presence entries), sent
+    /// with the next round trip.
     closes: Vec<Op>,
     ever_connected: bool,
     /// The incoming queue's budget, kept across reconnects.
@@ -209,6 +210,7 @@ impl<C: Connector> Worker<C> {
         let mut directs = Vec::new();
         let mut ordered = Vec::new();
         let mut recovers = Vec::new();
+        let mut queries = Vec::new();
         let mut stop = false;
         let now_secs = unix_secs();
         let deadline = Instant::now() + self.interval * 2 + Duration::from_millis(100);
@@ -248,6 +250,18 @@ impl<C: Connector> Worker<C> {
                     ordered.push((op, origin));
                 }
                 ClusterCmd::Recover { room, conn, since, ttl_ms } => recovers.push((room, conn, since, ttl_ms)),
+                ClusterCmd::PresenceChanged { room, client, on } => {
+                    self.state.presence_changed(&room, &client, on);
+                    let (key, field) = (keys::presence(&room), format!("{client}|{}", self.me));
+                    let ttl_ms = self.ms(keys::CONN_TTL_INTERVALS);
+                    if self.closes.len() < MAX_PENDING_DIRECTS * 16 {
+                        self.closes.push(match on {
+                            true => Op::HSetField { key, field, value: "1".into(), ttl_ms },
+                            false => Op::HDel { key, field },
+                        });
+                    }
+                }
+                ClusterCmd::PresenceQuery { room, conn } => queries.push((room, conn)),
                 ClusterCmd::Direct { to, frame, from, delivered_here } => {
                     directs.push(PendingDirect { to, frame, from, delivered_here, deadline })
                 }
@@ -256,6 +270,7 @@ impl<C: Connector> Worker<C> {
             }
         }
         self.history(ordered, recovers).await;
+        self.presence_queries(queries).await;
         if !self.connected() {
             add(&self.status.publish_dropped, publishes.len() as u64);
             directs.into_iter().for_each(|d| self.unknown_unless_delivered(d));
@@ -398,6 +413,40 @@ impl<C: Connector> Worker<C> {
             };
             let delivered = self.sink.recovered(&room, conn, r);
             self.count_delivery(delivered);
+        }
+    }
+
+    /// Answers presence queries from the rooms' hashes, skipping (and
+    /// removing) entries of nodes that are not live: a node that died drops
+    /// out within its registry TTL (3 intervals).
+    async fn presence_queries(&mut self, queries: Vec<(Arc<str>, ConnId)>) {
+        if queries.is_empty() {
+            return;
+        }
+        let ops: Vec<Op> = queries.iter().map(|(room, _)| Op::HGetAll { key: keys::presence(room) }).collect();
+        let replies = if self.connected() { self.exec(&ops).await.ok() } else { None };
+        let mut replies = replies.map(Vec::into_iter);
+        let mut stale = Vec::new();
+        for (room, conn) in queries {
+            let mut clients = Vec::new();
+            if let Some(Reply::Map(h)) = replies.as_mut().and_then(Iterator::next) {
+                for field in h.into_keys() {
+                    match field.rsplit_once('|') {
+                        Some((c, node)) if node == self.me || self.live.contains_key(node) => {
+                            clients.push(c.to_string())
+                        }
+                        _ => stale.push(Op::HDel { key: keys::presence(&room), field }),
+                    }
+                }
+            } else {
+                // Redis away: this node's own view.
+                clients = self.state.present(&room);
+            }
+            let delivered = self.sink.presence(&room, conn, clients);
+            self.count_delivery(delivered);
+        }
+        if !stale.is_empty() {
+            let _ = self.exec(&stale).await;
         }
     }
 
