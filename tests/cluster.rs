@@ -588,3 +588,86 @@ async fn presence_spans_nodes_events_cross_and_a_killed_node_drops_out() {
     assert!(killed.elapsed() <= Duration::from_millis(4 * INTERVAL_MS + 500), "{:?}", killed.elapsed());
     drop(ben);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_subscription_missed_is_fetched_from_the_stream_before_newer_ones() {
+    need_redis!();
+    let redis = Redis::start();
+    let set = ["rooms.history_size=100"];
+    let (a, b) = (Node::start_with("ga", &redis.url(), &set), Node::start_with("gb", &redis.url(), &set));
+    let mut member = Client::connect(&a, "m").await;
+    join_since(&mut member, "g", None).await;
+    both_subscribed(&redis, "g", 1).await;
+    let mut publisher = Client::connect(&b, "p").await;
+    join_since(&mut publisher, "g", None).await;
+    both_subscribed(&redis, "g", 2).await;
+    publisher.publish("g", json!("first")).await;
+    assert_eq!(ordered(&mut member, 1).await[0], (1, json!("first")));
+    // A message numbered and kept but never heard on the channel (as if the
+    // subscription had dropped it): offset 2 exists only in the stream.
+    let mut r = redis_conn(&redis.url()).await;
+    let lost = json!({"type": "message", "room": "g", "from": "ghost", "data": "lost", "offset": 2}).to_string();
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg("ringside:seq:{ringside:room:g}")
+        .arg("last")
+        .arg(1)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg("ringside:history:{ringside:room:g}")
+        .arg("*")
+        .arg("o")
+        .arg(2)
+        .arg("m")
+        .arg(&lost)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    // The next one (3) shows the gap: node ga fetches 2 first.
+    publisher.publish("g", json!("third")).await;
+    assert_eq!(ordered(&mut member, 2).await, vec![(2, json!("lost")), (3, json!("third"))]);
+    assert!(member.drain(QUIET).await.is_empty(), "nothing twice");
+    let m: Vec<String> = a.get("/metrics").lines().filter(|l| l.contains("history")).map(String::from).collect();
+    assert_eq!(a.metric("ringside_cluster_history_repaired_total"), 2.0, "{m:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_loses_history_visibly_never_silently() {
+    need_redis!();
+    let mut redis = Redis::start();
+    let set = ["rooms.history_size=100"];
+    let (a, b) = (Node::start_with("za", &redis.url(), &set), Node::start_with("zb", &redis.url(), &set));
+    let mut member = Client::connect(&a, "m").await;
+    let (_, joined) = join_since(&mut member, "z", None).await;
+    let epoch = joined["epoch"].as_str().unwrap().to_string();
+    let mut publisher = Client::connect(&b, "p").await;
+    join_since(&mut publisher, "z", None).await;
+    both_subscribed(&redis, "z", 2).await;
+    for i in 0..3 {
+        publisher.publish("z", json!(i)).await;
+    }
+    assert_eq!(ordered(&mut member, 3).await.last().map(|m| m.0), Some(3));
+    // Redis comes back empty (no persistence): the room's history and epoch are gone.
+    redis.stop();
+    redis.restart();
+    for n in [&a, &b] {
+        assert!(n.wait_closed(Duration::from_secs(10)).await.is_some(), "breaker closes again");
+    }
+    both_subscribed(&redis, "z", 2).await;
+    let mut sent = false;
+    for _ in 0..20 {
+        publisher.publish("z", json!("after")).await;
+        if let Some(m) = member.recv_within(Duration::from_millis(300)).await {
+            // The offsets start over: the jump backwards is the client's sign to resync.
+            assert_eq!((m["offset"].as_u64(), &m["data"]), (Some(1), &json!("after")), "{m}");
+            sent = true;
+            break;
+        }
+    }
+    assert!(sent, "no message after the restart");
+    let mut late = Client::connect(&a, "late").await;
+    let (missed, j) = join_since(&mut late, "z", Some((3, &epoch))).await;
+    assert!(missed.is_empty() && j["recovered"] == false && j["epoch"] != epoch.as_str(), "{j}");
+    assert!(a.metric("ringside_cluster_history_gaps_total") >= 1.0);
+}

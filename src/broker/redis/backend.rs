@@ -150,6 +150,10 @@ pub enum Op {
         ttl_ms: u64,
         /// The epoch if the room has none.
         new_epoch: String,
+        /// The publishing node.
+        node: String,
+        /// Its sequence number, increasing per node (retries are recognised).
+        node_seq: u64,
     },
     /// One atomic script: the room's epoch and last offset (starting a
     /// sequence with `new_epoch` if it has none) and, for `since`, the kept

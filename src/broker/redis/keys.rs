@@ -75,7 +75,7 @@ pub fn presence(room: &str) -> String {
 }
 
 /// The start of an ordered room message on the wire, before the script
-/// appends `offset \n message`: `origin \n #conn \n`.
+/// appends `epoch \n offset \n message`: `origin \n #conn \n`.
 pub fn ordered_header(origin: &str, conn: u64) -> String {
     format!("{origin}\n#{conn}\n")
 }
@@ -85,8 +85,8 @@ pub fn ordered_header(origin: &str, conn: u64) -> String {
 pub enum RoomMsg<'a> {
     /// A message of a room without history (already delivered on its origin).
     Plain(&'a str),
-    /// A message of a room with history: `(publisher's conn, offset, JSON)`.
-    Ordered(u64, u64, &'a str),
+    /// A message of a room with history: `(publisher's conn, epoch, offset, JSON)`.
+    Ordered(u64, &'a str, u64, &'a str),
 }
 
 /// `(origin, message)` of a room channel message; `None` if malformed.
@@ -96,8 +96,10 @@ pub fn decode_room_msg(msg: &[u8]) -> Option<(&str, RoomMsg<'_>)> {
         return Some((origin, RoomMsg::Plain(std::str::from_utf8(rest).ok()?)));
     };
     let (conn, rest) = split_line(rest)?;
+    let (epoch, rest) = split_line(rest)?;
     let (offset, body) = split_line(rest)?;
-    Some((origin, RoomMsg::Ordered(conn.parse().ok()?, offset.parse().ok()?, std::str::from_utf8(body).ok()?)))
+    let body = std::str::from_utf8(body).ok()?;
+    Some((origin, RoomMsg::Ordered(conn.parse().ok()?, epoch, offset.parse().ok()?, body)))
 }
 
 /// `ringside:affinity:{client_id}`
@@ -223,9 +225,9 @@ mod tests {
         assert_eq!(decode_room(b"no newline"), None);
         assert_eq!(decode_room_msg(&m), Some(("n1", RoomMsg::Plain("{\"a\":\"x\\ny\"}"))));
         let mut o = ordered_header("n2", 77).into_bytes();
-        o.extend_from_slice(b"5\n{\"offset\":5}");
-        assert_eq!(decode_room_msg(&o), Some(("n2", RoomMsg::Ordered(77, 5, "{\"offset\":5}"))));
-        assert_eq!(decode_room_msg(b"n2\n#x\n5\n{}"), None);
+        o.extend_from_slice(b"ep1\n5\n{\"offset\":5}");
+        assert_eq!(decode_room_msg(&o), Some(("n2", RoomMsg::Ordered(77, "ep1", 5, "{\"offset\":5}"))));
+        assert_eq!(decode_room_msg(b"n2\n#x\nep\n5\n{}"), None);
         assert_eq!(decode_direct(b"n1\n\nx"), None);
         assert_eq!(decode_direct(b"n1 only"), None);
         assert_eq!(decode_inbox(&d), Some(Inbox::Direct("bob", &frame[..])));

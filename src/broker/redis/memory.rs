@@ -253,7 +253,7 @@ impl Hub {
                     }
                 }
             }
-            Op::HistoryPublish { seq, stream, channel, header, prefix, size, ttl_ms, new_epoch } => {
+            Op::HistoryPublish { seq, stream, channel, header, prefix, size, ttl_ms, new_epoch, .. } => {
                 let (epoch, last) = self.sequence(seq, stream, new_epoch, *ttl_ms);
                 let off = last + 1;
                 let msg = format!("{prefix}{off}}}");
@@ -267,17 +267,20 @@ impl Hub {
                 let excess = st.len().saturating_sub(*size);
                 st.drain(..excess);
                 let mut h = HashMap::new();
-                h.insert("epoch".to_string(), epoch);
+                h.insert("epoch".to_string(), epoch.clone());
                 h.insert("last".to_string(), off.to_string());
                 self.put(seq, Val::Hash(h), Some(Instant::now() + ttl));
                 self.put(stream, Val::Stream(st), Some(Instant::now() + ttl));
-                let payload = format!("{header}{off}\n{msg}").into_bytes();
+                let payload = format!("{header}{epoch}\n{off}\n{msg}").into_bytes();
                 self.run(&Op::Publish { channel: channel.clone(), payload });
                 return Reply::Int(off as i64);
             }
             Op::HistoryRecover { seq, stream, since, ttl_ms, new_epoch } => {
+                if new_epoch.is_empty() && self.get(seq).is_none() {
+                    return Reply::Recovery(String::new(), 0, false, Vec::new());
+                }
                 let (epoch, last) = self.sequence(seq, stream, new_epoch, *ttl_ms);
-                let ttl = Duration::from_millis(*ttl_ms);
+                let ttl = if *ttl_ms == 0 { Duration::MAX } else { Duration::from_millis(*ttl_ms) };
                 let kept: Vec<(u64, String)> = match self.get(stream) {
                     Some(Val::Stream(v)) => {
                         v.into_iter().filter(|(at, _, _)| at.elapsed() < ttl).map(|(_, o, m)| (o, m)).collect()

@@ -203,6 +203,12 @@ pub struct ClusterStatus {
     pub sessions_replaced: AtomicU64,
     /// Replacement notices received from other nodes.
     pub remote_replacements: AtomicU64,
+    /// Messages of rooms with history that the subscription missed and the
+    /// node fetched from the room's stream.
+    pub history_repaired: AtomicU64,
+    /// Gaps in rooms with history that could not be repaired (the history
+    /// was lost or trimmed): members see a jump in the offsets.
+    pub history_gaps: AtomicU64,
     /// Messages from Redis dropped because the incoming queue was full.
     pub incoming_dropped: AtomicU64,
     /// The last `/cluster` view: live nodes from the registry (JSON).
@@ -386,6 +392,16 @@ impl Broker for RedisBroker {
                 "cluster_remote_replacements_total",
                 "Replacement notices received from other nodes.",
                 &s.remote_replacements,
+            ),
+            (
+                "cluster_history_repaired_total",
+                "Messages of rooms with history missed by the subscription and fetched from the stream.",
+                &s.history_repaired,
+            ),
+            (
+                "cluster_history_gaps_total",
+                "Gaps in rooms with history that could not be repaired (offsets jump).",
+                &s.history_gaps,
             ),
             ("cluster_affinity_hints_total", "Affinity hints sent to clients.", &s.affinity_hints),
             ("cluster_mailbox_full_total", "Messages for shards refused by a full mailbox.", &s.mailbox_full),

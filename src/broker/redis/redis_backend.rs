@@ -171,10 +171,11 @@ fn add(p: &mut Pipeline, op: &Op, cluster: bool) {
         Op::ZRem { key, member } => {
             p.cmd("ZREM").arg(key).arg(member);
         }
-        Op::HistoryPublish { seq, stream, channel, header, prefix, size, ttl_ms, new_epoch } => {
+        Op::HistoryPublish { seq, stream, channel, header, prefix, size, ttl_ms, new_epoch, node, node_seq } => {
             let publish = if cluster { "SPUBLISH" } else { "PUBLISH" };
             p.cmd("EVAL").arg(HISTORY_PUBLISH).arg(2).arg(seq).arg(stream);
             p.arg(prefix).arg(*size).arg(*ttl_ms).arg(new_epoch).arg(publish).arg(channel).arg(header);
+            p.arg(node).arg(*node_seq);
         }
         Op::HistoryRecover { seq, stream, since, ttl_ms, new_epoch } => {
             let (offset, epoch) = match since {
@@ -200,7 +201,9 @@ const SESSION_OPEN: &str = "redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2]) \
 
 /// Numbers, keeps and publishes a message of a room with history.
 /// KEYS: seq, stream. ARGV: prefix, size, ttl_ms, new_epoch, PUBLISH or
-/// SPUBLISH, channel, header.
+/// SPUBLISH, channel, header, node id, the node's sequence number (a
+/// client-side retry of a script that already ran is recognised by it and
+/// answers -1 instead of numbering the message twice).
 const HISTORY_PUBLISH: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -208,6 +211,9 @@ if not epoch then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'last', 0)
 end
+local mine = 'n:' .. ARGV[8]
+if tonumber(ARGV[9]) <= tonumber(redis.call('HGET', KEYS[1], mine) or '0') then return -1 end
+redis.call('HSET', KEYS[1], mine, ARGV[9])
 local off = redis.call('HINCRBY', KEYS[1], 'last', 1)
 local msg = ARGV[1] .. off .. '}'
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '*', 'o', off, 'm', msg)
@@ -216,25 +222,29 @@ local cut = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber
 redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', cut))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call(ARGV[5], ARGV[6], ARGV[7] .. off .. '\n' .. msg)
+redis.call(ARGV[5], ARGV[6], ARGV[7] .. epoch .. '\n' .. off .. '\n' .. msg)
 return off
 "#;
 
 /// A room's position and the kept messages after `since`.
-/// KEYS: seq, stream. ARGV: since offset ('' = none), since epoch, ttl_ms,
-/// new_epoch. Returns {epoch, last, recovered (0/1), {messages}}.
+/// KEYS: seq, stream. ARGV: since offset ('' = none), since epoch, ttl_ms
+/// (0: trim nothing), new_epoch ('' = do not start a sequence). Returns
+/// {epoch, last, recovered (0/1), {messages}}.
 const HISTORY_RECOVER: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
+  if ARGV[4] == '' then return {'', 0, 0, {}} end
   epoch = ARGV[4]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'last', 0)
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
 local last = tonumber(redis.call('HGET', KEYS[1], 'last'))
-local t = redis.call('TIME')
-local cut = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3])
-redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', cut))
+if tonumber(ARGV[3]) > 0 then
+  local t = redis.call('TIME')
+  local cut = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3])
+  redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', cut))
+end
 if ARGV[1] == '' then return {epoch, last, 1, {}} end
 local since = tonumber(ARGV[1])
 if ARGV[2] ~= epoch or since > last then return {epoch, last, 0, {}} end

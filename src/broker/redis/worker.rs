@@ -90,6 +90,15 @@ pub struct Worker<C: Connector> {
     opened_due: Instant,
     /// Orders sessions opened here within one millisecond.
     session_seq: u64,
+    /// Base and counter of ordered publishes' sequence numbers.
+    publish_base: u64,
+    publish_seq: u64,
+    /// Rooms with history seen on the subscription: (epoch, last offset
+    /// forwarded). Duplicates are dropped; a gap is repaired from the
+    /// room's stream before anything newer is forwarded.
+    ordered: HashMap<Arc<str>, (String, u64)>,
+    /// Rooms whose gap is being repaired: (room, epoch, last forwarded).
+    repairs: Vec<(Arc<str>, String, u64)>,
     /// Prompt writes (`ZREM`s of closed sessions, presence entries), sent
     /// with the next round trip.
     closes: Vec<Op>,
@@ -143,7 +152,11 @@ impl<C: Connector> Worker<C> {
             opened: Vec::new(),
             opened_due: Instant::now(),
             session_seq: 0,
+            publish_base: unix_secs() * 1_000_000,
+            publish_seq: 0,
             closes: Vec::new(),
+            ordered: HashMap::new(),
+            repairs: Vec::new(),
             ever_connected: false,
             incoming: Budget::new(super::INCOMING_BYTES),
             config,
@@ -182,7 +195,10 @@ impl<C: Connector> Worker<C> {
                         break;
                     }
                 }
-                msg = recv_incoming(&mut incoming) => self.on_incoming(msg),
+                msg = recv_incoming(&mut incoming) => {
+                    self.on_incoming(msg);
+                    self.repair().await;
+                }
                 _ = tick.tick() => self.on_tick().await,
                 _ = retry.tick(), if retrying => self.retry_directs().await,
                 _ = tokio::time::sleep_until(reconnect_at), if disconnected => self.reconnect().await,
@@ -246,6 +262,8 @@ impl<C: Connector> Worker<C> {
                         size,
                         ttl_ms,
                         new_epoch: new_epoch(),
+                        node: self.me.clone(),
+                        node_seq: self.next_publish_seq(),
                     };
                     ordered.push((op, origin));
                 }
@@ -364,6 +382,14 @@ impl<C: Connector> Worker<C> {
             }
             follow.push(Op::ZRem { key: key.clone(), member });
         }
+    }
+
+    /// The next ordered publish's sequence number: seconds at start × 10⁶
+    /// plus a counter, so a restarted node (same id) continues above its
+    /// previous numbers, within the 2⁵³ that Lua compares exactly.
+    fn next_publish_seq(&mut self) -> u64 {
+        self.publish_seq += 1;
+        self.publish_base + self.publish_seq
     }
 
     /// A sessions-set score: unix ms × 1000 plus a sequence, so that the
@@ -568,7 +594,10 @@ impl<C: Connector> Worker<C> {
                 }
                 // Ordered messages reach every node, the origin too (that
                 // is their only delivery); the publisher gets no copy.
-                keys::RoomMsg::Ordered(conn, offset, body) => {
+                keys::RoomMsg::Ordered(conn, epoch, offset, body) => {
+                    if !self.in_order(room, epoch, offset) {
+                        return;
+                    }
                     let origin = (origin == self.me).then(|| ConnId::from_raw(conn));
                     self.sink.room_ordered(room, offset, body, origin)
                 }
@@ -587,6 +616,70 @@ impl<C: Connector> Worker<C> {
                 None => return,
             };
             self.count_delivery(delivered);
+        }
+    }
+
+    /// Whether an ordered message is the next of its room: a duplicate (an
+    /// offset already forwarded) is dropped; a gap (the subscription lost
+    /// messages) holds the room back until [`Worker::repair`] fetched them.
+    fn in_order(&mut self, room: &str, epoch: &str, offset: u64) -> bool {
+        if self.repairs.iter().any(|(r, _, _)| &**r == room) {
+            return false; // the repair fetches this one too
+        }
+        match self.ordered.get_mut(room) {
+            Some((e, last)) if e == epoch && offset <= *last => false,
+            Some((e, last)) if e == epoch && offset > *last + 1 => {
+                self.repairs.push((Arc::from(room), e.clone(), *last));
+                false
+            }
+            Some(entry) => {
+                if entry.0 != epoch {
+                    // The room's history was lost in Redis: what went before cannot be fetched.
+                    add(&self.status.history_gaps, 1);
+                }
+                *entry = (epoch.to_string(), offset);
+                true
+            }
+            None => {
+                self.ordered.insert(Arc::from(room), (epoch.to_string(), offset));
+                true
+            }
+        }
+    }
+
+    /// Fetches what the subscription missed in rooms with history (a gap,
+    /// or the time it was away) and forwards it in order.
+    async fn repair(&mut self) {
+        if self.repairs.is_empty() || !self.connected() {
+            return;
+        }
+        let repairs = std::mem::take(&mut self.repairs);
+        let ops: Vec<Op> = repairs
+            .iter()
+            .map(|(room, epoch, last)| Op::HistoryRecover {
+                seq: keys::history_seq(room),
+                stream: keys::history_stream(room),
+                since: Some((*last, epoch.clone())),
+                ttl_ms: 0,
+                new_epoch: String::new(),
+            })
+            .collect();
+        let Ok(replies) = self.exec(&ops).await else {
+            // Redis failed again: the next message (or reconnect) retries.
+            return;
+        };
+        for ((room, _, last), r) in repairs.into_iter().zip(replies) {
+            let Reply::Recovery(epoch, now, recovered, messages) = r else { continue };
+            if recovered {
+                add(&self.status.history_repaired, messages.len() as u64);
+                for (i, m) in messages.iter().enumerate() {
+                    let delivered = self.sink.room_ordered(&room, last + 1 + i as u64, m, None);
+                    self.count_delivery(delivered);
+                }
+            } else {
+                add(&self.status.history_gaps, 1);
+            }
+            self.ordered.insert(room, (epoch, now));
         }
     }
 
@@ -653,6 +746,15 @@ impl<C: Connector> Worker<C> {
         let r = match conn.subscribe(&chans(&on)).await {
             Ok(()) => {
                 self.state.subscribed(&on, true);
+                // Back on a room with history: fetch what was published meanwhile.
+                for room in &on {
+                    if let Some((epoch, last)) = self.ordered.get(room) {
+                        self.repairs.push((room.clone(), epoch.clone(), *last));
+                    }
+                }
+                for room in &off {
+                    self.ordered.remove(room);
+                }
                 conn.unsubscribe(&chans(&off)).await.map(|()| self.state.subscribed(&off, false))
             }
             Err(e) => Err(e),
@@ -660,7 +762,9 @@ impl<C: Connector> Worker<C> {
         if let Err(e) = r {
             self.state.retry_rooms(on.into_iter().chain(off));
             self.fail(e);
+            return;
         }
+        self.repair().await;
     }
 
     /// Runs `ops` in one round trip, counting commands; a failure opens the breaker.
