@@ -550,9 +550,13 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
-    /// `redis://host:port` (or several, comma-separated, for Redis Cluster).
-    /// Empty = the node runs alone. Default empty.
+    /// `redis://host:port` (several, comma-separated, are seeds of a Redis
+    /// Cluster). Empty = the node runs alone. Default empty.
     pub redis_url: String,
+    /// `standalone` (one Redis; the default) or `cluster` (Redis Cluster:
+    /// one seed URL is enough, the client finds the other nodes). Several
+    /// URLs need `cluster`.
+    pub redis_mode: RedisMode,
     /// How often registry, pools and connections are written. Default 1000 ms.
     pub sync_interval_ms: u64,
     /// Session affinity TTL in Redis. Default 1800 s (30 minutes).
@@ -563,8 +567,24 @@ pub struct ClusterConfig {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        Self { redis_url: String::new(), sync_interval_ms: 1000, affinity_ttl_secs: 1800, sample_size: 16 }
+        Self {
+            redis_url: String::new(),
+            redis_mode: RedisMode::Standalone,
+            sync_interval_ms: 1000,
+            affinity_ttl_secs: 1800,
+            sample_size: 16,
+        }
     }
+}
+
+/// `cluster.redis_mode`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One Redis.
+    Standalone,
+    /// Redis Cluster.
+    Cluster,
 }
 
 /// Environment variables are read with this prefix.
@@ -736,9 +756,20 @@ impl Config {
         check(self.cluster.sync_interval_ms >= 50, "cluster.sync_interval_ms", "at least 50")?;
         let url = &self.cluster.redis_url;
         check(
-            url.is_empty() || url.split(',').all(|u| u.starts_with("redis://") || u.starts_with("rediss://")),
+            url.is_empty()
+                || url.split(',').all(|u| u.trim().starts_with("redis://") || u.trim().starts_with("rediss://")),
             "cluster.redis_url",
             "expected redis://host:port[,redis://...]",
+        )?;
+        check(
+            !url.contains("rediss://"),
+            "cluster.redis_url",
+            "rediss:// (TLS) is not supported by this build; reach Redis over a private network or a local TLS tunnel (stunnel, spiped) at redis://",
+        )?;
+        check(
+            !url.contains(',') || self.cluster.redis_mode == RedisMode::Cluster,
+            "cluster.redis_url",
+            "several URLs are the seeds of a Redis Cluster: set cluster.redis_mode = \"cluster\"",
         )?;
         Ok(())
     }
@@ -1195,6 +1226,15 @@ mod tests {
         let mut c = Config::default();
         c.set("cluster.redis_url", "http://x").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("cluster.redis_url"));
+        let mut c = Config::default();
+        c.set("cluster.redis_url", "rediss://r:6380").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("TLS"), "rediss refused, not silently plain");
+        let mut c = Config::default();
+        c.cluster.redis_url = "redis://a:1,redis://b:2".into();
+        assert!(c.validate().unwrap_err().to_string().contains("redis_mode"));
+        c.set("cluster.redis_mode", "cluster").unwrap();
+        assert!(c.validate().is_ok());
+        assert!(c.set("cluster.redis_mode", "sentinel").is_err());
     }
 
     #[test]

@@ -17,7 +17,10 @@ async fn two_nodes_on_a_three_plus_three_redis_cluster() {
     }
     let cluster = RedisCluster::start().expect("scripts/redis-cluster start failed");
     let urls = cluster.urls();
-    let (a, b) = (Node::start("ca", &urls), Node::start("cb", &urls));
+    // One seed is enough in cluster mode: node ca gets only the first URL.
+    let mode = ["cluster.redis_mode=cluster"];
+    let seed = urls.split(',').next().unwrap().to_string();
+    let (a, b) = (Node::start_with("ca", &seed, &mode), Node::start_with("cb", &urls, &mode));
     let both = eventually(Duration::from_secs(8), || async {
         a.get_json("/cluster")["nodes"].as_array().map_or(0, Vec::len) == 2
             && b.get_json("/cluster")["nodes"].as_array().map_or(0, Vec::len) == 2
@@ -110,7 +113,7 @@ async fn two_nodes_on_a_three_plus_three_redis_cluster() {
 
     // Rooms with history on the cluster: the numbering script and the
     // room's sharded channel share a slot (hash tag), one order on both nodes.
-    let set = ["rooms.history_size=100"];
+    let set = ["rooms.history_size=100", "cluster.redis_mode=cluster"];
     let (ha, hb) = (Node::start_with("hca", &urls, &set), Node::start_with("hcb", &urls, &set));
     let mut pa = Client::connect(&ha, "hpa").await;
     let mut sb = Client::connect(&hb, "hsb").await;

@@ -29,21 +29,26 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub struct RedisConnector {
     urls: Vec<String>,
+    cluster: bool,
 }
 
 impl RedisConnector {
-    /// Several comma-separated URLs select Redis Cluster mode.
-    pub fn new(redis_url: &str) -> Result<Self> {
+    /// `redis_url` (comma-separated seeds in cluster mode) in `mode`.
+    pub fn new(redis_url: &str, mode: crate::config::RedisMode) -> Result<Self> {
         let urls: Vec<String> = redis_url.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
         if urls.is_empty() {
             return Err(ClusterError::Config("cluster.redis_url is empty".into()));
         }
-        Ok(Self { urls })
+        let cluster = mode == crate::config::RedisMode::Cluster;
+        if urls.len() > 1 && !cluster {
+            return Err(ClusterError::Config("several URLs need cluster.redis_mode = \"cluster\"".into()));
+        }
+        Ok(Self { urls, cluster })
     }
 
     /// True in Redis Cluster mode.
     pub fn is_cluster(&self) -> bool {
-        self.urls.len() > 1
+        self.cluster
     }
 }
 
@@ -390,9 +395,12 @@ mod tests {
 
     #[test]
     fn several_urls_mean_cluster() {
-        assert!(!RedisConnector::new("redis://a:1").unwrap().is_cluster());
-        assert!(RedisConnector::new("redis://a:1, redis://b:2").unwrap().is_cluster());
-        assert!(RedisConnector::new(" , ").is_err());
+        use crate::config::RedisMode::{Cluster, Standalone};
+        assert!(!RedisConnector::new("redis://a:1", Standalone).unwrap().is_cluster());
+        assert!(RedisConnector::new("redis://a:1", Cluster).unwrap().is_cluster(), "one seed is enough");
+        assert!(RedisConnector::new("redis://a:1, redis://b:2", Cluster).unwrap().is_cluster());
+        assert!(RedisConnector::new("redis://a:1, redis://b:2", Standalone).is_err());
+        assert!(RedisConnector::new(" , ", Cluster).is_err());
         assert_eq!(with_resp3("redis://a:1"), "redis://a:1?protocol=resp3");
         assert_eq!(with_resp3("redis://a:1/?db=2"), "redis://a:1/?db=2&protocol=resp3");
     }

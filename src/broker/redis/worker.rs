@@ -41,7 +41,7 @@ pub fn run(config: ClusterConfig, me: String, sink: Arc<dyn Sink>, status: Arc<C
         Ok(rt) => rt,
         Err(e) => return tracing::error!(error = %e, "cluster: cannot start its runtime; running alone"),
     };
-    let connector = match super::redis_backend::RedisConnector::new(&config.redis_url) {
+    let connector = match super::redis_backend::RedisConnector::new(&config.redis_url, config.redis_mode) {
         Ok(c) => c,
         Err(e) => return tracing::error!(error = %e, "cluster: bad Redis URL; running alone"),
     };
