@@ -59,6 +59,8 @@ pub enum AppMsg {
         client_id: Arc<str>,
         /// Its connection.
         conn: ConnId,
+        /// The id came from a token or the client (not generated here).
+        named: bool,
     },
     /// Sent to the home shard when a connection with a client id closes.
     Unregister {
@@ -201,6 +203,9 @@ pub struct Session {
     pub grants: Option<Box<Grants>>,
     /// Joins of rooms with history waiting for their home shard's answer.
     pub pending_joins: u8,
+    /// The client id came from its token or the client, not from this node
+    /// (only such ids get session affinity: a generated one never comes back).
+    pub named: bool,
 }
 
 /// What a connection's token allows, until when.
@@ -365,13 +370,13 @@ impl Edge {
     /// replacing the oldest past `auth.sessions_per_client` here, and tells
     /// the broker (from here, so that the cluster sees this node's sessions
     /// in the order the directory does) to replace the oldest elsewhere.
-    fn register<C: Conns<Self>>(&self, cx: &C, client_id: Arc<str>, conn: ConnId) {
+    fn register<C: Conns<Self>>(&self, cx: &C, client_id: Arc<str>, conn: ConnId, named: bool) {
         let max = cx.node().config.auth.sessions_per_client as usize;
         let replaced = self.directory.borrow_mut().register(client_id.clone(), conn, max);
         for old in replaced {
             self.kick_replaced(cx, old);
         }
-        self.broker().conn_opened(&client_id, conn, max);
+        self.broker().conn_opened(&client_id, conn, max, named);
     }
 
     fn kick_replaced<C: Conns<Self>>(&self, cx: &C, old: ConnId) {
@@ -492,6 +497,7 @@ impl App for Edge {
                     Some(c) => Some(c.sub.to_string()),
                     None => client_id.filter(|_| cx.node().config.auth.allow_client_ids),
                 };
+                let named = chosen.is_some();
                 let client_id: Option<Arc<str>> = match route {
                     Route::Rooms => Some(chosen.unwrap_or_else(|| self.generate_client_id()).into()),
                     Route::Echo => None,
@@ -503,6 +509,7 @@ impl App for Edge {
                 cx.state(id, |s| {
                     s.route = route;
                     s.client_id = client_id;
+                    s.named = named;
                     s.grants = claims.as_ref().map(Grants::of);
                 });
                 Answer::Upgrade { response, consumed, class }
@@ -511,11 +518,11 @@ impl App for Edge {
     }
 
     fn on_open<C: Conns<Self>>(&self, cx: &C, id: ConnId) {
-        let Some(Some(cid)) = cx.state(id, |s| s.client_id.clone()) else { return };
+        let Some((Some(cid), named)) = cx.state(id, |s| (s.client_id.clone(), s.named)) else { return };
         let node = cx.node();
         cx.send_text(id, &protocol::welcome(&cid, &node.node_id, self.shard));
         let home = self.shared.home_shard(&cid, node.shards.len());
-        let _ = cx.send_to(home, AppMsg::Register { client_id: cid, conn: id });
+        let _ = cx.send_to(home, AppMsg::Register { client_id: cid, conn: id, named });
     }
 
     fn on_message<C: Conns<Self>>(&self, cx: &C, id: ConnId, msg: Message) {
@@ -575,7 +582,7 @@ impl App for Edge {
             AppMsg::PublishFailed { conn } => self.send_error(cx, conn, ClientError::Unavailable),
             AppMsg::PresenceChange { room, client, on, conn } => self.presence_changed(cx, room, client, on, conn),
             AppMsg::PresenceQuery { room, conn } => self.presence_query(cx, &room, conn),
-            AppMsg::Register { client_id, conn } => self.register(cx, client_id, conn),
+            AppMsg::Register { client_id, conn, named } => self.register(cx, client_id, conn, named),
             AppMsg::Unregister { client_id, conn } => {
                 self.directory.borrow_mut().unregister(&client_id, conn);
                 self.broker().conn_closed(&client_id, conn);

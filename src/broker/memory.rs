@@ -71,7 +71,7 @@ impl MemoryBroker {
 }
 
 impl Broker for MemoryBroker {
-    fn conn_opened(&self, client_id: &Arc<str>, conn: ConnId, keep: usize) {
+    fn conn_opened(&self, client_id: &Arc<str>, conn: ConnId, keep: usize, _named: bool) {
         if self.alone_on_hub() {
             return;
         }
@@ -253,7 +253,7 @@ mod tests {
         b.publish(Arc::from("r"), "own");
         a.publish(Arc::from("other"), "p2");
         assert_eq!(*rb.got.lock().unwrap(), vec!["room r p1".to_string()]);
-        b.conn_opened(&Arc::from("bob"), ConnId::new(0, 1, 1), 1);
+        b.conn_opened(&Arc::from("bob"), ConnId::new(0, 1, 1), 1, true);
         a.direct(Arc::from("bob"), Bytes::from_static(b"hi"), ConnId::new(0, 2, 1), false);
         a.direct(Arc::from("nobody"), Bytes::from_static(b"x"), ConnId::new(0, 2, 1), false);
         assert_eq!(rb.got.lock().unwrap().last().map(String::as_str), Some("direct bob hi"));
@@ -269,15 +269,15 @@ mod tests {
         let hub = MemoryHub::default();
         let ((ra, a), (rb, b)) = (node(&hub, "a"), node(&hub, "b"));
         let (a1, b1, a2) = (ConnId::new(0, 1, 1), ConnId::new(1, 1, 1), ConnId::new(0, 2, 1));
-        a.conn_opened(&Arc::from("t"), a1, 2);
-        b.conn_opened(&Arc::from("t"), b1, 2);
+        a.conn_opened(&Arc::from("t"), a1, 2, true);
+        b.conn_opened(&Arc::from("t"), b1, 2, true);
         assert!(ra.got.lock().unwrap().is_empty(), "two sessions fit in two");
         // A direct from a reaches b's session; a already delivered its own.
         a.direct(Arc::from("t"), Bytes::from_static(b"m"), ConnId::new(0, 9, 1), true);
         assert_eq!(rb.got.lock().unwrap().last().map(String::as_str), Some("direct t m"));
-        a.conn_opened(&Arc::from("t"), a2, 2);
+        a.conn_opened(&Arc::from("t"), a2, 2, true);
         assert_eq!(*ra.got.lock().unwrap(), vec![format!("replaced t {}", a1.raw())], "the oldest goes");
-        b.conn_opened(&Arc::from("t"), ConnId::new(1, 2, 1), 1);
+        b.conn_opened(&Arc::from("t"), ConnId::new(1, 2, 1), 1, true);
         assert_eq!(rb.got.lock().unwrap().last(), Some(&format!("replaced t {}", b1.raw())));
         assert_eq!(ra.got.lock().unwrap().last(), Some(&format!("replaced t {}", a2.raw())));
         // Only b's newest is left: a direct delivered here reaches nobody else and is not unknown.
@@ -290,7 +290,7 @@ mod tests {
     fn alone_answers_unknown_and_lists_itself() {
         let rec = Arc::new(Rec { id: "solo".into(), ..Rec::default() });
         let b = MemoryBroker::alone(rec.clone());
-        b.conn_opened(&Arc::from("x"), ConnId::new(0, 1, 1), 1);
+        b.conn_opened(&Arc::from("x"), ConnId::new(0, 1, 1), 1, true);
         b.direct(Arc::from("x"), Bytes::new(), ConnId::new(0, 1, 1), false);
         assert_eq!(*rec.got.lock().unwrap(), vec!["unknown x".to_string()]);
         let v = b.cluster_json();

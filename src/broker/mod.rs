@@ -30,7 +30,9 @@ pub trait Broker: Send + Sync {
     /// Called from the client's home shard, in the order its directory
     /// registered the sessions, so that the cluster's "oldest" and the
     /// node's agree.
-    fn conn_opened(&self, client_id: &Arc<str>, conn: ConnId, keep: usize);
+    /// `named`: the id came from a token or the client; only named ids get
+    /// session affinity (a generated id never reconnects).
+    fn conn_opened(&self, client_id: &Arc<str>, conn: ConnId, keep: usize, named: bool);
     /// A `/ws` client's connection `conn` closed (or was replaced).
     fn conn_closed(&self, client_id: &Arc<str>, conn: ConnId);
     /// The first local member joined `room` on `shard` (`on`), or the last left.

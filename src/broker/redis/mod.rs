@@ -46,6 +46,8 @@ pub enum ClusterCmd {
         conn: ConnId,
         /// Sessions the client may keep in the cluster.
         keep: usize,
+        /// Not generated here (gets affinity).
+        named: bool,
     },
     /// A `/ws` client disconnected.
     ConnClosed {
@@ -294,8 +296,8 @@ impl RedisBroker {
 }
 
 impl Broker for RedisBroker {
-    fn conn_opened(&self, client_id: &Arc<str>, conn: ConnId, keep: usize) {
-        self.send(ClusterCmd::ConnOpened { client_id: client_id.clone(), conn, keep });
+    fn conn_opened(&self, client_id: &Arc<str>, conn: ConnId, keep: usize, named: bool) {
+        self.send(ClusterCmd::ConnOpened { client_id: client_id.clone(), conn, keep, named });
     }
 
     fn conn_closed(&self, client_id: &Arc<str>, conn: ConnId) {

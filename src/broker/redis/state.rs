@@ -19,6 +19,9 @@ use crate::runtime::table::ConnId;
 /// Closes remembered while Redis is away, at most; beyond this the conn keys
 /// are left to their TTL (readers also check that the named node is live).
 const MAX_PENDING_CLOSES: usize = 200_000;
+/// Clients (conn keys, with their sessions after a reconnect) and presence
+/// entries written per interval at most; the rest wait for the next ones.
+pub const FLUSH_CLIENTS: usize = 2_000;
 /// Entries kept in `ringside:sample:{node}` at most.
 pub const MAX_SAMPLE: usize = 256;
 
@@ -34,6 +37,8 @@ pub struct LocalClient {
     pub connected_at: u64,
     /// Its conn key has been written.
     pub written: bool,
+    /// Its id is not generated: it gets session affinity.
+    pub named: bool,
 }
 
 /// Writes taken for one flush, given back with [`State::restore`] if it failed.
@@ -63,6 +68,8 @@ pub struct State {
     presence: HashMap<Arc<str>, HashSet<Arc<str>>>,
     /// Rewrite every local presence entry (after a reconnect).
     resync_presence: bool,
+    /// Rooms whose presence entries are still to be rewritten.
+    presence_resync: Vec<Arc<str>>,
 }
 
 fn slice_of(client_id: &str, rounds: u64) -> u64 {
@@ -74,26 +81,31 @@ fn slice_of(client_id: &str, rounds: u64) -> u64 {
 impl State {
     /// A client connected as `conn` at `now_secs`; `score` orders it among
     /// the client's sessions in the cluster.
-    pub fn conn_opened(&mut self, client_id: Arc<str>, conn: ConnId, score: u64, now_secs: u64) {
+    /// Only a `named` client (its id from a token or itself) gets affinity.
+    pub fn conn_opened(&mut self, client_id: Arc<str>, conn: ConnId, score: u64, now_secs: u64, named: bool) {
         let shard = conn.shard();
         let e = self.clients.entry(client_id.clone()).or_insert(LocalClient {
             sessions: Vec::new(),
             shard,
             connected_at: now_secs,
             written: false,
+            named,
         });
         e.sessions.push((conn.raw(), score));
         e.shard = shard;
         e.connected_at = now_secs;
         self.dirty_close.remove(&client_id);
         self.dirty_open.insert(client_id.clone());
-        self.affinity_dirty.insert(client_id);
+        if e.named {
+            self.affinity_dirty.insert(client_id);
+        }
     }
 
     /// A client's connection `conn` closed.
     pub fn conn_closed(&mut self, client_id: Arc<str>, conn: ConnId) {
         let Some(e) = self.clients.get_mut(&client_id) else { return };
         e.sessions.retain(|(c, _)| *c != conn.raw());
+        let named = e.named;
         if e.sessions.is_empty() {
             let written = e.written;
             self.clients.remove(&client_id);
@@ -104,7 +116,9 @@ impl State {
         }
         // Affinity is "refreshed on activity": leaving is the last activity,
         // so its TTL counts from here.
-        self.affinity_dirty.insert(client_id);
+        if named {
+            self.affinity_dirty.insert(client_id);
+        }
     }
 
     /// True if `client_id` is connected here.
@@ -126,8 +140,23 @@ impl State {
     /// selects which slice of live conn keys gets its TTL refreshed.
     pub fn take_flush(&mut self, me: &str, conn_ttl_ms: u64, affinity_ttl_ms: u64, tick: u64) -> Flush {
         let mut f = Flush::default();
-        let opened: HashSet<Arc<str>> = self.dirty_open.drain().collect();
+        // At most FLUSH_CLIENTS conn keys per interval: after a reconnect
+        // every client is dirty, and one pipeline of all of them could
+        // outlast the response timeout and be retried forever.
+        let opened: HashSet<Arc<str>> = self.dirty_open.iter().take(FLUSH_CLIENTS).cloned().collect();
+        self.dirty_open.retain(|c| !opened.contains(c));
+        let resyncing = self.resync_sessions;
+        if self.dirty_open.is_empty() {
+            self.resync_sessions = false;
+        }
         for cid in &opened {
+            // Re-registering after a reconnect: the client's sessions too.
+            if let Some(c) = self.clients.get(cid).filter(|_| resyncing) {
+                for &(conn, score) in &c.sessions {
+                    let (key, member) = (keys::sessions(cid), keys::session_member(me, conn));
+                    f.ops.push(Op::SessionOpen { key, member, score, ttl_ms: conn_ttl_ms });
+                }
+            }
             if let Some(c) = self.clients.get_mut(cid) {
                 c.written = true;
                 let fields = vec![
@@ -146,14 +175,6 @@ impl State {
             }
         }
         self.presence_flush(me, conn_ttl_ms, slice, &mut f.ops);
-        if std::mem::take(&mut self.resync_sessions) {
-            for (cid, c) in &self.clients {
-                for &(conn, score) in &c.sessions {
-                    let (key, member) = (keys::sessions(cid), keys::session_member(me, conn));
-                    f.ops.push(Op::SessionOpen { key, member, score, ttl_ms: conn_ttl_ms });
-                }
-            }
-        }
         for cid in self.dirty_close.drain() {
             f.ops.push(Op::DelIfNode { key: keys::conn(&cid), node: me.to_string() });
             f.closes.push(cid);
@@ -183,18 +204,25 @@ impl State {
     }
 
     /// The presence writes of this interval: TTL refreshes for a slice of
-    /// the rooms, and every entry after a reconnect.
+    /// the rooms, and after a reconnect every entry, FLUSH_CLIENTS at most
+    /// per interval.
     fn presence_flush(&mut self, me: &str, ttl_ms: u64, slice: u64, ops: &mut Vec<Op>) {
-        let resync = std::mem::take(&mut self.resync_presence);
-        for (room, clients) in &self.presence {
-            let key = keys::presence(room);
-            if resync {
-                for c in clients {
-                    let (field, value) = (format!("{c}|{me}"), "1".to_string());
-                    ops.push(Op::HSetField { key: key.clone(), field, value, ttl_ms });
-                }
-            } else if slice_of(room, keys::REFRESH_ROUNDS) == slice {
-                ops.push(Op::Expire { key, ttl_ms });
+        if std::mem::take(&mut self.resync_presence) {
+            self.presence_resync = self.presence.keys().cloned().collect();
+        }
+        let mut budget = FLUSH_CLIENTS;
+        while budget > 0 {
+            let Some(room) = self.presence_resync.pop() else { break };
+            let Some(clients) = self.presence.get(&room) else { continue };
+            for c in clients {
+                let (field, value) = (format!("{c}|{me}"), "1".to_string());
+                ops.push(Op::HSetField { key: keys::presence(&room), field, value, ttl_ms });
+            }
+            budget = budget.saturating_sub(clients.len());
+        }
+        for room in self.presence.keys() {
+            if slice_of(room, keys::REFRESH_ROUNDS) == slice {
+                ops.push(Op::Expire { key: keys::presence(room), ttl_ms });
             }
         }
     }
@@ -298,7 +326,7 @@ mod tests {
     #[test]
     fn short_lived_clients_cost_no_conn_write() {
         let mut s = State::default();
-        s.conn_opened(cid("a"), c(0), 1, 1);
+        s.conn_opened(cid("a"), c(0), 1, 1, true);
         s.conn_closed(cid("a"), c(0));
         let f = s.take_flush("n1", 1000, 9000, 0);
         assert_eq!(f.ops.len(), 1, "only the affinity write: {:?}", f.ops);
@@ -308,11 +336,11 @@ mod tests {
     #[test]
     fn written_clients_are_deleted_conditionally_and_overlaps_counted() {
         let mut s = State::default();
-        s.conn_opened(cid("a"), c(1), 1, 1);
+        s.conn_opened(cid("a"), c(1), 1, 1, true);
         let f = s.take_flush("n1", 1000, 9000, 0);
         assert!(f.ops.iter().any(|o| matches!(o, Op::HSet { key, .. } if key == "ringside:conn:a")));
         // Reconnect overlaps: the old connection's close must not delete.
-        s.conn_opened(cid("a"), c(2), 2, 2);
+        s.conn_opened(cid("a"), c(2), 2, 2, true);
         s.conn_closed(cid("a"), c(1));
         assert!(s.is_local("a"));
         s.conn_closed(cid("a"), c(1));
@@ -331,7 +359,7 @@ mod tests {
     fn live_keys_are_refreshed_once_per_round() {
         let mut s = State::default();
         for i in 0..100 {
-            s.conn_opened(cid(&format!("c{i}")), c(i), 1, 1);
+            s.conn_opened(cid(&format!("c{i}")), c(i), 1, 1, true);
         }
         let _ = s.take_flush("n1", 1000, 9000, 0);
         let mut refreshed = 0;
@@ -343,16 +371,47 @@ mod tests {
     }
 
     #[test]
+    fn re_registration_goes_in_bounded_chunks() {
+        let mut s = State::default();
+        let n = FLUSH_CLIENTS * 2 + 5;
+        for i in 0..n {
+            s.conn_opened(cid(&format!("c{i}")), c(i), i as u64, 1, true);
+            s.presence_changed(&cid("room"), &cid(&format!("c{i}")), true);
+        }
+        let _ = s.take_flush("n1", 1000, 9000, 0);
+        let _ = s.take_flush("n1", 1000, 9000, 1);
+        let _ = s.take_flush("n1", 1000, 9000, 2);
+        s.mark_all_dirty();
+        let count = |f: &Flush| {
+            let conns = f.ops.iter().filter(|o| matches!(o, Op::HSet { .. })).count();
+            let sessions = f.ops.iter().filter(|o| matches!(o, Op::SessionOpen { .. })).count();
+            let presence = f.ops.iter().filter(|o| matches!(o, Op::HSetField { .. })).count();
+            (conns, sessions, presence)
+        };
+        let mut total = (0, 0, 0);
+        for tick in 0..5 {
+            let f = s.take_flush("n1", 1000, 9000, 10 + tick);
+            let (a, b, p) = count(&f);
+            assert!(a <= FLUSH_CLIENTS && b <= FLUSH_CLIENTS, "tick {tick}: {a} conn keys, {b} sessions");
+            total = (total.0 + a, total.1 + b, total.2 + p);
+        }
+        assert_eq!(total.0, n, "every conn key rewritten");
+        assert_eq!(total.1, n, "every session rewritten");
+        assert_eq!(total.2, n, "every presence entry rewritten (one room: one chunk)");
+    }
+
+    #[test]
     fn a_reconnect_rewrites_every_local_session() {
         let mut s = State::default();
-        s.conn_opened(cid("a"), c(1), 10, 1);
-        s.conn_opened(cid("a"), c(2), 11, 1);
-        s.conn_opened(cid("b"), c(3), 12, 1);
+        s.conn_opened(cid("a"), c(1), 10, 1, true);
+        s.conn_opened(cid("a"), c(2), 11, 1, true);
+        s.conn_opened(cid("b"), c(3), 12, 1, true);
         let opens = |f: &Flush| f.ops.iter().filter(|o| matches!(o, Op::SessionOpen { .. })).count();
         assert_eq!(opens(&s.take_flush("n1", 1000, 9000, 0)), 0, "opens are written by the worker at once");
         s.mark_all_dirty();
         let f = s.take_flush("n1", 1000, 9000, 1);
         assert_eq!(opens(&f), 3);
+        assert!(!s.resync_sessions, "all rewritten in one interval");
         assert!(f.ops.contains(&Op::SessionOpen {
             key: "ringside:sessions:a".into(),
             member: format!("n1|{}", c(2).raw()),

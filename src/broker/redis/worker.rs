@@ -68,6 +68,7 @@ struct Opened {
     conn: ConnId,
     keep: usize,
     score: u64,
+    named: bool,
 }
 
 /// The cluster thread's state.
@@ -232,13 +233,13 @@ impl<C: Connector> Worker<C> {
         let deadline = Instant::now() + self.interval * 2 + Duration::from_millis(100);
         for cmd in batch {
             match cmd {
-                ClusterCmd::ConnOpened { client_id, conn, keep } => {
+                ClusterCmd::ConnOpened { client_id, conn, keep, named } => {
                     let score = self.next_score();
-                    self.state.conn_opened(client_id.clone(), conn, score, now_secs);
+                    self.state.conn_opened(client_id.clone(), conn, score, now_secs, named);
                     if self.opened.is_empty() {
                         self.opened_due = Instant::now() + AFFINITY_GATHER;
                     }
-                    self.opened.push(Opened { client_id, conn, keep, score });
+                    self.opened.push(Opened { client_id, conn, keep, score, named });
                 }
                 ClusterCmd::ConnClosed { client_id, conn } => {
                     let (key, member) = (keys::sessions(&client_id), keys::session_member(&self.me, conn.raw()));
@@ -313,7 +314,10 @@ impl<C: Connector> Worker<C> {
         ops.extend(closes);
         let ttl_ms = self.ms(keys::CONN_TTL_INTERVALS);
         for o in &opened {
-            ops.push(Op::Get { key: keys::affinity(&o.client_id) });
+            // A generated id has no affinity to look up.
+            if o.named {
+                ops.push(Op::Get { key: keys::affinity(&o.client_id) });
+            }
             let (key, member) = (keys::sessions(&o.client_id), keys::session_member(&self.me, o.conn.raw()));
             ops.push(Op::SessionOpen { key, member, score: o.score, ttl_ms });
         }
@@ -333,7 +337,7 @@ impl<C: Connector> Worker<C> {
         let mut it = replies.into_iter().skip(n_writes);
         let mut follow = Vec::new();
         for o in opened {
-            let node = it.next().and_then(Reply::into_str);
+            let node = if o.named { it.next().and_then(Reply::into_str) } else { None };
             self.affinity_hint(o.conn, node);
             if let Some(Reply::List(members)) = it.next() {
                 self.enforce_sessions(&o, members, &mut follow);

@@ -156,7 +156,7 @@ async fn direct_reaches_the_target_node_or_says_unknown() {
         let hub = MemoryHub::default();
         let (a, b) = (TestNode::start(&hub, "a"), TestNode::start(&hub, "b"));
         settle(2).await;
-        b.cluster().conn_opened(&Arc::from("bob"), conn(1, 7), 1);
+        b.cluster().conn_opened(&Arc::from("bob"), conn(1, 7), 1, true);
         // Sent before b's batch wrote bob's conn key: the worker waits for it.
         a.cluster().direct(Arc::from("bob"), bytes::Bytes::from_static(b"frame"), conn(0, 3), false);
         settle(4).await;
@@ -182,9 +182,9 @@ async fn sessions_past_the_limit_are_replaced_across_nodes_and_directs_reach_all
         settle(3).await;
         let t: Arc<str> = Arc::from("tab");
         // Two sessions allowed: one on each node.
-        a.cluster().conn_opened(&t, conn(0, 1), 2);
+        a.cluster().conn_opened(&t, conn(0, 1), 2, true);
         settle(1).await;
-        b.cluster().conn_opened(&t, conn(1, 1), 2);
+        b.cluster().conn_opened(&t, conn(1, 1), 2, true);
         settle(2).await;
         assert_eq!(hub.zset("ringside:sessions:tab").len(), 2);
         assert!(no_hints(a.drain_all()).is_empty() && no_hints(b.drain_all()).is_empty(), "both fit");
@@ -194,13 +194,13 @@ async fn sessions_past_the_limit_are_replaced_across_nodes_and_directs_reach_all
         assert_eq!(no_hints(b.drain_all()), vec![Got::Direct("tab".into(), b"m".to_vec())]);
         assert!(no_hints(a.drain_all()).is_empty(), "no unknown_client: a delivered it");
         // A third session on b replaces the oldest, which is on a.
-        b.cluster().conn_opened(&t, conn(1, 2), 2);
+        b.cluster().conn_opened(&t, conn(1, 2), 2, true);
         let got = no_hints(drain_until(&a, 1).await);
         assert_eq!(got, vec![Got::Replaced("tab".into(), conn(0, 1))]);
         assert!(no_hints(b.drain_all()).is_empty(), "b's two sessions stay");
         // With one session allowed, the newest (on a) replaces both of b's.
         a.cluster().conn_closed(&t, conn(0, 1));
-        a.cluster().conn_opened(&t, conn(0, 2), 1);
+        a.cluster().conn_opened(&t, conn(0, 2), 1, true);
         let mut got = no_hints(drain_until(&b, 2).await);
         got.sort_by_key(|g| format!("{g:?}"));
         assert_eq!(got, vec![Got::Replaced("tab".into(), conn(1, 1)), Got::Replaced("tab".into(), conn(1, 2))]);
@@ -241,7 +241,7 @@ async fn affinity_hint_names_the_previous_live_node() {
         let hub = MemoryHub::default();
         let (a, b) = (TestNode::start(&hub, "a"), TestNode::start(&hub, "b"));
         settle(2).await;
-        a.cluster().conn_opened(&Arc::from("carol"), conn(0, 1), 1);
+        a.cluster().conn_opened(&Arc::from("carol"), conn(0, 1), 1, true);
         a.cluster().conn_closed(&Arc::from("carol"), conn(0, 1));
         // a writes the affinity in its next batch; b looks it up once, on open.
         for _ in 0..40 {
@@ -259,7 +259,7 @@ async fn affinity_hint_names_the_previous_live_node() {
         // a live; the hint must then name a, exactly once per connect.
         let mut got = Vec::new();
         for k in 0..5 {
-            b.cluster().conn_opened(&Arc::from("carol"), conn(1, 2 + k), 1);
+            b.cluster().conn_opened(&Arc::from("carol"), conn(1, 2 + k), 1, true);
             got = drain_until(&b, 1).await;
             if !got.is_empty() {
                 assert_eq!(got, vec![Got::Affinity(conn(1, 2 + k), "a".into(), "ws://a/ws".into())], "one hint");
@@ -267,7 +267,7 @@ async fn affinity_hint_names_the_previous_live_node() {
             }
             b.cluster().conn_closed(&Arc::from("carol"), conn(1, 2 + k));
             // Affinity must point at a again for the next try.
-            a.cluster().conn_opened(&Arc::from("carol"), conn(0, 1), 1);
+            a.cluster().conn_opened(&Arc::from("carol"), conn(0, 1), 1, true);
             a.cluster().conn_closed(&Arc::from("carol"), conn(0, 1));
             settle(4).await;
         }
@@ -289,7 +289,7 @@ async fn breaker_fails_fast_then_reregisters() {
         let hub = MemoryHub::default();
         let a = TestNode::start(&hub, "a");
         settle(2).await;
-        a.cluster().conn_opened(&Arc::from("dave"), conn(0, 1), 1);
+        a.cluster().conn_opened(&Arc::from("dave"), conn(0, 1), 1, true);
         a.cluster().room_interest(0, "r", true);
         settle(2).await;
         hub.set_down(true);
@@ -312,6 +312,28 @@ async fn breaker_fails_fast_then_reregisters() {
         assert_eq!(hub.hash("ringside:conn:dave").get("node").map(String::as_str), Some("a"));
         assert!(hub.channels().contains("ringside:room:r"));
         assert!(hub.channels().contains("ringside:inbox:a"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn only_named_clients_get_affinity_keys() {
+    local(async {
+        let hub = MemoryHub::default();
+        let a = TestNode::start(&hub, "a");
+        settle(2).await;
+        a.cluster().conn_opened(&Arc::from("gen0a1"), conn(0, 1), 1, false);
+        a.cluster().conn_opened(&Arc::from("named"), conn(0, 2), 1, true);
+        a.cluster().conn_closed(&Arc::from("gen0a1"), conn(0, 1));
+        for _ in 0..40 {
+            if hub.string("ringside:affinity:named").is_some() {
+                break;
+            }
+            settle(1).await;
+        }
+        assert_eq!(hub.string("ringside:affinity:named").as_deref(), Some("a"));
+        settle(2).await;
+        assert_eq!(hub.string("ringside:affinity:gen0a1"), None, "a generated id never comes back");
     })
     .await;
 }
