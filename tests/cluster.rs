@@ -286,14 +286,18 @@ async fn a_redis_outage_leaves_local_traffic_alone_and_recovers() {
     let want: Vec<_> = (0..20).map(|i| json!(i)).collect();
     assert_eq!(room_data(&a2.drain(QUIET).await), want, "local delivery untouched");
     assert!(room_data(&b1.drain(QUIET).await).is_empty(), "nothing crosses while Redis is down");
+    // The publisher is told, once per publish: its message did not reach the other nodes.
+    let told = a1.drain(QUIET).await;
+    assert_eq!(told.len(), 20, "{told:?}");
+    assert!(told.iter().all(|e| e["code"] == "unavailable"), "{told:?}");
     let mut a3 = Client::connect(&a, "a3").await;
     a3.send(json!({"type": "echo", "data": "still here"})).await;
     assert_eq!(a3.recv().await.expect("echo")["data"], "still here");
-    // Cross-node direct fails fast.
+    // Cross-node direct fails fast, and says why: b1 may well be online.
     let t0 = Instant::now();
     a1.direct("b1", json!(1)).await;
-    let err = a1.recv().await.expect("unknown_client while Redis is down");
-    assert_eq!(err["code"], "unknown_client");
+    let err = a1.recv().await.expect("an answer while Redis is down");
+    assert_eq!(err["code"], "unavailable", "never unknown_client because Redis is away");
     assert!(t0.elapsed() < Duration::from_millis(500), "fail fast took {:?}", t0.elapsed());
     tokio::time::sleep(Duration::from_secs(2)).await;
     redis.restart();

@@ -294,8 +294,9 @@ pub enum ClientError {
     Forbidden,
     /// A refresh token that does not verify (expired, bad signature, ...).
     InvalidToken,
-    /// A message of a room with history could not be sent: the cluster's
-    /// store (Redis) is unreachable.
+    /// The cluster's store (Redis) is unreachable: a publish did not reach
+    /// other nodes (a room with history: nobody), or a direct message could
+    /// not be looked up.
     Unavailable,
 }
 
@@ -363,7 +364,9 @@ pub fn error_text(e: ClientError) -> &'static str {
         ClientError::RateLimited => "too many messages; slow down (limits.messages_per_second)",
         ClientError::Forbidden => "not allowed by your token (rooms / publish claims, or another client's token)",
         ClientError::InvalidToken => "the token does not verify (expired, malformed or badly signed)",
-        ClientError::Unavailable => "the cluster's store is unreachable; message not sent",
+        ClientError::Unavailable => {
+            "the cluster's store is unreachable: the message did not reach other nodes (in a room with history: nobody)"
+        }
     }
 }
 

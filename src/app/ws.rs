@@ -309,7 +309,7 @@ impl Edge {
             let _ = cx.send_to(to, msg);
         }
         self.deliver_room(cx, &room, &frame, origin, 0);
-        self.broker().publish(room, &payload);
+        let _ = self.broker().publish(room, &payload); // presence events: best effort
     }
 
     /// `{"type":"presence","room":R}`: allowed to whoever may join the room.
@@ -426,8 +426,10 @@ impl Edge {
             lost |= cx.send_to(to, msg).is_err();
         }
         self.deliver_room(cx, room, &frame, Some(id), 0);
-        self.broker().publish(room_arc, payload);
-        if lost {
+        if !self.broker().publish(room_arc, payload) {
+            // Local members got it; other nodes did not.
+            self.send_error(cx, id, ClientError::Unavailable);
+        } else if lost {
             self.send_error(cx, id, ClientError::Overloaded);
         }
     }

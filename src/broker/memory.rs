@@ -118,9 +118,9 @@ impl Broker for MemoryBroker {
         });
     }
 
-    fn publish(&self, room: Arc<str>, payload: &str) {
+    fn publish(&self, room: Arc<str>, payload: &str) -> bool {
         if self.alone_on_hub() {
-            return;
+            return true;
         }
         let targets: Vec<Arc<dyn Sink>> = self.with(|st| {
             let nodes: BTreeSet<usize> = st.rooms.get(&room).into_iter().flatten().map(|(n, _)| *n).collect();
@@ -129,6 +129,7 @@ impl Broker for MemoryBroker {
         for t in targets {
             t.room(&room, payload);
         }
+        true
     }
 
     fn direct(&self, to: Arc<str>, frame: Bytes, from: ConnId, delivered_here: bool) {

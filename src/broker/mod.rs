@@ -39,7 +39,9 @@ pub trait Broker: Send + Sync {
     fn room_interest(&self, shard: usize, room: &str, on: bool);
     /// A local client published `payload` (a `message` envelope) to `room`:
     /// deliver it to the other nodes' members.
-    fn publish(&self, room: Arc<str>, payload: &str);
+    /// False when it cannot reach the other nodes now (Redis unreachable):
+    /// the publisher is told (`unavailable`) instead of a silent drop.
+    fn publish(&self, room: Arc<str>, payload: &str) -> bool;
     /// A direct message (`frame`, ready for the target) for the target's
     /// sessions on other nodes. `delivered_here`: the target also has
     /// sessions on this node, which already got it; otherwise `from` is told

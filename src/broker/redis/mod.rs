@@ -205,6 +205,8 @@ pub struct ClusterStatus {
     pub sessions_replaced: AtomicU64,
     /// Replacement notices received from other nodes.
     pub remote_replacements: AtomicU64,
+    /// Direct messages answered `unavailable` (Redis could not be asked).
+    pub directs_unavailable: AtomicU64,
     /// Messages of rooms with history that the subscription missed and the
     /// node fetched from the room's stream.
     pub history_repaired: AtomicU64,
@@ -308,8 +310,9 @@ impl Broker for RedisBroker {
         self.send(ClusterCmd::RoomInterest { shard, room: Arc::from(room), on });
     }
 
-    fn publish(&self, room: Arc<str>, payload: &str) {
-        self.send(ClusterCmd::Publish { room, payload: payload.to_string() });
+    fn publish(&self, room: Arc<str>, payload: &str) -> bool {
+        // While the breaker is open the cluster thread would drop it.
+        self.breaker() == BreakerState::Closed && self.send(ClusterCmd::Publish { room, payload: payload.to_string() })
     }
 
     fn direct(&self, to: Arc<str>, frame: Bytes, from: ConnId, delivered_here: bool) {
@@ -394,6 +397,11 @@ impl Broker for RedisBroker {
                 "cluster_remote_replacements_total",
                 "Replacement notices received from other nodes.",
                 &s.remote_replacements,
+            ),
+            (
+                "cluster_directs_unavailable_total",
+                "Direct messages answered unavailable: Redis could not be asked.",
+                &s.directs_unavailable,
             ),
             (
                 "cluster_history_repaired_total",

@@ -292,7 +292,7 @@ impl<C: Connector> Worker<C> {
         self.presence_queries(queries).await;
         if !self.connected() {
             add(&self.status.publish_dropped, publishes.len() as u64);
-            directs.into_iter().for_each(|d| self.unknown_unless_delivered(d));
+            directs.into_iter().for_each(|d| self.unreachable(d));
             self.opened.clear();
             self.closes.clear();
             return stop;
@@ -329,7 +329,7 @@ impl<C: Connector> Worker<C> {
             Ok(r) => r,
             Err(_) => {
                 add(&self.status.publish_dropped, n_pub as u64);
-                directs.into_iter().for_each(|d| self.unknown_unless_delivered(d));
+                directs.into_iter().for_each(|d| self.unreachable(d));
                 return;
             }
         };
@@ -528,6 +528,16 @@ impl<C: Connector> Worker<C> {
         }
     }
 
+    /// Redis could not be asked: the target may well be online elsewhere,
+    /// so the sender hears `unavailable`, never `unknown_client`.
+    fn unreachable(&self, d: PendingDirect) {
+        if !d.delivered_here {
+            add(&self.status.directs_unavailable, 1);
+            let told = self.sink.publish_failed(d.from);
+            self.count_delivery(told);
+        }
+    }
+
     /// `routes`: (node, message, sole target). A message whose sole target
     /// turns out to have no listener is looked up again; one of several
     /// copies is not (the others arrived, and a retry would repeat them).
@@ -554,14 +564,14 @@ impl<C: Connector> Worker<C> {
                     }
                 }
             }
-            Err(_) => routes.into_iter().filter(|r| r.2).for_each(|(_, d, _)| self.unknown_unless_delivered(d)),
+            Err(_) => routes.into_iter().filter(|r| r.2).for_each(|(_, d, _)| self.unreachable(d)),
         }
     }
 
     async fn retry_directs(&mut self) {
         let pending: Vec<PendingDirect> = self.retries.drain(..).collect();
         if !self.connected() {
-            return pending.into_iter().for_each(|d| self.unknown_unless_delivered(d));
+            return pending.into_iter().for_each(|d| self.unreachable(d));
         }
         self.lookups(Vec::new(), Vec::new(), pending).await;
     }

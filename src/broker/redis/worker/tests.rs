@@ -24,6 +24,7 @@ enum Got {
     Unknown(ConnId, String),
     Affinity(ConnId, String, String),
     Replaced(String, ConnId),
+    Unavailable(ConnId),
 }
 
 struct Rec {
@@ -46,6 +47,10 @@ impl Sink for Rec {
     }
     fn replaced(&self, client_id: &str, conn: ConnId) -> bool {
         self.got.lock().unwrap().push(Got::Replaced(client_id.into(), conn));
+        true
+    }
+    fn publish_failed(&self, origin: ConnId) -> bool {
+        self.got.lock().unwrap().push(Got::Unavailable(origin));
         true
     }
     fn affinity(&self, conn: ConnId, node: &str, url: &str) -> bool {
@@ -297,7 +302,8 @@ async fn breaker_fails_fast_then_reregisters() {
         assert_eq!(a.cluster().breaker(), BreakerState::Open);
         a.cluster().direct(Arc::from("x"), bytes::Bytes::new(), conn(1, 9), false);
         settle(1).await;
-        assert_eq!(a.drain_all(), vec![Got::Unknown(conn(1, 9), "x".into())], "fails fast while open");
+        // Redis cannot be asked: `unavailable`, never `unknown_client`.
+        assert_eq!(a.drain_all(), vec![Got::Unavailable(conn(1, 9))], "fails fast while open");
         hub.set_down(false);
         // Backoff is capped at 2 s; the first retries come much sooner.
         for _ in 0..60 {
