@@ -290,6 +290,8 @@ async fn a_redis_outage_leaves_local_traffic_alone_and_recovers() {
     let told = a1.drain(QUIET).await;
     assert_eq!(told.len(), 20, "{told:?}");
     assert!(told.iter().all(|e| e["code"] == "unavailable"), "{told:?}");
+    // No subscription is confirmed while Redis is away, and /ready says so.
+    assert_eq!(a.get_json("/ready")["cluster"]["unconfirmed_rooms"], 1, "{}", a.get("/ready"));
     let mut a3 = Client::connect(&a, "a3").await;
     a3.send(json!({"type": "echo", "data": "still here"})).await;
     assert_eq!(a3.recv().await.expect("echo")["data"], "still here");
@@ -305,8 +307,12 @@ async fn a_redis_outage_leaves_local_traffic_alone_and_recovers() {
     let (ta, tb) = (a.wait_closed(Duration::from_secs(8)).await, b.wait_closed(Duration::from_secs(8)).await);
     assert!(ta.is_some() && tb.is_some(), "breakers closed: {ta:?} {tb:?}");
     assert!(back.elapsed() < Duration::from_secs(5), "back after {:?}", back.elapsed());
-    // Re-registered: node keys, conn keys, room subscriptions.
+    // Re-registered: node keys, conn keys, room subscriptions (confirmed).
     both_subscribed(&redis, "r", 2).await;
+    let confirmed =
+        eventually(Duration::from_secs(2), || async { a.get_json("/ready")["cluster"]["unconfirmed_rooms"] == 0 })
+            .await;
+    assert!(confirmed, "{}", a.get("/ready"));
     let mut r = redis_conn(&redis.url()).await;
     let ok = eventually(Duration::from_secs(2), || {
         let mut r = r.clone();

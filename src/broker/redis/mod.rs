@@ -200,6 +200,9 @@ pub struct ClusterStatus {
     pub redis_batches: AtomicU64,
     /// Room channels subscribed now.
     pub subscribed_rooms: AtomicU64,
+    /// Rooms with local members whose subscription is not confirmed (no
+    /// delivery from other nodes until it is).
+    pub unconfirmed_rooms: AtomicU64,
     /// Sessions this node told to close (here or elsewhere) because a newer
     /// one took the client past `auth.sessions_per_client` in the cluster.
     pub sessions_replaced: AtomicU64,
@@ -361,6 +364,7 @@ impl Broker for RedisBroker {
             "redis_errors": g(&s.redis_errors),
             "reregistrations": g(&s.reregistrations),
             "subscribed_rooms": g(&s.subscribed_rooms),
+            "unconfirmed_rooms": g(&s.unconfirmed_rooms),
         }))
     }
 
@@ -425,5 +429,7 @@ impl Broker for RedisBroker {
             t.single(name, Kind::Counter, help, g(v));
         }
         t.single("cluster_subscribed_rooms", Kind::Gauge, "Room channels subscribed.", g(&s.subscribed_rooms));
+        let help = "Rooms with local members whose subscription is not confirmed: no delivery from other nodes yet.";
+        t.single("cluster_unconfirmed_rooms", Kind::Gauge, help, g(&s.unconfirmed_rooms));
     }
 }

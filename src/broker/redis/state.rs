@@ -293,6 +293,12 @@ impl State {
         self.subscribed.len()
     }
 
+    /// Rooms with local members whose subscription is not confirmed yet
+    /// (delivery from other nodes is off for them until it is).
+    pub fn unconfirmed_count(&self) -> usize {
+        self.interest.keys().filter(|r| !self.subscribed.contains(*r)).count()
+    }
+
     /// Keeps shard `shard`'s latest sample (at most `max` entries).
     pub fn sample(&mut self, shard: usize, mut entries: Vec<SampleEntry>, max: usize) {
         entries.truncate(max);

@@ -778,6 +778,8 @@ impl<C: Connector> Worker<C> {
             self.fail(e);
             return;
         }
+        self.status.subscribed_rooms.store(self.state.subscribed_count() as u64, Ordering::Relaxed);
+        self.status.unconfirmed_rooms.store(self.state.unconfirmed_count() as u64, Ordering::Relaxed);
         self.repair().await;
     }
 
@@ -803,9 +805,12 @@ impl<C: Connector> Worker<C> {
             tracing::warn!(error = %e, "Redis down: breaker open, cross-node operations fail fast until it is back");
             self.swap_incoming = Some(None);
             self.breaker.on_failure(Instant::now());
+            // The subscriptions went with the connection: no room is
+            // confirmed until it is subscribed again (/ready says so).
+            self.state.mark_all_dirty();
         }
         let pending: Vec<PendingDirect> = self.retries.drain(..).collect();
-        pending.into_iter().for_each(|d| self.unknown(d.from, d.to));
+        pending.into_iter().for_each(|d| self.unreachable(d));
         self.publish_view();
     }
 
@@ -870,6 +875,7 @@ impl<C: Connector> Worker<C> {
         self.status.incoming_dropped.store(dropped, Ordering::Relaxed);
         self.status.breaker.store(self.breaker.state() as u8, Ordering::Relaxed);
         self.status.subscribed_rooms.store(self.state.subscribed_count() as u64, Ordering::Relaxed);
+        self.status.unconfirmed_rooms.store(self.state.unconfirmed_count() as u64, Ordering::Relaxed);
         let redis = self.breaker.state().name();
         let view = if self.connected() && !self.live.is_empty() {
             let mut nodes: Vec<NodeInfo> = self.live.values().cloned().collect();
