@@ -26,6 +26,7 @@ use super::table::{Conn, ConnId, Phase};
 use super::{Answer, App};
 use crate::config::Class;
 use crate::transport::close;
+use crate::transport::deflate;
 use crate::transport::frame::{self, Io};
 use crate::transport::http::Rejection;
 use crate::transport::proxy;
@@ -299,6 +300,10 @@ async fn upgrade<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: Co
         c.phase = Phase::Open;
         c.upgraded = true;
         c.last_rx_ms = now;
+        if shard.node.config.websocket.deflate {
+            // What the 101 told the client is what the connection does.
+            c.deflate = deflate::accepted(&response).map(|a| Box::new(deflate::Inbound::new(a)));
+        }
         c.out = response;
         // The write below is this task's: nobody else may start one meanwhile.
         c.writing = true;
@@ -488,19 +493,34 @@ fn process_input<A: App>(shard: &Rc<Shard<A>>, id: ConnId, data: &[u8]) -> Next 
     let w = &shard.node.config.websocket;
     let now = shard.now_ms();
     let deadline = now + w.close_timeout_ms;
-    let (whole, invalid_utf8, at_start) = {
+    let (whole, invalid_utf8, inflate_fail, at_start) = {
         let mut table = shard.table.borrow_mut();
         let Some(c) = table.get_mut(id) else { return Next::Linger };
         c.last_rx_ms = now;
         c.ping_sent = false;
         let (whole, invalid_utf8) = whole_frames(c, data, w.max_frame_bytes as u64);
-        (whole, invalid_utf8, c.phase)
+        let (whole, inflate_fail) = match (c.deflate.as_mut(), whole) {
+            (Some(st), whole) if !matches!(whole, Whole::Borrowed(0)) => {
+                let input = match &whole {
+                    Whole::Borrowed(cut) => &data[..*cut],
+                    Whole::Owned(v) => v,
+                };
+                let lim = deflate::Limits { max_frame: w.max_frame_bytes, max_message: w.max_message_bytes };
+                let (frames, fail) = deflate::rewrite(input, st, &mut shard.codec(), lim);
+                (Whole::Owned(frames), fail)
+            }
+            (_, whole) => (whole, None),
+        };
+        (whole, invalid_utf8, inflate_fail, c.phase)
     };
     let input: &[u8] = match &whole {
         Whole::Borrowed(cut) => &data[..*cut],
         Whole::Owned(v) => v,
     };
     let (mut next, fail, wrote) = read_and_handle(shard, id, input, deadline, at_start);
+    // In stream order: tungstenite's refusal, then one found while
+    // inflating (its frames come after), then bad UTF-8 (not handed on).
+    let fail = fail.or(inflate_fail);
     let fail = fail.or(invalid_utf8.then_some((close::INVALID_PAYLOAD, "invalid UTF-8 in a text message")));
     let over = {
         let mut table = shard.table.borrow_mut();

@@ -304,6 +304,8 @@ pub struct Codec {
     last_in: Vec<u8>,
     last_bits: u8,
     last_out: Vec<u8>,
+    /// Where [`Codec::compress_with`] has the application write its frames.
+    scratch: Vec<u8>,
 }
 
 /// Output grows by at least this much per step while inflating.
@@ -319,7 +321,19 @@ impl Codec {
             last_in: Vec::new(),
             last_bits: 0,
             last_out: Vec::new(),
+            scratch: Vec::new(),
         }
+    }
+
+    /// Lets `write` append server frames, then appends them to `out`
+    /// compressed as [`Codec::compress_frames`] does.
+    pub fn compress_with(&mut self, bits: u8, min_bytes: usize, out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+        let mut frames = std::mem::take(&mut self.scratch);
+        frames.clear();
+        write(&mut frames);
+        self.compress_frames(&mut frames, bits, min_bytes, out);
+        frames.clear();
+        self.scratch = frames;
     }
 
     /// Inflates one message. Output never grows past `max + 1` bytes: a
@@ -360,7 +374,8 @@ impl Codec {
     /// them) to `out`, with each final unfragmented text or binary frame of
     /// at least `min_bytes` compressed with a `bits` window (RSV1 set).
     /// Called again with the same frames and window (fan-out), it copies
-    /// the previous output instead of compressing again.
+    /// the previous output instead of compressing again. `frames` is left
+    /// holding other bytes (the codec keeps the input to compare).
     pub fn compress_frames(&mut self, frames: &mut Vec<u8>, bits: u8, min_bytes: usize, out: &mut Vec<u8>) {
         if bits != self.last_bits || *frames != self.last_in {
             self.last_out.clear();
