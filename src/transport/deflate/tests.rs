@@ -220,3 +220,44 @@ fn outgoing_frames_over_the_threshold_are_compressed_and_fan_out_reuses_them() {
     }
     assert_eq!(frames, original);
 }
+
+#[test]
+fn random_payloads_round_trip_through_both_directions() {
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut codec = Codec::new(1);
+    for _ in 0..300 {
+        let len = rng.usize(..5000);
+        let alphabet = rng.u8(1..=255);
+        let payload: Vec<u8> = (0..len).map(|_| rng.u8(..=alphabet)).collect();
+        let bits = rng.u8(9..=15);
+        // Outbound: our compressor, a plain inflater.
+        let mut frames = Vec::new();
+        crate::transport::frame::push_data(&mut frames, crate::transport::frame::Kind::Binary, &payload);
+        let mut out = Vec::new();
+        codec.compress_frames(&mut frames, bits, 0, &mut out);
+        let got = client_reads(&out);
+        assert_eq!(got, vec![(true, payload.clone())], "len {len} bits {bits}");
+        // Inbound: a plain compressor, our rewrite, tungstenite.
+        let z = client_compress(&payload);
+        let input = client_frame(2, true, true, &z);
+        let lim = Limits { max_frame: 1000, max_message: 10_000 };
+        let (plain, fail) = rewrite(&input, &mut Inbound::new(negotiate(NAME).unwrap()), &mut codec, lim);
+        assert_eq!(fail, None);
+        assert_eq!(tungstenite_reads(&plain), vec![tungstenite::Message::Binary(payload.into())]);
+    }
+}
+
+#[test]
+fn random_bytes_never_panic_the_rewrite_or_the_negotiation() {
+    let mut rng = fastrand::Rng::with_seed(5);
+    let mut codec = Codec::new(1);
+    let lim = Limits { max_frame: 300, max_message: 2000 };
+    for _ in 0..5_000 {
+        let data: Vec<u8> = (0..rng.usize(..300)).map(|_| rng.u8(..)).collect();
+        let mut st = Inbound::new(negotiate(NAME).unwrap());
+        let (out, _) = rewrite(&data, &mut st, &mut codec, lim);
+        assert!(out.len() <= data.len() + 2 * lim.max_message + 64, "{} from {}", out.len(), data.len());
+        let _ = negotiate(&String::from_utf8_lossy(&data));
+    }
+    assert!(std::mem::size_of::<Inbound>() <= 32);
+}
