@@ -526,8 +526,11 @@ fn process_input<A: App>(shard: &Rc<Shard<A>>, id: ConnId, data: &[u8]) -> Next 
         let mut table = shard.table.borrow_mut();
         let Some(c) = table.get_mut(id) else { return Next::Linger };
         if let Some((code, reason)) = fail {
-            c.closing(deadline, code);
-            frame::push_close(&mut c.out, code, reason);
+            // Unless a close already went out (a handler's, or ours earlier).
+            if c.phase == Phase::Open {
+                c.closing(deadline, code);
+                frame::push_close(&mut c.out, code, reason);
+            }
             next = Next::Linger;
         }
         c.unfinished_since_ms = match (c.boundary.at_rest(), c.unfinished_since_ms) {
