@@ -118,6 +118,16 @@ impl<A: App> Shard<A> {
         RefMut::map(self.codec.borrow_mut(), |c| &mut **c.get_or_insert_with(|| Box::new(Codec::new(level))))
     }
 
+    /// Copies the codec's totals into this shard's metrics (by the sweep).
+    pub fn publish_deflate_stats(&self) {
+        let Ok(codec) = self.codec.try_borrow() else { return };
+        let Some(s) = codec.as_ref().map(|c| c.stats) else { return };
+        let totals = [s.inflated, s.compressed, s.reused, s.plain_bytes, s.wire_bytes];
+        for (counter, v) in self.metrics().deflate.iter().zip(totals) {
+            counter.set(v);
+        }
+    }
+
     /// A fresh tungstenite context (allocated on first need only).
     pub fn new_context(&self) -> Box<WebSocketContext> {
         Box::new(WebSocketContext::new(Role::Server, Some(self.ws_config)))

@@ -293,6 +293,22 @@ fn plain_frames(out: &mut Vec<u8>, kind: Data, payload: &[u8], max_frame: usize)
     }
 }
 
+/// What a shard's codec did since it was created (read by the sweep for
+/// `/metrics`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Compressed messages inflated.
+    pub inflated: u64,
+    /// Messages sent compressed (fan-out copies included).
+    pub compressed: u64,
+    /// Of those, copies of the previous output (no compression run).
+    pub reused: u64,
+    /// Payload bytes of the messages sent compressed, before compression.
+    pub plain_bytes: u64,
+    /// Their payload bytes after compression.
+    pub wire_bytes: u64,
+}
+
 /// A shard's zlib state: one inflater, one deflater per window size in use,
 /// and the last compressed output (room fan-out sends the same frame to
 /// many connections). Reset before every message.
@@ -306,6 +322,10 @@ pub struct Codec {
     last_out: Vec<u8>,
     /// Where [`Codec::compress_with`] has the application write its frames.
     scratch: Vec<u8>,
+    /// What the last output holds: (messages compressed, plain, wire bytes).
+    last_counts: (u64, u64, u64),
+    /// Running totals.
+    pub stats: Stats,
 }
 
 /// Output grows by at least this much per step while inflating.
@@ -322,6 +342,8 @@ impl Codec {
             last_bits: 0,
             last_out: Vec::new(),
             scratch: Vec::new(),
+            last_counts: (0, 0, 0),
+            stats: Stats::default(),
         }
     }
 
@@ -343,6 +365,7 @@ impl Codec {
         z.reset(false);
         let corrupt = (close::INVALID_PAYLOAD, "invalid compressed data");
         let too_big = (close::TOO_BIG, "message or frame too large");
+        self.stats.inflated += 1;
         let mut out = Vec::new();
         for mut input in [compressed, &TAIL[..]] {
             loop {
@@ -380,15 +403,23 @@ impl Codec {
         if bits != self.last_bits || *frames != self.last_in {
             self.last_out.clear();
             let mut last_out = std::mem::take(&mut self.last_out);
-            self.compress_into(frames, bits, min_bytes, &mut last_out);
+            self.last_counts = self.compress_into(frames, bits, min_bytes, &mut last_out);
             self.last_out = last_out;
             self.last_bits = bits;
             std::mem::swap(&mut self.last_in, frames);
+        } else if self.last_counts.0 > 0 {
+            self.stats.reused += 1;
         }
+        let (n, plain, wire) = self.last_counts;
+        self.stats.compressed += n;
+        self.stats.plain_bytes += plain;
+        self.stats.wire_bytes += wire;
         out.extend_from_slice(&self.last_out);
     }
 
-    fn compress_into(&mut self, mut frames: &[u8], bits: u8, min_bytes: usize, out: &mut Vec<u8>) {
+    /// Returns (messages compressed, their plain and compressed payload bytes).
+    fn compress_into(&mut self, mut frames: &[u8], bits: u8, min_bytes: usize, out: &mut Vec<u8>) -> (u64, u64, u64) {
+        let mut counts = (0, 0, 0);
         while !frames.is_empty() {
             let mut cur = Cursor::new(frames);
             let Ok(Some((h, len))) = FrameHeader::parse(&mut cur) else { break };
@@ -406,8 +437,10 @@ impl Codec {
             let header = FrameHeader { rsv1: true, ..h };
             header.format(body.len() as u64, out).expect("writing to a Vec cannot fail");
             out.extend_from_slice(&body);
+            counts = (counts.0 + 1, counts.1 + (frame.len() - at) as u64, counts.2 + body.len() as u64);
         }
         out.extend_from_slice(frames);
+        counts
     }
 
     /// Raw deflate of one message with a sync flush, tail removed.

@@ -4,7 +4,8 @@
 Starts target/debug/ringside (or $RINGSIDE_BIN) with websocket.deflate=true and checks: the 101
 answers both no_context_takeover parameters; echo round trips (text, binary, unicode, small and
 large) with the client's default offer (asking for context takeover), with no_context_takeover
-asked both ways, and with server_max_window_bits=10; room fan-out to compressed and plain members;
+asked both ways, and with server_max_window_bits=10; room fan-out to compressed and plain members
+(compressed once per shard: ringside_deflate_reused_total);
 a compressed bomb closed 1009 without the node's memory growing; then a node with deflate off
 answers no extension header and the same client still works. Prints "N passed, N failed".
 """
@@ -28,8 +29,8 @@ def check(name, ok, detail=""):
     print(f"{'ok  ' if ok else 'FAIL'} {name}{'' if ok else ': ' + str(detail)}", flush=True)
 
 
-def start_node(*args):
-    p = subprocess.Popen([BIN, "--listen", "127.0.0.1:0", "--shards", "2", "--set", "auth.allow_client_ids=true", *args],
+def start_node(*args, shards=2):
+    p = subprocess.Popen([BIN, "--listen", "127.0.0.1:0", "--shards", str(shards), "--set", "auth.allow_client_ids=true", *args],
                          stderr=subprocess.PIPE, text=True)
     for line in p.stderr:
         m = re.search(r"listening on (\S+)", line)
@@ -68,8 +69,14 @@ async def echo_with(base, name, factory, want_header):
         check(f"{name}: echo round trips", err is None, err)
 
 
-async def fan_out(base):
-    compressed = [await websockets.connect(f"{base}/ws?client_id=z{i}") for i in range(3)]
+def metric(addr, name):
+    import urllib.request
+    text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+async def fan_out(base, addr):
+    compressed = [await websockets.connect(f"{base}/ws?client_id=z{i}") for i in range(4)]
     plain = await websockets.connect(f"{base}/ws?client_id=zp", compression=None)
     members = compressed + [plain]
     for ws in members:
@@ -82,6 +89,11 @@ async def fan_out(base):
     check("fan-out reaches compressed and plain members intact", all(g.get("data") == data for g in got),
           [str(g)[:80] for g in got])
     check("plain member negotiated nothing", plain.protocol.extensions == [], plain.protocol.extensions)
+    await asyncio.sleep(0.5)  # the sweep publishes the codec's totals
+    reused = metric(addr, "ringside_deflate_reused_total")
+    check("fan-out compressed once, copied to the other compressed members", reused >= 2, reused)
+    ratio = metric(addr, "ringside_deflate_wire_bytes_total") / max(1, metric(addr, "ringside_deflate_plain_bytes_total"))
+    check("compression ratio reported", 0 < ratio < 0.5, ratio)
     for ws in members:
         await ws.close()
 
@@ -105,7 +117,8 @@ async def bomb(base, pid):
 
 
 async def deflate_on():
-    proc, addr = start_node("--set", "websocket.deflate=true")
+    # One shard: the fan-out members share one codec (its reuse is checked).
+    proc, addr = start_node("--set", "websocket.deflate=true", "--set", "websocket.sweep_interval_ms=100", shards=1)
     base = f"ws://{addr}"
     try:
         await echo_with(base, "default offer (context takeover asked)", None, BOTH)
@@ -113,7 +126,7 @@ async def deflate_on():
         await echo_with(base, "no_context_takeover both ways", nct, BOTH)
         bits = ClientPerMessageDeflateFactory(server_max_window_bits=10, client_max_window_bits=True)
         await echo_with(base, "server_max_window_bits=10", bits, BOTH + "; server_max_window_bits=10")
-        await fan_out(base)
+        await fan_out(base, addr)
         await bomb(base, proc.pid)
     finally:
         proc.kill()

@@ -219,6 +219,9 @@ fn outgoing_frames_over_the_threshold_are_compressed_and_fan_out_reuses_them() {
         assert_eq!(again, out);
     }
     assert_eq!(frames, original);
+    let st = codec.stats;
+    assert_eq!((st.compressed, st.reused), (4, 2), "{st:?}");
+    assert!(st.wire_bytes * 4 < st.plain_bytes, "{st:?}");
 }
 
 #[test]
