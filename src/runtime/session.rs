@@ -499,24 +499,10 @@ fn process_input<A: App>(shard: &Rc<Shard<A>>, id: ConnId, data: &[u8]) -> Next 
         c.last_rx_ms = now;
         c.ping_sent = false;
         let (whole, invalid_utf8) = whole_frames(c, data, w.max_frame_bytes as u64);
-        let (whole, inflate_fail) = match (c.deflate.as_mut(), whole) {
-            (Some(st), whole) if !matches!(whole, Whole::Borrowed(0)) => {
-                let input = match &whole {
-                    Whole::Borrowed(cut) => &data[..*cut],
-                    Whole::Owned(v) => v,
-                };
-                let lim = deflate::Limits { max_frame: w.max_frame_bytes, max_message: w.max_message_bytes };
-                let (frames, fail) = deflate::rewrite(input, st, &mut shard.codec(), lim);
-                (Whole::Owned(frames), fail)
-            }
-            (_, whole) => (whole, None),
-        };
+        let (whole, inflate_fail) = inflate_frames(shard, c, whole, data);
         (whole, invalid_utf8, inflate_fail, c.phase)
     };
-    let input: &[u8] = match &whole {
-        Whole::Borrowed(cut) => &data[..*cut],
-        Whole::Owned(v) => v,
-    };
+    let input = whole.bytes(data);
     let (mut next, fail, wrote) = read_and_handle(shard, id, input, deadline, at_start);
     // In stream order: tungstenite's refusal, then one found while
     // inflating (its frames come after), then bad UTF-8 (not handed on).
@@ -562,6 +548,35 @@ enum Whole {
     /// A frame that started in an earlier read, completed by this one (and
     /// any whole frames after it).
     Owned(Vec<u8>),
+}
+
+impl Whole {
+    /// The frames, given the read they came from.
+    fn bytes<'a>(&'a self, data: &'a [u8]) -> &'a [u8] {
+        match self {
+            Whole::Borrowed(cut) => &data[..*cut],
+            Whole::Owned(v) => v,
+        }
+    }
+}
+
+/// For a connection that agreed to permessage-deflate: its whole frames
+/// with every completed compressed message inflated into plain frames
+/// (tungstenite refuses RSV1), and the violation found doing so, if any.
+fn inflate_frames<A: App>(
+    shard: &Shard<A>,
+    c: &mut Conn<A::Conn>,
+    whole: Whole,
+    data: &[u8],
+) -> (Whole, Option<deflate::Failure>) {
+    let Some(st) = c.deflate.as_mut() else { return (whole, None) };
+    if matches!(whole, Whole::Borrowed(0)) {
+        return (whole, None);
+    }
+    let w = &shard.node.config.websocket;
+    let lim = deflate::Limits { max_frame: w.max_frame_bytes, max_message: w.max_message_bytes };
+    let (frames, fail) = deflate::rewrite(whole.bytes(data), st, &mut shard.codec(), lim);
+    (Whole::Owned(frames), fail)
 }
 
 /// Splits `data` at the last frame boundary: what lies before goes to
