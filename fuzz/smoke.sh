@@ -29,7 +29,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(http_head frame_reader ws_json)
+[ ${#targets[@]} -eq 0 ] && targets=(http_head frame_reader ws_json deflate)
 
 run cargo fuzz build --sanitizer "$SAN"
 

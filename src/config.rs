@@ -202,6 +202,20 @@ pub struct WebSocketConfig {
     /// control messages (register, kick, shutdown) always pass. Default
     /// 67108864 (64 MiB).
     pub mailbox_bytes: usize,
+    /// Accept permessage-deflate (RFC 7692) when the client offers it. The
+    /// answer always demands no context takeover both ways, so zlib state is
+    /// per shard and reset per message: an idle compressed connection costs
+    /// what a plain one does, and compression costs CPU per message (a
+    /// shard's codec is ~300 KiB once used). Off: the offer is declined (no
+    /// extension header in the 101). Default false.
+    pub deflate: bool,
+    /// Outgoing text and binary messages shorter than this are sent
+    /// uncompressed (small messages barely shrink and pay the zlib reset).
+    /// Default 256.
+    pub deflate_min_bytes: usize,
+    /// zlib level for outgoing messages, 0-9 (1: fastest, 9: smallest).
+    /// Default 1.
+    pub deflate_level: u32,
 }
 
 impl Default for WebSocketConfig {
@@ -220,6 +234,9 @@ impl Default for WebSocketConfig {
             message_timeout_ms: 10_000,
             max_unfinished_bytes_per_shard: 64 << 20,
             mailbox_bytes: 64 << 20,
+            deflate: false,
+            deflate_min_bytes: 256,
+            deflate_level: 1,
         }
     }
 }
@@ -721,6 +738,7 @@ impl Config {
             "must be >= websocket.max_frame_bytes (one full frame must fit)",
         )?;
         check(w.mailbox_bytes >= 64 * 1024, "websocket.mailbox_bytes", "must be at least 65536")?;
+        check(w.deflate_level <= 9, "websocket.deflate_level", "must be 0-9 (zlib levels)")?;
         let l = &self.limits;
         check(l.connection_rate_per_ip >= 0.0, "limits.connection_rate_per_ip", "must be >= 0")?;
         check(l.messages_per_second >= 0.0, "limits.messages_per_second", "must be >= 0")?;

@@ -103,3 +103,34 @@ for name, m in msgs.items():
     write("ws_json", name, json.dumps(m, ensure_ascii=False).encode())
 write("ws_json", "escaped-room", br'{"type":"join","room":"\u0072oom"}')
 write("ws_json", "escaped-type", br'{"type":"p\u0075blish","room":"r","data":"\ud83d\ude00"}')
+
+# deflate: [offer length][offer][chunk count-1][chunk sizes-1...][stream]
+
+
+def raw_deflate(data):
+    import zlib
+    z = zlib.compressobj(1, zlib.DEFLATED, -15)
+    out = z.compress(data) + z.flush(zlib.Z_SYNC_FLUSH)
+    return out[:-4]  # RFC 7692 removes the empty block's 00 00 ff ff
+
+
+def compressed(opcode, payload, fin=True):
+    f = bytearray(masked(opcode, payload, fin))
+    f[0] |= 0x40
+    return bytes(f)
+
+
+def dfl(offer, stream, sizes=()):
+    o = offer.encode()
+    return bytes([len(o)]) + o + bytes([len(sizes)]) + bytes(s - 1 for s in sizes) + stream
+
+
+hello = raw_deflate(b"hello hello hello hello")
+write("deflate", "one-message", dfl("permessage-deflate; client_max_window_bits", compressed(1, hello)))
+half = len(hello) // 2
+frag = compressed(1, hello[:half], fin=False) + masked(9, b"p") + masked(0, hello[half:])
+write("deflate", "fragmented-with-ping", dfl("permessage-deflate; server_max_window_bits=10", frag, (9, 3)))
+write("deflate", "plain-and-compressed", dfl("permessage-deflate", masked(2, b"plain") + compressed(2, raw_deflate(bytes(300)))))
+write("deflate", "bomb", dfl("permessage-deflate", compressed(2, raw_deflate(bytes(1 << 20)))))
+write("deflate", "corrupt", dfl("x, permessage-deflate; foo", compressed(1, b"\xff\xff\xff")))
+write("deflate", "bad-offer", dfl('permessage-deflate; server_max_window_bits="8"; client_no_context_takeover', b""))

@@ -56,6 +56,10 @@ impl<C: Conns<Edge>> Responder for View<'_, C> {
         self.cx.peer(self.id).is_some_and(|p| p.admin)
     }
 
+    fn deflate(&self) -> bool {
+        self.cx.node().config.websocket.deflate
+    }
+
     fn admit(&self, head: &Head) -> Option<(Rejection, u32)> {
         let peer = self.cx.peer(self.id)?;
         if !peer.via_proxy {

@@ -4,6 +4,7 @@
 //! ([`crate::transport::http`]).
 
 use super::protocol::valid_client_id;
+use crate::transport::deflate;
 use crate::transport::http::{self as wire, Head, Parsed, Rejection};
 
 /// Which WebSocket endpoint a connection upgraded on.
@@ -87,6 +88,10 @@ pub trait Responder {
     fn authorize(&self, _head: &Head) -> Result<Option<super::auth::Claims>, super::auth::TokenError> {
         Ok(None)
     }
+    /// permessage-deflate may be accepted (`websocket.deflate`).
+    fn deflate(&self) -> bool {
+        false
+    }
 }
 
 /// Looks at `head` (everything read so far) and decides.
@@ -158,6 +163,12 @@ fn upgrade(head: &Head, route: Route, node: &impl Responder) -> Decision {
     if let Some(p) = super::auth::selected_protocol(head) {
         let at = response.len().saturating_sub(2);
         response.splice(at..at, format!("Sec-WebSocket-Protocol: {p}\r\n").into_bytes());
+    }
+    // Declining is saying nothing: no header unless an offer is accepted.
+    let offers = head.header_joined("sec-websocket-extensions").filter(|_| node.deflate());
+    if let Some(agreed) = offers.as_deref().and_then(deflate::negotiate) {
+        let at = response.len().saturating_sub(2);
+        response.splice(at..at, format!("Sec-WebSocket-Extensions: {}\r\n", agreed.response()).into_bytes());
     }
     let client_id = client_id.map(|c| c.unwrap_or_default());
     Decision::Upgrade { route, client_id, claims, response, consumed: head.consumed }

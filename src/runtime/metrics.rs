@@ -34,6 +34,12 @@ impl Counter {
         self.add(1);
     }
 
+    /// Sets the value (a total kept elsewhere). Only the owning shard calls this.
+    #[inline]
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Ordering::Relaxed);
+    }
+
     /// Current value.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -110,6 +116,8 @@ pub struct ShardMetrics {
     pub message_timeouts: Counter,
     /// Times a connection's reading was paused because its output was over the cap.
     pub read_paused: Counter,
+    /// permessage-deflate: the shard codec's totals, as of the last sweep.
+    pub deflate: [Counter; 5],
     /// Bytes held in unfinished frames and fragmented messages (gauge).
     pub unfinished_bytes: AtomicUsize,
     /// Bytes queued for sending, all connections (gauge, as of the last sweep).
@@ -163,6 +171,7 @@ impl Default for ShardMetrics {
             unfinished_closed: Counter::default(),
             message_timeouts: Counter::default(),
             read_paused: Counter::default(),
+            deflate: Default::default(),
             unfinished_bytes: AtomicUsize::new(0),
             queued_bytes: AtomicUsize::new(0),
             preempted: Default::default(),
@@ -323,6 +332,18 @@ pub fn render(t: &mut Text, shards: &[&ShardMetrics], mailbox_depth: &[(usize, u
     per_shard(t, shards, "message_timeouts_total", C, help, |m| m.message_timeouts.get());
     let help = "Times reading a connection was paused on its own output: over websocket.send_queue_bytes, an inline write that waited 100 ms or more, or (policy drop) a write stuck past websocket.write_timeout_ms.";
     per_shard(t, shards, "read_paused_total", C, help, |m| m.read_paused.get());
+    for (i, (name, help)) in [
+        ("deflate_inflated_total", "permessage-deflate: compressed messages received and inflated."),
+        ("deflate_compressed_total", "permessage-deflate: messages sent compressed (fan-out copies included)."),
+        ("deflate_reused_total", "permessage-deflate: compressed messages copied from the shard's last output (room fan-out) instead of compressed again."),
+        ("deflate_plain_bytes_total", "permessage-deflate: payload bytes of the messages sent compressed, before compression."),
+        ("deflate_wire_bytes_total", "permessage-deflate: payload bytes of the messages sent compressed, after compression."),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        per_shard(t, shards, name, C, help, |m| m.deflate[i].get());
+    }
     let help = "Bytes held in unfinished frames and fragmented messages (as of the last sweep).";
     per_shard(t, shards, "unfinished_bytes", G, help, |m| gauge(&m.unfinished_bytes));
     let help = "Bytes queued for sending on all connections, including writes in flight (as of the last sweep).";

@@ -26,6 +26,7 @@ use super::table::{Conn, ConnId, Phase};
 use super::{Answer, App};
 use crate::config::Class;
 use crate::transport::close;
+use crate::transport::deflate;
 use crate::transport::frame::{self, Io};
 use crate::transport::http::Rejection;
 use crate::transport::proxy;
@@ -310,6 +311,10 @@ async fn upgrade<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: Co
         c.phase = Phase::Open;
         c.upgraded = true;
         c.last_rx_ms = now;
+        if shard.node.config.websocket.deflate {
+            // What the 101 told the client is what the connection does.
+            c.deflate = deflate::accepted(&response).map(|a| Box::new(deflate::Inbound::new(a)));
+        }
         c.out = response;
         // The write below is this task's: nobody else may start one meanwhile.
         c.writing = true;
@@ -484,95 +489,200 @@ async fn flush<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: Conn
 }
 
 /// Feeds `data` to the connection's frame reader and hands every message
-/// it completes to the application.
+/// it completes to the application, in wire order.
 ///
 /// Only whole frames reach tungstenite: the bytes of a frame still arriving
 /// wait in the connection's own `partial` buffer, which grows as they come
 /// (tungstenite would reserve the announced length at once). What a
 /// connection holds unfinished counts against the shard's budget.
+///
+/// Each message is handled as soon as tungstenite completes it, before the
+/// frames behind it are read: a valid message that came in the same read as
+/// a protocol violation is handled (echoed) before the close frame is
+/// queued, and pongs and echoes leave in the order of what they answer.
 fn process_input<A: App>(shard: &Rc<Shard<A>>, id: ConnId, data: &[u8]) -> Next {
-    let mut messages = Vec::new();
     let w = &shard.node.config.websocket;
-    let (next, over) = {
-        let now = shard.now_ms();
-        let deadline = now + w.close_timeout_ms;
+    let now = shard.now_ms();
+    let deadline = now + w.close_timeout_ms;
+    let (whole, invalid_utf8, inflate_fail, at_start) = {
         let mut table = shard.table.borrow_mut();
         let Some(c) = table.get_mut(id) else { return Next::Linger };
         c.last_rx_ms = now;
         c.ping_sent = false;
-        let cut = c.boundary.feed(data, w.max_frame_bytes as u64);
-        let mut stash = c.partial.take().map(|b| *b).unwrap_or_default();
-        let had = !stash.is_empty();
-        let owned;
-        let input: &[u8] = match (had, cut) {
-            (false, _) => &data[..cut],
-            (true, 0) => {
-                stash.extend_from_slice(data);
-                &[]
+        let (whole, invalid_utf8) = whole_frames(c, data, w.max_frame_bytes as u64);
+        let (whole, inflate_fail) = inflate_frames(shard, c, whole, data);
+        (whole, invalid_utf8, inflate_fail, c.phase)
+    };
+    let input = whole.bytes(data);
+    let (mut next, fail, wrote) = read_and_handle(shard, id, input, deadline, at_start);
+    // In stream order: tungstenite's refusal, then one found while
+    // inflating (its frames come after), then bad UTF-8 (not handed on).
+    let fail = fail.or(inflate_fail);
+    let fail = fail.or(invalid_utf8.then_some((close::INVALID_PAYLOAD, "invalid UTF-8 in a text message")));
+    let over = {
+        let mut table = shard.table.borrow_mut();
+        let Some(c) = table.get_mut(id) else { return Next::Linger };
+        if let Some((code, reason)) = fail {
+            // Unless a close already went out (a handler's, or ours earlier).
+            if c.phase == Phase::Open {
+                c.closing(deadline, code);
+                frame::push_close(&mut c.out, code, reason);
             }
-            (true, _) => {
-                stash.extend_from_slice(&data[..cut]);
-                owned = std::mem::take(&mut stash);
-                &owned
-            }
-        };
-        if !(had && cut == 0) {
-            stash.extend_from_slice(&data[cut..]);
+            next = Next::Linger;
         }
-        // An emptied buffer gives its allocation back (idle connections hold none).
-        c.partial = if stash.is_empty() { None } else { Some(Box::new(stash)) };
-        let next =
-            if input.is_empty() { Next::Continue } else { read_frames(shard, c, input, deadline, &mut messages) };
         c.unfinished_since_ms = match (c.boundary.at_rest(), c.unfinished_since_ms) {
             (true, _) => 0,
             (false, 0) => now.max(1),
             (false, t) => t,
         };
         let over_budget = account_unfinished(shard, c);
-        (next, (over_budget, c.queued() > w.send_queue_bytes))
+        (over_budget, wrote && c.queued() > w.send_queue_bytes)
     };
+    if next == Next::Linger {
+        return next;
+    }
     if over.0 {
         shard.metrics().unfinished_closed.inc();
         shard.start_close(id, close::TRY_AGAIN_LATER, "server busy: too many unfinished messages", true);
-        return Next::Continue;
-    }
-    if over.1 && w.slow_consumer == crate::config::SlowConsumerPolicy::Close {
+    } else if over.1 && w.slow_consumer == crate::config::SlowConsumerPolicy::Close {
         // Protocol replies (pongs, close) went past the send queue cap.
         shard.metrics().slow_consumer_closed.inc();
         shard.start_close(id, close::POLICY, "send queue full: reading too slowly", true);
-        return Next::Continue;
-    }
-    let m = shard.metrics();
-    let phase = |shard: &Shard<A>| shard.table.borrow().get(id).map(|c| c.phase);
-    let at_start = phase(shard);
-    for msg in messages {
-        // Once a handler started a close (a limit, a policy), the messages
-        // queued behind it in the same read are not handled.
-        if phase(shard) != at_start {
-            break;
-        }
-        m.messages_in.inc();
-        shard.app.on_message(shard, id, msg);
     }
     next
 }
 
-/// Runs tungstenite over `input` (whole frames only) until it wants more.
-fn read_frames<A: App>(
+/// The whole frames of a read, for tungstenite.
+enum Whole {
+    /// The first `n` bytes of the read itself.
+    Borrowed(usize),
+    /// A frame that started in an earlier read, completed by this one (and
+    /// any whole frames after it).
+    Owned(Vec<u8>),
+}
+
+impl Whole {
+    /// The frames, given the read they came from.
+    fn bytes<'a>(&'a self, data: &'a [u8]) -> &'a [u8] {
+        match self {
+            Whole::Borrowed(cut) => &data[..*cut],
+            Whole::Owned(v) => v,
+        }
+    }
+}
+
+/// For a connection that agreed to permessage-deflate: its whole frames
+/// with every completed compressed message inflated into plain frames
+/// (tungstenite refuses RSV1), and the violation found doing so, if any.
+fn inflate_frames<A: App>(
     shard: &Shard<A>,
     c: &mut Conn<A::Conn>,
-    input: &[u8],
+    whole: Whole,
+    data: &[u8],
+) -> (Whole, Option<deflate::Failure>) {
+    let Some(st) = c.deflate.as_mut() else { return (whole, None) };
+    if matches!(whole, Whole::Borrowed(0)) {
+        return (whole, None);
+    }
+    let w = &shard.node.config.websocket;
+    let lim = deflate::Limits { max_frame: w.max_frame_bytes, max_message: w.max_message_bytes };
+    let (frames, fail) = deflate::rewrite(whole.bytes(data), st, &mut shard.codec(), lim);
+    (Whole::Owned(frames), fail)
+}
+
+/// Splits `data` at the last frame boundary: what lies before goes to
+/// tungstenite, the rest waits in `c.partial`. Also says whether invalid
+/// UTF-8 arrived (then nothing from its frame on is kept or handed on).
+fn whole_frames<S>(c: &mut Conn<S>, data: &[u8], max_frame: u64) -> (Whole, bool) {
+    let cut = c.boundary.feed(data, max_frame);
+    let failed = c.boundary.invalid_utf8();
+    let mut stash = c.partial.take().map(|b| *b).unwrap_or_default();
+    let whole = match (stash.is_empty(), cut) {
+        (true, _) => {
+            stash.extend_from_slice(&data[cut..]);
+            Whole::Borrowed(cut)
+        }
+        (false, 0) => {
+            stash.extend_from_slice(data);
+            Whole::Borrowed(0)
+        }
+        (false, _) => {
+            stash.extend_from_slice(&data[..cut]);
+            let owned = std::mem::replace(&mut stash, data[cut..].to_vec());
+            Whole::Owned(owned)
+        }
+    };
+    if failed {
+        stash = Vec::new(); // the rest belongs to the frame being refused
+    }
+    // An emptied buffer gives its allocation back (idle connections hold none).
+    c.partial = if stash.is_empty() { None } else { Some(Box::new(stash)) };
+    (whole, failed)
+}
+
+/// What one turn of the frame reader produced.
+enum Step {
+    /// A complete text or binary message.
+    Message(Message),
+    /// Every byte was read; tungstenite wants more.
+    Wait,
+    /// The close handshake is done (or the reader was already closed).
+    Closed,
+    /// A protocol violation: close with this code and reason.
+    Fail(u16, &'static str),
+}
+
+/// Reads `input` (whole frames only), handing each message to the
+/// application as it completes, while the connection stays in the phase
+/// `at_start` (a handler that started a close stops the handling of what
+/// follows). Returns what the reader does next, the violation to close for,
+/// and whether tungstenite wrote anything (pongs, a close reply).
+fn read_and_handle<A: App>(
+    shard: &Rc<Shard<A>>,
+    id: ConnId,
+    mut input: &[u8],
     deadline: u64,
-    messages: &mut Vec<Message>,
-) -> Next {
+    at_start: Phase,
+) -> (Next, Option<(u16, &'static str)>, bool) {
+    let mut wrote = false;
+    loop {
+        let step = {
+            let mut table = shard.table.borrow_mut();
+            let Some(c) = table.get_mut(id) else { return (Next::Linger, None, wrote) };
+            let before = c.out.len();
+            let step = read_step(shard, c, &mut input, deadline);
+            wrote |= c.out.len() > before;
+            step
+        };
+        match step {
+            Step::Message(msg) => {
+                if shard.table.borrow().get(id).map(|c| c.phase) == Some(at_start) {
+                    shard.metrics().messages_in.inc();
+                    shard.app.on_message(shard, id, msg);
+                }
+            }
+            Step::Wait => return (Next::Continue, None, wrote),
+            Step::Closed => return (Next::Linger, None, wrote),
+            Step::Fail(code, reason) => return (Next::Linger, Some((code, reason)), wrote),
+        }
+    }
+}
+
+/// Runs tungstenite over `input` until it completes a data message, wants
+/// more, or fails; `input` is advanced past what it consumed.
+fn read_step<A: App>(shard: &Shard<A>, c: &mut Conn<A::Conn>, input: &mut &[u8], deadline: u64) -> Step {
     // Taken out for the loop (a Box move) so that the connection's own
     // methods stay callable while tungstenite reads.
     let mut ctx = c.ctx.take().unwrap_or_else(|| shard.new_context());
-    let mut out = std::mem::take(&mut c.out);
-    let mut io = Io { input, out: &mut out };
-    let next = loop {
-        match ctx.read(&mut io) {
-            Ok(m @ (Message::Text(_) | Message::Binary(_))) => messages.push(m),
+    let step = loop {
+        let mut out = std::mem::take(&mut c.out);
+        let mut io = Io { input, out: &mut out };
+        let read = ctx.read(&mut io);
+        let consumed = input.len() - io.input.len();
+        *input = &input[consumed..];
+        c.out = out;
+        match read {
+            Ok(m @ (Message::Text(_) | Message::Binary(_))) => break Step::Message(m),
             Ok(Message::Close(frame)) => {
                 c.closing(deadline, frame.map(|f| u16::from(f.code)).unwrap_or(close::NORMAL));
             }
@@ -582,19 +692,16 @@ fn read_frames<A: App>(
                 }
             }
             Ok(_) => {}
-            Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break Next::Continue,
-            Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => break Next::Linger,
+            Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break Step::Wait,
+            Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => break Step::Closed,
             Err(e) => {
                 let (code, reason) = classify(&e);
-                c.closing(deadline, code);
-                frame::push_close(io.out, code, reason);
-                break Next::Linger;
+                break Step::Fail(code, reason);
             }
         }
     };
     c.ctx = Some(ctx);
-    c.out = out;
-    next
+    step
 }
 
 /// Updates the shard's count of unfinished bytes with what `c` holds now;

@@ -5,7 +5,7 @@
 //! Everything here runs on the shard thread; `RefCell` borrows are never held
 //! across an `.await`, nor while the application runs.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, RefCell, RefMut};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,6 +24,7 @@ use super::table::{Conn, ConnId, Phase, Table};
 use super::{accept, App, Conns, NodeState, Peer, Sampled, SendOutcome};
 use crate::config::SlowConsumerPolicy;
 use crate::transport::close;
+use crate::transport::deflate::Codec;
 use crate::transport::frame::{self, Io};
 use crate::transport::http::Rejection;
 
@@ -53,6 +54,9 @@ pub struct Shard<A: App> {
     pub waiters: RefCell<Waiters>,
     /// Bytes held in unfinished frames and messages, all connections.
     pub unfinished: Cell<usize>,
+    /// permessage-deflate's zlib state for all the shard's connections,
+    /// created on first use.
+    codec: RefCell<Option<Box<Codec>>>,
     epoch: Instant,
 }
 
@@ -87,6 +91,7 @@ impl<A: App> Shard<A> {
             )),
             waiters: RefCell::new(Waiters::default()),
             unfinished: Cell::new(0),
+            codec: RefCell::new(None),
             epoch: Instant::now(),
             node,
         })
@@ -105,6 +110,22 @@ impl<A: App> Shard<A> {
     /// Microseconds since the shard started (ping stamps).
     pub fn now_us(&self) -> u64 {
         self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// The shard's permessage-deflate codec (created on first use).
+    pub fn codec(&self) -> RefMut<'_, Codec> {
+        let level = self.node.config.websocket.deflate_level;
+        RefMut::map(self.codec.borrow_mut(), |c| &mut **c.get_or_insert_with(|| Box::new(Codec::new(level))))
+    }
+
+    /// Copies the codec's totals into this shard's metrics (by the sweep).
+    pub fn publish_deflate_stats(&self) {
+        let Ok(codec) = self.codec.try_borrow() else { return };
+        let Some(s) = codec.as_ref().map(|c| c.stats) else { return };
+        let totals = [s.inflated, s.compressed, s.reused, s.plain_bytes, s.wire_bytes];
+        for (counter, v) in self.metrics().deflate.iter().zip(totals) {
+            counter.set(v);
+        }
     }
 
     /// A fresh tungstenite context (allocated on first need only).
@@ -271,7 +292,13 @@ impl<A: App> Conns<A> for Rc<Shard<A>> {
                 }
             };
         }
-        write(&mut c.out);
+        match c.deflate.as_ref().map_or(0, |d| d.server_bits()) {
+            0 => write(&mut c.out),
+            bits => {
+                let min = self.node.config.websocket.deflate_min_bytes;
+                self.codec().compress_with(bits, min, &mut c.out, write);
+            }
+        }
         self.metrics().messages_out.inc();
         self.kick_writer(id, c);
         SendOutcome::Queued

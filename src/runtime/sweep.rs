@@ -76,6 +76,7 @@ impl<A: App> Shard<A> {
         self.metrics().frame_readers.store(readers, Ordering::Relaxed);
         self.metrics().queued_bytes.store(queued, Ordering::Relaxed);
         self.metrics().unfinished_bytes.store(self.unfinished.get(), Ordering::Relaxed);
+        self.publish_deflate_stats();
         for id in blocked {
             self.metrics().slow_consumer_closed.inc();
             self.start_close(id, close::POLICY, "send blocked: reading too slowly", true);

@@ -138,6 +138,9 @@ pub struct Conn<S> {
     pub upgraded: bool,
     /// Close code we sent or will send (for metrics), 0 = none.
     pub close_code: u16,
+    /// permessage-deflate, when the upgrade accepted it: where the inbound
+    /// compressed message stands (no zlib state: that is the shard's).
+    pub deflate: Option<Box<crate::transport::deflate::Inbound>>,
 }
 
 impl<S: Default> Conn<S> {
@@ -173,6 +176,7 @@ impl<S: Default> Conn<S> {
             stream: None,
             upgraded: false,
             close_code: 0,
+            deflate: None,
         }
     }
 }

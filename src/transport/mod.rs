@@ -11,11 +11,14 @@
 //!   tungstenite reads from and writes to.
 //! - [`boundary`]: where the inbound byte stream stands relative to frames.
 //! - [`close`]: every close code the node sends, with its meaning.
+//! - [`deflate`]: permessage-deflate (RFC 7692): negotiation, inflating
+//!   compressed messages for tungstenite, compressing outgoing ones.
 //! - [`proxy`]: the PROXY protocol (v1, v2) and `X-Forwarded-For`, for the
 //!   real client address behind a trusted balancer.
 
 pub mod boundary;
 pub mod close;
+pub mod deflate;
 pub mod frame;
 pub mod http;
 pub mod proxy;
