@@ -246,3 +246,31 @@ async fn rooms_without_history_carry_no_offset_and_cannot_recover() {
     assert_eq!(next_json(&mut b).await["offset"], 1);
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_larger_than_the_send_queue_allows_is_refused_not_cut() {
+    let node = NodeProc::start(&[
+        "--shards",
+        "2",
+        "--set",
+        "rooms.history_size=1000",
+        "--set",
+        "websocket.send_queue_bytes=8192",
+    ]);
+    let (mut p, _) = rooms_client(&node, "p").await;
+    let (_, j) = join(&mut p, "big", None).await;
+    let epoch = j["epoch"].as_str().unwrap().to_string();
+    // 200 messages of ~80 bytes: ~16 KB, more than half of the 8 KiB queue.
+    for i in 0..200 {
+        publish(&mut p, "big", json!(format!("message {i:04}"))).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut late, _) = rooms_client(&node, "late").await;
+    let (missed, joined) = join(&mut late, "big", Some((0, &epoch))).await;
+    assert!(missed.is_empty(), "nothing partial: {} messages", missed.len());
+    assert_eq!((joined["recovered"].as_bool(), joined["offset"].as_u64()), (Some(false), Some(200)), "{joined}");
+    // A smaller gap still recovers.
+    let (mut near, _) = rooms_client(&node, "near").await;
+    let (missed, joined) = join(&mut near, "big", Some((190, &epoch))).await;
+    assert_eq!((missed.len(), joined["recovered"].as_bool()), (10, Some(true)));
+}

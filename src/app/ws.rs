@@ -204,13 +204,22 @@ impl Edge {
                 self.floors.borrow_mut().entry(conn).or_default().push((name, replay.offset));
             }
         }
-        for f in &replay.frames {
-            cx.send_frame(conn, f);
+        // A replay must fit in the send queue with room to spare: past half
+        // of it some of it would be dropped (or the connection closed) by the
+        // slow-consumer policy, a gap behind `recovered:true`. It answers
+        // `recovered:false` instead (the client resyncs).
+        let bytes: usize = replay.frames.iter().map(|f| f.len()).sum();
+        let fits = bytes <= cx.node().config.websocket.send_queue_bytes / 2;
+        let recovered = replay.recovered && fits;
+        if recovered {
+            for f in &replay.frames {
+                cx.send_frame(conn, f);
+            }
         }
         if asked {
-            self.shared.metrics[self.shard].recoveries[usize::from(!replay.recovered)].inc();
+            self.shared.metrics[self.shard].recoveries[usize::from(!recovered)].inc();
         }
-        let recovered = asked.then_some(replay.recovered);
+        let recovered = asked.then_some(recovered);
         cx.send_text(conn, &protocol::joined_at(room, replay.offset, &replay.epoch, recovered));
     }
 
