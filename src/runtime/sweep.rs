@@ -17,7 +17,6 @@ use crate::runtime::Conns;
 use crate::transport::close;
 use crate::transport::frame;
 use crate::transport::http::Rejection;
-use crate::transport::socket::shutdown;
 
 impl<A: App> Shard<A> {
     /// Runs the timers once.
@@ -68,7 +67,7 @@ impl<A: App> Shard<A> {
                         c.ping_sent = true;
                         pings.push(id);
                     }
-                    Phase::Closing if now > c.close_deadline_ms => shutdown(c.fd, libc::SHUT_RDWR),
+                    Phase::Closing if now > c.close_deadline_ms => c.shut(libc::SHUT_RDWR),
                     _ => {}
                 }
             }
