@@ -123,11 +123,27 @@ pub struct ServerConfig {
     /// one until its task copied it out; when none is left the receive is
     /// re-armed once one comes back (no data is lost, the peer's TCP window
     /// holds it). Memory: `recv_buffers * recv_buffer_bytes` per shard,
-    /// touched only as used. Default 2048.
+    /// touched only as used (the kernel takes them in ring order, so a busy
+    /// shard touches all of them). Default 256 (16 MiB a shard).
     pub recv_buffers: u32,
-    /// Bytes per receive buffer (`io = direct`): the most one read takes.
-    /// Default 8192.
+    /// Bytes per receive buffer (`io = direct`): the most one read takes,
+    /// as the poll path's shared 64 KiB read buffer is. Smaller buffers
+    /// cost less memory but make a fast sender's reads smaller (and each
+    /// read is one turn of the shard). Default 65536.
     pub recv_buffer_bytes: usize,
+    /// Receive with multishot receives (`io = direct`): one SQE per
+    /// connection serves every arrival until it ends. Default false: a
+    /// multishot receive armed on a socket with a backlog keeps taking
+    /// buffers (the kernel loops while data is there) before its first
+    /// completion is even reaped, and cancelling it fails (`ENOENT`) while
+    /// it is busy; a flooding peer whose task waits on a blocked write then
+    /// holds the whole shared ring and its neighbours starve (measured: a
+    /// ping flood took all 256 buffers, `/health` on the same shard timed
+    /// out). With false, each arrival is one buffer-select receive, re-armed
+    /// once the connection's task read the buffer: at most one buffer per
+    /// connection, and still no syscall of its own (the SQE is submitted
+    /// with the loop turn's batch).
+    pub recv_multishot: bool,
     /// Node identity in metrics, welcome messages and Redis. Empty = generated.
     pub node_id: String,
     /// URL clients should use to reach this node (affinity hints, `/cluster`).
@@ -178,8 +194,9 @@ impl Default for ServerConfig {
             ring_entries: 1024,
             uring_coop_taskrun: true,
             io: IoChoice::Direct,
-            recv_buffers: 2048,
-            recv_buffer_bytes: 8192,
+            recv_buffers: 256,
+            recv_buffer_bytes: 65536,
+            recv_multishot: false,
             node_id: String::new(),
             advertise_url: String::new(),
             max_connections_per_shard: 16384,

@@ -200,6 +200,7 @@ fn direct_ring<A: App>(shard: &Rc<Shard<A>>) -> Option<Rc<Ring>> {
         files: wanted.min(nofile()).min(u32::MAX as usize) as u32,
         buffers: cfg.server.recv_buffers as u16,
         buffer_bytes: cfg.server.recv_buffer_bytes,
+        multishot: cfg.server.recv_multishot,
     };
     let started = Ring::new(setup).and_then(|r| r.spawn_drivers().map(|()| r));
     match started {

@@ -33,14 +33,25 @@ use super::socket::Recv;
 const IGNORE: u64 = u64::MAX;
 /// `user_data` tag of a connection's multishot receive (the rest is its key).
 const RECV_TAG: u64 = 1 << 62;
+/// `user_data` tag of the cancel of a connection's receive (the rest is its key).
+const CANCEL_TAG: u64 = 1 << 61;
 
 /// Buffers one connection may hold (received, not yet read by its task)
-/// before its multishot receive is cancelled. A connection that is not read
-/// (its output is over its cap, or its task is slow) would otherwise take
-/// the shared ring's buffers one arrival after another; past this it is
-/// re-armed only once its task read what it holds, and meanwhile its peer's
-/// TCP window fills, as on the poll path.
+/// before its multishot receive is cancelled (multishot only: a one-shot
+/// receive holds at most one). A connection that is not read (its output
+/// is over its cap, or its task is slow) would otherwise take the shared
+/// ring's buffers one arrival after another; past this it is re-armed only
+/// once its task read what it holds, and meanwhile its peer's TCP window
+/// fills, as on the poll path. The kernel may fill many more before the
+/// cancel lands (see `server.recv_multishot`).
 const MAX_HELD: usize = 4;
+
+/// Completion queue entries (16 bytes each): a mass close (a sweep timing
+/// out thousands of sockets) posts a shutdown, an EOF and a close for each
+/// at once; what does not fit goes to the kernel's slower overflow list.
+const CQ_MIN: u32 = 4096;
+/// The kernel's largest completion queue.
+const CQ_MAX: u32 = 65536;
 
 /// Slots of a ring's file table kept beyond connections and handshakes:
 /// sockets whose close is still in flight (a slot frees when its close
@@ -53,7 +64,8 @@ const OP_FIXED_FD_INSTALL: u8 = 54;
 /// How a shard's ring is set up.
 #[derive(Debug, Clone, Copy)]
 pub struct RingSetup {
-    /// Submission queue entries (completion queue: four times as many).
+    /// Submission queue entries (completion queue: four times as many, at
+    /// least [`CQ_MIN`]).
     pub entries: u32,
     /// Slots of the sparse fixed-file table (at most RLIMIT_NOFILE).
     pub files: u32,
@@ -61,6 +73,10 @@ pub struct RingSetup {
     pub buffers: u16,
     /// Bytes per receive buffer.
     pub buffer_bytes: usize,
+    /// Arm multishot receives (one SQE per connection until it ends)
+    /// rather than one buffer-select receive per arrival. See
+    /// `server.recv_multishot` for why this is not the default.
+    pub multishot: bool,
 }
 
 /// What a one-shot op keeps alive until the kernel is done with it.
@@ -131,12 +147,14 @@ pub struct Ring {
     submitter: RefCell<Option<Waker>>,
     scratch: Cell<Vec<(u64, i32, u32)>>,
     stats: Cell<RingStats>,
+    multishot: bool,
 }
 
 impl Ring {
     /// Creates the ring, its sparse file table and its buffer ring.
     pub fn new(setup: RingSetup) -> io::Result<Rc<Ring>> {
-        let uring = IoUring::builder().setup_cqsize(setup.entries * 4).setup_single_issuer().build(setup.entries)?;
+        let cq = (setup.entries * 4).clamp(CQ_MIN, CQ_MAX);
+        let uring = IoUring::builder().setup_cqsize(cq).setup_single_issuer().build(setup.entries)?;
         uring.submitter().register_files_sparse(setup.files)?;
         let bufs = BufRing::new(&uring, 0, setup.buffers, setup.buffer_bytes)?;
         Ok(Rc::new(Ring {
@@ -150,6 +168,7 @@ impl Ring {
             submitter: RefCell::new(None),
             scratch: Cell::new(Vec::new()),
             stats: Cell::new(RingStats::default()),
+            multishot: setup.multishot,
         }))
     }
 
@@ -244,6 +263,16 @@ impl Ring {
             }
             if batch.is_empty() {
                 self.scratch.set(batch);
+                // Completions that did not fit the CQ wait in the kernel's
+                // overflow list: only an enter with GETEVENTS (which
+                // `submit` adds when the ring says so) moves them into the
+                // CQ. Meanwhile the ring fd polls readable with nothing to
+                // reap, so without this the reaper would spin and the ops
+                // behind them (accepts, receives) stall.
+                if self.uring.borrow_mut().submission().cq_overflow() {
+                    self.submit();
+                    continue;
+                }
                 break;
             }
             for &(ud, res, flags) in &batch {
@@ -261,6 +290,9 @@ impl Ring {
         }
         if ud & RECV_TAG != 0 {
             return self.complete_recv((ud & !RECV_TAG) as usize, res, flags);
+        }
+        if ud & CANCEL_TAG != 0 {
+            return self.complete_cancel((ud & !CANCEL_TAG) as usize, res);
         }
         let mut ops = self.ops.borrow_mut();
         let Some(op) = ops.get_mut(ud as usize) else { return };
@@ -326,10 +358,32 @@ impl Ring {
             self.bufs.give_back(bid);
         }
         if cancel {
-            self.push(cancel_sqe(key));
+            self.push(cancel_sqe(key, CANCEL_TAG | key as u64));
         }
         if let Some(w) = waker {
             w.wake();
+        }
+    }
+
+    /// A cancel that found nothing to cancel: a multishot receive that
+    /// keeps finding data is re-issued from task work rather than parked,
+    /// and the kernel then does not find it (`ENOENT`/`EALREADY`). If it is
+    /// still armed, the next buffer it fills asks again; a closed
+    /// connection's receive (which keeps its socket open) is asked again at once.
+    fn complete_cancel(&self, key: usize, res: i32) {
+        if res >= 0 {
+            return;
+        }
+        let again = match self.recvs.borrow_mut().get_mut(key) {
+            Some(st) if st.armed && st.closed => true,
+            Some(st) => {
+                st.cancelling = false;
+                false
+            }
+            None => false,
+        };
+        if again {
+            self.push(cancel_sqe(key, CANCEL_TAG | key as u64));
         }
     }
 
@@ -355,9 +409,16 @@ impl Ring {
         if let Some(st) = self.recvs.borrow_mut().get_mut(key) {
             st.armed = true;
         }
-        let sqe =
-            opcode::RecvMulti::new(types::Fixed(slot), self.bufs.group()).build().user_data(RECV_TAG | key as u64);
-        self.push(sqe);
+        let fd = types::Fixed(slot);
+        let sqe = if self.multishot {
+            opcode::RecvMulti::new(fd, self.bufs.group()).build()
+        } else {
+            // Length 0: the selected buffer's. The buffer is picked when
+            // data arrives, so a connection waiting here holds none.
+            let recv = opcode::Recv::new(fd, std::ptr::null_mut(), 0).buf_group(self.bufs.group());
+            recv.build().flags(squeue::Flags::BUFFER_SELECT)
+        };
+        self.push(sqe.user_data(RECV_TAG | key as u64));
     }
 
     /// Starts tracking receives for the socket in `slot`; returns its key.
@@ -408,8 +469,18 @@ impl Ring {
             if st.queue.capacity() > MAX_HELD * 2 && st.queue.is_empty() {
                 st.queue = VecDeque::new();
             }
+            // Re-armed now rather than when the task next waits: what
+            // arrives meanwhile is then already here when it looks again,
+            // as a cached readiness is on epoll, so a busy connection reads
+            // without suspending and the session's fairness (a yield per
+            // read, a park every few) applies to it. Still one buffer at most.
+            let rearm = st.queue.is_empty() && !st.armed && !st.starved && !st.eof && !st.shut_rd && st.err.is_none();
+            let slot = st.slot;
             drop(recvs);
             self.return_buffer(bid);
+            if rearm {
+                self.arm(key, slot);
+            }
         }
         Ok(Recv::Data(n))
     }
@@ -453,7 +524,7 @@ impl Ring {
             self.return_buffer(bid);
         }
         if cancel {
-            self.push(cancel_sqe(key));
+            self.push(cancel_sqe(key, CANCEL_TAG | key as u64));
         }
     }
 
@@ -553,8 +624,8 @@ impl Ring {
     }
 }
 
-fn cancel_sqe(key: usize) -> squeue::Entry {
-    opcode::AsyncCancel::new(RECV_TAG | key as u64).build().user_data(IGNORE)
+fn cancel_sqe(key: usize, ud: u64) -> squeue::Entry {
+    opcode::AsyncCancel::new(RECV_TAG | key as u64).build().user_data(ud)
 }
 
 fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
