@@ -1027,6 +1027,25 @@ mod tests {
         for name in SlowConsumerPolicy::NAMES {
             Config::default().set("websocket.slow_consumer", name).unwrap();
         }
+        for v in [IoChoice::Direct, IoChoice::Poll] {
+            let name = toml::Value::try_from(v).unwrap();
+            assert!(IoChoice::NAMES.contains(&name.as_str().unwrap()), "{name}");
+        }
+        for name in IoChoice::NAMES {
+            Config::default().set("server.io", name).unwrap();
+        }
+        let e = one(Config::default().set("server.io", "bogus").unwrap_err());
+        assert_eq!(e, "invalid configuration: server.io: \"bogus\" is not one of direct, poll");
+    }
+
+    #[test]
+    fn receive_buffer_ring_is_checked() {
+        let mut c = Config::default();
+        c.server.recv_buffers = 300;
+        assert!(one(c.validate().unwrap_err()).contains("server.recv_buffers: power of two"));
+        c.server.recv_buffers = 2;
+        c.server.recv_buffer_bytes = 100;
+        assert!(one(c.validate().unwrap_err()).contains("server.recv_buffer_bytes"));
     }
 
     #[test]

@@ -34,6 +34,11 @@ impl Counter {
         self.add(1);
     }
 
+    /// Sets the total (for counts kept elsewhere and copied in). Only the owning shard calls this.
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
     /// Current value.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -110,6 +115,11 @@ pub struct ShardMetrics {
     pub message_timeouts: Counter,
     /// Times a connection's reading was paused because its output was over the cap.
     pub read_paused: Counter,
+    /// Receives that found the shard's provided-buffer ring empty (direct
+    /// path; re-armed once buffers came back), as of the last sweep.
+    pub recv_buffers_exhausted: Counter,
+    /// The shard serves the direct socket path (1) or the poll path (0).
+    pub direct_io: AtomicU8,
     /// Bytes held in unfinished frames and fragmented messages (gauge).
     pub unfinished_bytes: AtomicUsize,
     /// Bytes queued for sending, all connections (gauge, as of the last sweep).
@@ -163,6 +173,8 @@ impl Default for ShardMetrics {
             unfinished_closed: Counter::default(),
             message_timeouts: Counter::default(),
             read_paused: Counter::default(),
+            recv_buffers_exhausted: Counter::default(),
+            direct_io: AtomicU8::new(0),
             unfinished_bytes: AtomicUsize::new(0),
             queued_bytes: AtomicUsize::new(0),
             preempted: Default::default(),
@@ -323,6 +335,13 @@ pub fn render(t: &mut Text, shards: &[&ShardMetrics], mailbox_depth: &[(usize, u
     per_shard(t, shards, "message_timeouts_total", C, help, |m| m.message_timeouts.get());
     let help = "Times reading a connection was paused on its own output: over websocket.send_queue_bytes, an inline write that waited 100 ms or more, or (policy drop) a write stuck past websocket.write_timeout_ms.";
     per_shard(t, shards, "read_paused_total", C, help, |m| m.read_paused.get());
+    let help = "Receives (direct path) that found the shard's receive-buffer ring empty and were re-armed once buffers came back (as of the last sweep).";
+    per_shard(t, shards, "recv_buffers_exhausted_total", C, help, |m| m.recv_buffers_exhausted.get());
+    t.family("shard_socket_path_info", G, "The socket path each shard serves (server.io; 1 = in use).");
+    for (i, m) in shards.iter().enumerate() {
+        let path = if m.direct_io.load(Ordering::Relaxed) == 1 { "direct" } else { "poll" };
+        t.sample("shard_socket_path_info", &[("shard", &i), ("path", &path)], 1);
+    }
     let help = "Bytes held in unfinished frames and fragmented messages (as of the last sweep).";
     per_shard(t, shards, "unfinished_bytes", G, help, |m| gauge(&m.unfinished_bytes));
     let help = "Bytes queued for sending on all connections, including writes in flight (as of the last sweep).";

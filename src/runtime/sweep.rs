@@ -75,6 +75,9 @@ impl<A: App> Shard<A> {
         self.metrics().frame_readers.store(readers, Ordering::Relaxed);
         self.metrics().queued_bytes.store(queued, Ordering::Relaxed);
         self.metrics().unfinished_bytes.store(self.unfinished.get(), Ordering::Relaxed);
+        if let Some(ring) = self.ring.get() {
+            self.metrics().recv_buffers_exhausted.set(ring.stats().enobufs);
+        }
         for id in blocked {
             self.metrics().slow_consumer_closed.inc();
             self.start_close(id, close::POLICY, "send blocked: reading too slowly", true);

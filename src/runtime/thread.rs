@@ -212,6 +212,7 @@ fn direct_ring<A: App>(shard: &Rc<Shard<A>>) -> Option<Rc<Ring>> {
                 "shard socket path: direct descriptors"
             );
             let _ = shard.ring.set(r.clone());
+            shard.metrics().direct_io.store(1, Ordering::Relaxed);
             Some(r)
         }
         Err(e) => {
