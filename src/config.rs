@@ -114,9 +114,12 @@ pub struct ServerConfig {
     /// Set the ring up with COOP_TASKRUN + SINGLE_ISSUER (kernel >= 6.0;
     /// ignored where refused): fewer inter-processor interrupts. Default true.
     pub uring_coop_taskrun: bool,
-    /// Socket path: `direct` (io_uring direct descriptors, multishot
-    /// receive; see [`IoChoice`]) or `poll`. Default `direct`; with the
-    /// epoll driver (or when io_uring cannot start) `poll` is used.
+    /// Socket path: `direct` (io_uring direct descriptors, receives into a
+    /// shared buffer ring; see [`IoChoice`]) or `poll`. Default `poll`:
+    /// the direct path passes every Rust test, but tests/python/auth.py
+    /// failed on it in 2 of 16 runs ("did not receive a valid HTTP
+    /// response"), cause not found yet. With the epoll driver (or when
+    /// io_uring cannot start) `poll` is used whatever this says.
     pub io: IoChoice,
     /// Receive buffers in each shard's provided-buffer ring (`io = direct`),
     /// a power of two from 1 to 32768. Each arrival on any connection takes
@@ -193,7 +196,7 @@ impl Default for ServerConfig {
             driver: DriverChoice::Auto,
             ring_entries: 1024,
             uring_coop_taskrun: true,
-            io: IoChoice::Direct,
+            io: IoChoice::Poll,
             recv_buffers: 256,
             recv_buffer_bytes: 65536,
             recv_multishot: false,

@@ -162,7 +162,10 @@ impl DirectStream {
                 Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return (Err(e), buf),
+                Err(e) => {
+                    tracing::debug!(slot = self.slot, error = %e, done, total, "direct send failed");
+                    return (Err(e), buf);
+                }
             }
         }
         (Ok(total), buf)

@@ -338,7 +338,10 @@ impl Ring {
                 }
             }
             r if r == -libc::ECANCELED => {}
-            r => st.err = Some(-r),
+            r => {
+                tracing::debug!(key, slot = st.slot, error = r, "direct receive failed");
+                st.err = Some(-r)
+            }
         }
         if !more {
             st.armed = false;
