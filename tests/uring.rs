@@ -99,9 +99,12 @@ async fn epoll_driver_falls_back_to_the_poll_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_buffer_ring_delays_receives_but_loses_nothing() {
-    // Two buffers for the whole shard: 64 clients sending at once run it dry.
-    let node =
-        NodeProc::start(&["--shards", "1", "--set", "server.recv_buffers=2", "--set", "server.recv_buffer_bytes=4096"]);
+    // Two buffers for the whole shard: 64 clients sending at once run it
+    // dry. The send queue is large enough that a client reading its echoes
+    // while it still sends is never a slow consumer (that is not under test).
+    let ring = ["--set", "server.recv_buffers=2", "--set", "server.recv_buffer_bytes=4096"];
+    let queue = ["--set", "websocket.send_queue_bytes=8388608"];
+    let node = NodeProc::start(&[&["--shards", "1", "--set", "server.io=direct"], &ring[..], &queue[..]].concat());
     let url = node.url("/echo");
     let mut tasks = Vec::new();
     for c in 0..64u32 {

@@ -76,7 +76,7 @@ impl SharedStream {
         match self {
             SharedStream::Poll(p) => shutdown(p.fd, how),
             SharedStream::Direct(d) => {
-                d.ring.shutdown(d.slot, how);
+                d.ring.shutdown(d.recv, d.slot, how);
                 if how != libc::SHUT_WR {
                     d.ring.shut_read(d.recv);
                 }
@@ -180,8 +180,8 @@ impl DirectStream {
 
 impl Drop for DirectStream {
     fn drop(&mut self) {
+        // Closes the slot too, after any shutdown still in flight.
         self.ring.close_recv(self.recv);
-        self.ring.close_slot(self.slot);
     }
 }
 

@@ -35,6 +35,8 @@ const IGNORE: u64 = u64::MAX;
 const RECV_TAG: u64 = 1 << 62;
 /// `user_data` tag of the cancel of a connection's receive (the rest is its key).
 const CANCEL_TAG: u64 = 1 << 61;
+/// `user_data` tag of a connection's shutdown (the rest is its key).
+const SHUT_TAG: u64 = 1 << 60;
 
 /// Buffers one connection may hold (received, not yet read by its task)
 /// before its multishot receive is cancelled (multishot only: a one-shot
@@ -123,6 +125,12 @@ struct RecvState {
     shut_rd: bool,
     err: Option<i32>,
     closed: bool,
+    /// Shutdowns in flight. The kernel runs a shutdown from its worker
+    /// threads and looks its fixed file up only then, so the slot must not
+    /// be closed (and reused by the next accept, whose socket the late
+    /// shutdown would hit) until they completed.
+    shutdowns: u32,
+    close_sent: bool,
     waker: Option<Waker>,
 }
 
@@ -294,6 +302,13 @@ impl Ring {
         if ud & CANCEL_TAG != 0 {
             return self.complete_cancel((ud & !CANCEL_TAG) as usize, res);
         }
+        if ud & SHUT_TAG != 0 {
+            let key = (ud & !SHUT_TAG) as usize;
+            if let Some(st) = self.recvs.borrow_mut().get_mut(key) {
+                st.shutdowns = st.shutdowns.saturating_sub(1);
+            }
+            return self.finish(key);
+        }
         let mut ops = self.ops.borrow_mut();
         let Some(op) = ops.get_mut(ud as usize) else { return };
         match std::mem::replace(&mut op.state, OpState::Done(res)) {
@@ -353,10 +368,10 @@ impl Ring {
             st.cancelling = true;
         }
         let waker = if closed { None } else { st.waker.take() };
-        if closed && !more {
-            recvs.remove(key);
-        }
         drop(recvs);
+        if closed && !more {
+            self.finish(key);
+        }
         if let Some(bid) = give_back {
             self.bufs.give_back(bid);
         }
@@ -509,7 +524,8 @@ impl Ring {
         }
     }
 
-    /// Stops tracking `key`: its buffers go back, its receive is cancelled.
+    /// Stops tracking `key`: its buffers go back, its receive is cancelled,
+    /// its slot is closed (once its shutdowns completed).
     pub fn close_recv(&self, key: usize) {
         let (bids, cancel) = {
             let mut recvs = self.recvs.borrow_mut();
@@ -518,9 +534,6 @@ impl Ring {
             st.closed = true;
             st.waker = None;
             let cancel = st.armed && !st.cancelling;
-            if !st.armed {
-                recvs.remove(key);
-            }
             (bids, cancel)
         };
         for bid in bids {
@@ -529,11 +542,38 @@ impl Ring {
         if cancel {
             self.push(cancel_sqe(key, CANCEL_TAG | key as u64));
         }
+        self.finish(key);
     }
 
-    /// `shutdown(2)` on the socket in `slot`.
-    pub fn shutdown(&self, slot: u32, how: libc::c_int) {
-        self.push(opcode::Shutdown::new(types::Fixed(slot), how).build().user_data(IGNORE));
+    /// For a closed `key`: closes its slot once no shutdown is in flight,
+    /// and forgets it once its receive has ended too.
+    fn finish(&self, key: usize) {
+        let close = {
+            let mut recvs = self.recvs.borrow_mut();
+            let Some(st) = recvs.get_mut(key) else { return };
+            if !st.closed {
+                return;
+            }
+            let close = (st.shutdowns == 0 && !st.close_sent).then_some(st.slot);
+            if close.is_some() {
+                st.close_sent = true;
+            }
+            if st.close_sent && !st.armed {
+                recvs.remove(key);
+            }
+            close
+        };
+        if let Some(slot) = close {
+            self.close_slot(slot);
+        }
+    }
+
+    /// `shutdown(2)` on `key`'s socket (in `slot`).
+    pub fn shutdown(&self, key: usize, slot: u32, how: libc::c_int) {
+        if let Some(st) = self.recvs.borrow_mut().get_mut(key) {
+            st.shutdowns += 1;
+        }
+        self.push(opcode::Shutdown::new(types::Fixed(slot), how).build().user_data(SHUT_TAG | key as u64));
     }
 
     /// Closes the socket in `slot` (frees the slot).
