@@ -58,6 +58,26 @@ impl DriverChoice {
     pub const NAMES: [&'static str; 3] = ["auto", "io_uring", "epoll"];
 }
 
+/// How connections' sockets are served (`server.io`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum IoChoice {
+    /// io_uring direct descriptors: accepts into each shard ring's sparse
+    /// file table (no process fd per connection, so RLIMIT_NOFILE caps
+    /// each shard's table instead of the whole process), multishot
+    /// receives into a provided-buffer ring shared per shard, sends on the
+    /// fixed file. Needs the io_uring driver; on epoll it falls back to `poll`.
+    Direct,
+    /// A plain fd per connection: readiness wait plus one `recv(2)`, and
+    /// monoio sends (the path of the epoll driver).
+    Poll,
+}
+
+impl IoChoice {
+    /// The accepted spellings, as in TOML, env and flags.
+    pub const NAMES: [&'static str; 2] = ["direct", "poll"];
+}
+
 /// What happens when a connection's send queue is full.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -94,6 +114,39 @@ pub struct ServerConfig {
     /// Set the ring up with COOP_TASKRUN + SINGLE_ISSUER (kernel >= 6.0;
     /// ignored where refused): fewer inter-processor interrupts. Default true.
     pub uring_coop_taskrun: bool,
+    /// Socket path: `direct` (io_uring direct descriptors, receives into a
+    /// shared buffer ring; see [`IoChoice`]) or `poll`. Default `poll`:
+    /// the direct path passes every test, but costs more CPU per echoed
+    /// message today (1.45-1.85×, results/2026-12-01-peers-uring-direct-vs-poll);
+    /// use it to hold more sockets than RLIMIT_NOFILE. With the epoll
+    /// driver (or when io_uring cannot start) `poll` is used whatever this says.
+    pub io: IoChoice,
+    /// Receive buffers in each shard's provided-buffer ring (`io = direct`),
+    /// a power of two from 1 to 32768. Each arrival on any connection takes
+    /// one until its task copied it out; when none is left the receive is
+    /// re-armed once one comes back (no data is lost, the peer's TCP window
+    /// holds it). Memory: `recv_buffers * recv_buffer_bytes` per shard,
+    /// touched only as used (the kernel takes them in ring order, so a busy
+    /// shard touches all of them). Default 256 (16 MiB a shard).
+    pub recv_buffers: u32,
+    /// Bytes per receive buffer (`io = direct`): the most one read takes,
+    /// as the poll path's shared 64 KiB read buffer is. Smaller buffers
+    /// cost less memory but make a fast sender's reads smaller (and each
+    /// read is one turn of the shard). Default 65536.
+    pub recv_buffer_bytes: usize,
+    /// Receive with multishot receives (`io = direct`): one SQE per
+    /// connection serves every arrival until it ends. Default false: a
+    /// multishot receive armed on a socket with a backlog keeps taking
+    /// buffers (the kernel loops while data is there) before its first
+    /// completion is even reaped, and cancelling it fails (`ENOENT`) while
+    /// it is busy; a flooding peer whose task waits on a blocked write then
+    /// holds the whole shared ring and its neighbours starve (measured: a
+    /// ping flood took all 256 buffers, `/health` on the same shard timed
+    /// out). With false, each arrival is one buffer-select receive, re-armed
+    /// once the connection's task read the buffer: at most one buffer per
+    /// connection, and still no syscall of its own (the SQE is submitted
+    /// with the loop turn's batch).
+    pub recv_multishot: bool,
     /// Node identity in metrics, welcome messages and Redis. Empty = generated.
     pub node_id: String,
     /// URL clients should use to reach this node (affinity hints, `/cluster`).
@@ -143,6 +196,10 @@ impl Default for ServerConfig {
             driver: DriverChoice::Auto,
             ring_entries: 1024,
             uring_coop_taskrun: true,
+            io: IoChoice::Poll,
+            recv_buffers: 256,
+            recv_buffer_bytes: 65536,
+            recv_multishot: false,
             node_id: String::new(),
             advertise_url: String::new(),
             max_connections_per_shard: 16384,
@@ -671,6 +728,12 @@ impl Config {
             "plus limits.max_handshakes_per_shard exceeds the connection-id slot space (4M)",
         )?;
         check(s.ring_entries.is_power_of_two() && s.ring_entries >= 8, "server.ring_entries", "power of two >= 8")?;
+        check(
+            s.recv_buffers.is_power_of_two() && s.recv_buffers <= 32768,
+            "server.recv_buffers",
+            "power of two from 1 to 32768",
+        )?;
+        check((512..=1 << 20).contains(&s.recv_buffer_bytes), "server.recv_buffer_bytes", "from 512 to 1048576")?;
         check(s.max_request_bytes >= 512, "server.max_request_bytes", "must be at least 512")?;
         check(s.handshake_timeout_ms >= 10, "server.handshake_timeout_ms", "must be at least 10")?;
         check(s.mailbox_capacity >= 16, "server.mailbox_capacity", "must be at least 16")?;
@@ -842,6 +905,7 @@ fn check_leaf(key: &str, value: toml::Value) -> Result<toml::Value, ConfigError>
             return resolve_listen(key, raw).map(|a| toml::Value::String(a.to_string()));
         }
         "server.driver" => &DriverChoice::NAMES,
+        "server.io" => &IoChoice::NAMES,
         "websocket.slow_consumer" => &SlowConsumerPolicy::NAMES,
         _ => &[],
     };
@@ -1129,6 +1193,25 @@ mod tests {
         for name in SlowConsumerPolicy::NAMES {
             Config::default().set("websocket.slow_consumer", name).unwrap();
         }
+        for v in [IoChoice::Direct, IoChoice::Poll] {
+            let name = toml::Value::try_from(v).unwrap();
+            assert!(IoChoice::NAMES.contains(&name.as_str().unwrap()), "{name}");
+        }
+        for name in IoChoice::NAMES {
+            Config::default().set("server.io", name).unwrap();
+        }
+        let e = one(Config::default().set("server.io", "bogus").unwrap_err());
+        assert_eq!(e, "invalid configuration: server.io: \"bogus\" is not one of direct, poll");
+    }
+
+    #[test]
+    fn receive_buffer_ring_is_checked() {
+        let mut c = Config::default();
+        c.server.recv_buffers = 300;
+        assert!(one(c.validate().unwrap_err()).contains("server.recv_buffers: power of two"));
+        c.server.recv_buffers = 2;
+        c.server.recv_buffer_bytes = 100;
+        assert!(one(c.validate().unwrap_err()).contains("server.recv_buffer_bytes"));
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! Listening sockets and the fd budget: one SO_REUSEPORT listener per shard
 //! on one address that no other process already serves, and the cap on
-//! slots that keeps every shard under RLIMIT_NOFILE.
+//! slots that keeps every shard under RLIMIT_NOFILE (on the poll path, the
+//! whole process; on the direct path, each shard ring's file table).
 
 use std::io;
 use std::net::SocketAddr;
 
 use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::transport::uring::FILE_TABLE_SLACK;
 
 /// fds a node keeps for itself besides connections: per shard a listener,
 /// a ring, two wake sockets; plus stdio, the cluster thread's sockets and
@@ -29,6 +32,9 @@ pub fn bind_all(addr: SocketAddr, n: usize, backlog: u32) -> io::Result<Vec<std:
         s.set_reuse_address(true)?;
         s.set_reuse_port(true)?;
         s.set_nonblocking(true)?;
+        // Accepted sockets inherit it: direct descriptors, which have no
+        // plain setsockopt, get it this way.
+        s.set_tcp_nodelay(true)?;
         s.bind(&addr.into()).map_err(|e| bind_error(addr, e))?;
         s.listen(backlog.min(i32::MAX as u32) as i32)?;
         let l: std::net::TcpListener = s.into();
@@ -69,10 +75,20 @@ fn bind_error(addr: SocketAddr, e: io::Error) -> io::Error {
 /// RLIMIT_NOFILE (raised to its hard limit first). Pending handshakes get
 /// fds of their own, so a flood of them can never take the fds that
 /// upgraded connections need.
-pub fn capacity_per_shard(wanted: usize, handshakes_per_shard: usize, shards: usize) -> usize {
+///
+/// On the `direct` path a socket takes a slot of its shard ring's file
+/// table instead of a process fd, and the kernel caps each ring's table at
+/// RLIMIT_NOFILE on its own: each shard gets the whole limit, less its
+/// handshakes and [`FILE_TABLE_SLACK`].
+pub fn capacity_per_shard(wanted: usize, handshakes_per_shard: usize, shards: usize, direct: bool) -> usize {
     let Some(nofile) = raise_nofile() else { return wanted };
-    let reserve = FD_RESERVE_BASE + shards * (FD_RESERVE_PER_SHARD + handshakes_per_shard);
-    let fit = (nofile.saturating_sub(reserve) / shards).max(1);
+    let (reserve, fit) = if direct {
+        let reserve = handshakes_per_shard + FILE_TABLE_SLACK;
+        (reserve, nofile.saturating_sub(reserve).max(1))
+    } else {
+        let reserve = FD_RESERVE_BASE + shards * (FD_RESERVE_PER_SHARD + handshakes_per_shard);
+        (reserve, (nofile.saturating_sub(reserve) / shards).max(1))
+    };
     if fit < wanted {
         tracing::warn!(
             "RLIMIT_NOFILE is {nofile}: capping server.max_connections_per_shard from {wanted} to {fit} \

@@ -17,7 +17,7 @@ use crate::app::{AppMsg, Delivery, Edge, EdgeShared};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::{Broker, Sink};
-use crate::config::{AuthMode, Config, ConfigError};
+use crate::config::{AuthMode, Config, ConfigError, DriverChoice, IoChoice};
 use crate::runtime::limits::{IpLimits, IpTable};
 use crate::runtime::mailbox::{mailbox, ShardMsg};
 use crate::runtime::metrics::ShardMetrics;
@@ -44,7 +44,8 @@ impl Node {
         check(&config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let s = &config.server;
         let handshakes = config.limits.max_handshakes_per_shard;
-        let capacity = listen::capacity_per_shard(s.max_connections_per_shard, handshakes, n);
+        let direct = s.io == IoChoice::Direct && s.driver != DriverChoice::Epoll;
+        let capacity = listen::capacity_per_shard(s.max_connections_per_shard, handshakes, n, direct);
         let listeners = listen::bind_all(s.listen, n, s.backlog)?;
         let local_addr = listeners[0].local_addr()?;
         let mut admin = match s.admin_listen.as_str() {

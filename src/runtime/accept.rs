@@ -6,7 +6,7 @@
 //! slots.
 
 use std::net::IpAddr;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -20,7 +20,8 @@ use super::shard::Shard;
 use super::table::{Conn, ConnId};
 use super::App;
 use crate::transport::http::Rejection;
-use crate::transport::socket::SharedStream;
+use crate::transport::socket::{DirectStream, SharedStream};
+use crate::transport::uring::Ring;
 
 /// Which listener a socket came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +60,63 @@ pub async fn accept_loop<A: App>(shard: Rc<Shard<A>>, listener: TcpListener, kin
     }
 }
 
+/// Accepts kept in flight on a shard's listener on the direct path: each
+/// has its own address buffer (the per-address limits need the peer), and
+/// a burst of connections is taken several per loop turn.
+pub const DIRECT_ACCEPTS: usize = 4;
+
+/// Accepts into direct descriptors (io_uring, `server.io = direct`) until
+/// the shard drains. Run [`DIRECT_ACCEPTS`] of these per listener.
+pub async fn accept_direct<A: App>(shard: Rc<Shard<A>>, ring: Rc<Ring>, listener: Rc<std::net::TcpListener>) {
+    let fd = listener.as_raw_fd();
+    shard.direct_listener.set(fd);
+    loop {
+        if shard.draining.get() {
+            return;
+        }
+        match ring.accept(fd).await {
+            Ok((slot, peer)) => on_accept_direct(&shard, DirectStream::new(ring.clone(), slot), peer.ip()),
+            Err(_) if shard.draining.get() => return,
+            Err(e) => {
+                // ENFILE: the ring's file table is full; EMFILE/ENOBUFS as
+                // below. The kernel keeps the queue meanwhile.
+                tracing::warn!(shard = shard.id, error = %e, "direct accept failed; retrying in 10 ms");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// [`on_accept`] for a direct descriptor: a socket handed to another shard
+/// first becomes a real fd (`IORING_OP_FIXED_FD_INSTALL`) there served on
+/// the poll path.
+fn on_accept_direct<A: App>(shard: &Rc<Shard<A>>, stream: DirectStream, peer: IpAddr) {
+    let now = Instant::now();
+    shard.metrics().accepted.inc();
+    if shard.table.borrow().slotted() < shard.node.capacity_per_shard {
+        return start_shared(shard, Rc::new(SharedStream::Direct(stream)), now, peer, Listener::Public);
+    }
+    let Some(target) = shard.node.least_loaded_with_room(shard.id) else {
+        return start_shared(shard, Rc::new(SharedStream::Direct(stream)), now, peer, Listener::Public);
+    };
+    let shard = shard.clone();
+    monoio::spawn(async move {
+        let fd = match stream.into_fd().await {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(shard = shard.id, error = %e, "cannot install a direct socket as an fd to hand it off");
+                return shard.metrics().rejected[Rejection::Full.index()].inc();
+            }
+        };
+        // SAFETY: `fd` was just installed for us and is owned by nobody else.
+        let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        match shard.send_msg(target, ShardMsg::Adopt { stream: std_stream, accepted_at: now, peer }) {
+            Ok(()) => shard.metrics().handed_off.inc(),
+            Err(_) => shard.metrics().rejected[Rejection::Full.index()].inc(),
+        }
+    });
+}
+
 /// Routes a freshly accepted socket: this shard if it has a free WebSocket
 /// slot, else the least-loaded shard with one (the socket moves over the
 /// mailbox), else this shard (its upgrade will be answered 503).
@@ -86,9 +144,20 @@ fn on_accept<A: App>(shard: &Rc<Shard<A>>, stream: TcpStream, peer: IpAddr) {
 /// WebSocket slots, per shard and per address), applies the per-address
 /// limits, and starts its session.
 pub fn start_conn<A: App>(shard: &Rc<Shard<A>>, stream: TcpStream, accepted_at: Instant, peer: IpAddr, kind: Listener) {
-    let m = shard.metrics();
     let _ = stream.set_nodelay(true);
-    let stream = Rc::new(SharedStream::new(stream));
+    start_shared(shard, Rc::new(SharedStream::new(stream)), accepted_at, peer, kind)
+}
+
+/// [`start_conn`] for a socket on either path. (A direct socket has its
+/// TCP_NODELAY from the listener, which accepted sockets inherit.)
+fn start_shared<A: App>(
+    shard: &Rc<Shard<A>>,
+    stream: Rc<SharedStream>,
+    accepted_at: Instant,
+    peer: IpAddr,
+    kind: Listener,
+) {
+    let m = shard.metrics();
     let trusted = shard.node.trusted.contains(peer);
     let mut conn = Conn::new(stream.fd(), false, shard.now_ms(), accepted_at);
     conn.stream = Some(stream.clone());

@@ -118,6 +118,11 @@ pub struct ShardMetrics {
     pub read_paused: Counter,
     /// permessage-deflate: the shard codec's totals, as of the last sweep.
     pub deflate: [Counter; 5],
+    /// Receives that found the shard's provided-buffer ring empty (direct
+    /// path; re-armed once buffers came back), as of the last sweep.
+    pub recv_buffers_exhausted: Counter,
+    /// The shard serves the direct socket path (1) or the poll path (0).
+    pub direct_io: AtomicU8,
     /// Bytes held in unfinished frames and fragmented messages (gauge).
     pub unfinished_bytes: AtomicUsize,
     /// Bytes queued for sending, all connections (gauge, as of the last sweep).
@@ -172,6 +177,8 @@ impl Default for ShardMetrics {
             message_timeouts: Counter::default(),
             read_paused: Counter::default(),
             deflate: Default::default(),
+            recv_buffers_exhausted: Counter::default(),
+            direct_io: AtomicU8::new(0),
             unfinished_bytes: AtomicUsize::new(0),
             queued_bytes: AtomicUsize::new(0),
             preempted: Default::default(),
@@ -343,6 +350,13 @@ pub fn render(t: &mut Text, shards: &[&ShardMetrics], mailbox_depth: &[(usize, u
     .enumerate()
     {
         per_shard(t, shards, name, C, help, |m| m.deflate[i].get());
+    }
+    let help = "Receives (direct path) that found the shard's receive-buffer ring empty and were re-armed once buffers came back (as of the last sweep).";
+    per_shard(t, shards, "recv_buffers_exhausted_total", C, help, |m| m.recv_buffers_exhausted.get());
+    t.family("shard_socket_path_info", G, "The socket path each shard serves (server.io; 1 = in use).");
+    for (i, m) in shards.iter().enumerate() {
+        let path = if m.direct_io.load(Ordering::Relaxed) == 1 { "direct" } else { "poll" };
+        t.sample("shard_socket_path_info", &[("shard", &i), ("path", &path)], 1);
     }
     let help = "Bytes held in unfinished frames and fragmented messages (as of the last sweep).";
     per_shard(t, shards, "unfinished_bytes", G, help, |m| gauge(&m.unfinished_bytes));

@@ -30,7 +30,7 @@ use crate::transport::deflate;
 use crate::transport::frame::{self, Io};
 use crate::transport::http::Rejection;
 use crate::transport::proxy;
-use crate::transport::socket::{recv, shutdown, Recv, SharedStream};
+use crate::transport::socket::{Recv, SharedStream};
 
 /// What the reader does after a batch of input.
 #[derive(Debug, PartialEq, Eq)]
@@ -164,7 +164,7 @@ fn proxy_header<A: App>(shard: &Shard<A>, id: ConnId, head: &mut Vec<u8>) -> Opt
 fn read_some<A: App>(shard: &Shard<A>, stream: &SharedStream, head: &mut Vec<u8>, limit: usize) -> Recv {
     let mut buf = shard.read_buf.borrow_mut();
     let room = limit.saturating_sub(head.len()).clamp(1, buf.len());
-    match recv(stream.fd(), &mut buf[..room]) {
+    match stream.try_recv(&mut buf[..room]) {
         Ok(Recv::Data(n)) => {
             shard.metrics().bytes_in.add(n as u64);
             head.extend_from_slice(&buf[..n]);
@@ -357,7 +357,7 @@ async fn read_loop<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: 
         loop {
             let next = {
                 let mut buf = shard.read_buf.borrow_mut();
-                match recv(stream.fd(), &mut buf) {
+                match stream.try_recv(&mut buf) {
                     Ok(Recv::Data(n)) => {
                         shard.metrics().bytes_in.add(n as u64);
                         let next = process_input(shard, id, &buf[..n]);
@@ -777,13 +777,13 @@ async fn linger<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: Con
     }
     flush(shard, stream, id).await;
     wait_writer(shard, id).await;
-    shutdown(stream.fd(), libc::SHUT_WR);
+    stream.shutdown(libc::SHUT_WR);
     loop {
         if stream.readable().await.is_err() {
             return;
         }
         let mut buf = shard.read_buf.borrow_mut();
-        match recv(stream.fd(), &mut buf) {
+        match stream.try_recv(&mut buf) {
             Ok(Recv::Data(_)) | Ok(Recv::WouldBlock) => {}
             Ok(Recv::Eof) | Err(_) => return,
         }

@@ -48,6 +48,10 @@ pub struct Shard<A: App> {
     pub accept_cancel: RefCell<Option<Canceller>>,
     /// Cancels the internal listener's pending accept on shutdown.
     pub admin_cancel: RefCell<Option<Canceller>>,
+    /// The shard's own ring when it serves the direct socket path.
+    pub ring: std::cell::OnceCell<Rc<crate::transport::uring::Ring>>,
+    /// The listener the direct accepts wait on (-1: none), for cancelling them.
+    pub direct_listener: Cell<std::os::fd::RawFd>,
     /// Sockets that have not finished their upgrade.
     pub handshakes: RefCell<HandshakeSlots>,
     /// Upgrades waiting for a slot.
@@ -85,6 +89,8 @@ impl<A: App> Shard<A> {
             draining: Cell::new(false),
             accept_cancel: RefCell::new(None),
             admin_cancel: RefCell::new(None),
+            ring: std::cell::OnceCell::new(),
+            direct_listener: Cell::new(-1),
             handshakes: RefCell::new(HandshakeSlots::new(
                 node.config.limits.max_handshakes_per_shard,
                 node.config.limits.max_handshakes_per_ip,
@@ -249,6 +255,11 @@ impl<A: App> Shard<A> {
         }
         if let Some(c) = self.admin_cancel.borrow_mut().take() {
             c.cancel();
+        }
+        if let (Some(ring), fd) = (self.ring.get(), self.direct_listener.get()) {
+            if fd >= 0 {
+                ring.cancel_fd(fd);
+            }
         }
         // Sockets still in their HTTP request finish it: /ready and upgrades
         // get 503 draining (bounded by the handshake timeout). Open

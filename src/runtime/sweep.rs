@@ -17,7 +17,6 @@ use crate::runtime::Conns;
 use crate::transport::close;
 use crate::transport::frame;
 use crate::transport::http::Rejection;
-use crate::transport::socket::shutdown;
 
 impl<A: App> Shard<A> {
     /// Runs the timers once.
@@ -68,7 +67,7 @@ impl<A: App> Shard<A> {
                         c.ping_sent = true;
                         pings.push(id);
                     }
-                    Phase::Closing if now > c.close_deadline_ms => shutdown(c.fd, libc::SHUT_RDWR),
+                    Phase::Closing if now > c.close_deadline_ms => c.shut(libc::SHUT_RDWR),
                     _ => {}
                 }
             }
@@ -77,6 +76,9 @@ impl<A: App> Shard<A> {
         self.metrics().queued_bytes.store(queued, Ordering::Relaxed);
         self.metrics().unfinished_bytes.store(self.unfinished.get(), Ordering::Relaxed);
         self.publish_deflate_stats();
+        if let Some(ring) = self.ring.get() {
+            self.metrics().recv_buffers_exhausted.set(ring.stats().enobufs);
+        }
         for id in blocked {
             self.metrics().slow_consumer_closed.inc();
             self.start_close(id, close::POLICY, "send blocked: reading too slowly", true);

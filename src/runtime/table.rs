@@ -202,7 +202,15 @@ impl<S> Conn<S> {
     pub fn abort(&mut self, now_ms: u64) {
         self.phase = Phase::Closing;
         self.close_deadline_ms = now_ms;
-        shutdown(self.fd, libc::SHUT_RDWR);
+        self.shut(libc::SHUT_RDWR);
+    }
+
+    /// `shutdown(2)` on its socket, whichever path it is on.
+    pub fn shut(&self, how: libc::c_int) {
+        match &self.stream {
+            Some(s) => s.shutdown(how),
+            None => shutdown(self.fd, how),
+        }
     }
 
     /// The key its handshake slot is held under: the socket peer, or behind

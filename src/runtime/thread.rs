@@ -18,8 +18,9 @@ use super::mailbox::MailboxReceiver;
 use super::metrics::DriverKind;
 use super::shard::Shard;
 use super::{accept, App, NodeState};
-use crate::config::DriverChoice;
-use crate::transport::socket::{recv, shutdown, Recv};
+use crate::config::{DriverChoice, IoChoice};
+use crate::transport::socket::{recv, Recv};
+use crate::transport::uring::{Ring, RingSetup, FILE_TABLE_SLACK};
 
 /// Mailbox messages handled before the mailbox task lets the shard's other
 /// tasks run: large enough that a busy fan-out pays one yield per few hundred
@@ -58,7 +59,7 @@ pub fn run<A: App>(
             Ok(mut rt) => {
                 metrics.driver.store(DriverKind::IoUring as u8, Ordering::Relaxed);
                 tracing::info!(shard = id, driver = "io_uring", core = %core_txt, "shard io_uring driver, {core_txt}");
-                return rt.block_on(shard_main(Shard::new(id, node.clone(), app), listener, rx, ready));
+                return rt.block_on(shard_main(Shard::new(id, node.clone(), app), listener, rx, ready, true));
             }
             Err(e) if cfg.driver == DriverChoice::IoUring => {
                 let _ = ready.send(Err(io::Error::new(e.kind(), format!("shard {id}: cannot create an io_uring ring of {} entries: {e} (the kernel allows at most 32768; io_uring may also be disabled)", cfg.ring_entries))));
@@ -74,7 +75,7 @@ pub fn run<A: App>(
         Ok(mut rt) => {
             metrics.driver.store(DriverKind::Epoll as u8, Ordering::Relaxed);
             tracing::info!(shard = id, driver = "epoll", core = %core_txt, "shard epoll driver, {core_txt}");
-            rt.block_on(shard_main(Shard::new(id, node.clone(), app), listener, rx, ready));
+            rt.block_on(shard_main(Shard::new(id, node.clone(), app), listener, rx, ready, false));
         }
         Err(e) => {
             let _ = ready.send(Err(io::Error::new(e.kind(), format!("shard {id}: no io driver: {e}"))));
@@ -105,9 +106,27 @@ fn uring_runtime(entries: u32, coop: bool) -> io::Result<monoio::Runtime<monoio:
     RuntimeBuilder::<IoUringDriver>::new().with_entries(entries).enable_timer().build()
 }
 
+/// The shard's client listener, on the socket path it serves.
+enum Public {
+    Poll(monoio::net::TcpListener),
+    Direct(Rc<Ring>, Rc<std::net::TcpListener>),
+}
+
 /// A shard's top-level future: accept loop, sweeper, mailbox, then drain.
-async fn shard_main<A: App>(shard: Rc<Shard<A>>, listeners: Listeners, rx: MailboxReceiver<A::Msg>, ready: Ready) {
-    let started = monoio::net::TcpListener::from_std(listeners.public).and_then(|l| {
+/// `uring`: the runtime is io_uring, so the direct path is possible.
+async fn shard_main<A: App>(
+    shard: Rc<Shard<A>>,
+    listeners: Listeners,
+    rx: MailboxReceiver<A::Msg>,
+    ready: Ready,
+    uring: bool,
+) {
+    let ring = if uring && shard.node.config.server.io == IoChoice::Direct { direct_ring(&shard) } else { None };
+    let public = match ring {
+        Some(r) => Ok(Public::Direct(r, Rc::new(listeners.public))),
+        None => monoio::net::TcpListener::from_std(listeners.public).map(Public::Poll),
+    };
+    let started = public.and_then(|l| {
         let admin = listeners.admin.map(monoio::net::TcpListener::from_std).transpose()?;
         let wake_fd = std::os::fd::AsRawFd::as_raw_fd(&rx.wake_rx);
         let wake = monoio::net::UnixStream::from_std(rx.wake_rx)?;
@@ -122,7 +141,16 @@ async fn shard_main<A: App>(shard: Rc<Shard<A>>, listeners: Listeners, rx: Mailb
         }
     };
     let _ = ready.send(Ok(()));
-    monoio::spawn(accept::accept_loop(shard.clone(), listener, accept::Listener::Public));
+    match listener {
+        Public::Poll(l) => {
+            monoio::spawn(accept::accept_loop(shard.clone(), l, accept::Listener::Public));
+        }
+        Public::Direct(ring, l) => {
+            for _ in 0..accept::DIRECT_ACCEPTS {
+                monoio::spawn(accept::accept_direct(shard.clone(), ring.clone(), l.clone()));
+            }
+        }
+    }
     if let Some(admin) = admin {
         monoio::spawn(accept::accept_loop(shard.clone(), admin, accept::Listener::Admin));
     }
@@ -162,6 +190,48 @@ async fn mailbox_loop<A: App>(
     }
 }
 
+/// The shard's own ring for the direct path, with its drivers running; None
+/// (the poll path, logged) when it cannot be set up.
+fn direct_ring<A: App>(shard: &Rc<Shard<A>>) -> Option<Rc<Ring>> {
+    let cfg = &shard.node.config;
+    let wanted = shard.node.capacity_per_shard + cfg.limits.max_handshakes_per_shard + FILE_TABLE_SLACK;
+    let setup = RingSetup {
+        entries: cfg.server.ring_entries,
+        files: wanted.min(nofile()).min(u32::MAX as usize) as u32,
+        buffers: cfg.server.recv_buffers as u16,
+        buffer_bytes: cfg.server.recv_buffer_bytes,
+        multishot: cfg.server.recv_multishot,
+    };
+    let started = Ring::new(setup).and_then(|r| r.spawn_drivers().map(|()| r));
+    match started {
+        Ok(r) => {
+            tracing::info!(
+                shard = shard.id,
+                files = setup.files,
+                buffers = setup.buffers,
+                "shard socket path: direct descriptors"
+            );
+            let _ = shard.ring.set(r.clone());
+            shard.metrics().direct_io.store(1, Ordering::Relaxed);
+            Some(r)
+        }
+        Err(e) => {
+            tracing::warn!(shard = shard.id, error = %e, "cannot set up the direct socket path; FALLING BACK to poll");
+            None
+        }
+    }
+}
+
+/// The soft RLIMIT_NOFILE: the kernel's cap on one ring's file table.
+fn nofile() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscall on a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_cur as usize
+}
+
 async fn sweeper<A: App>(shard: Rc<Shard<A>>) {
     let every = Duration::from_millis(shard.node.config.websocket.sweep_interval_ms);
     loop {
@@ -182,7 +252,7 @@ async fn drain<A: App>(shard: &Rc<Shard<A>>) {
         if !forced && start.elapsed() >= force_at {
             forced = true;
             for (_, c) in shard.table.borrow_mut().iter_mut() {
-                shutdown(c.fd, libc::SHUT_RDWR);
+                c.shut(libc::SHUT_RDWR);
             }
         }
         monoio::time::sleep(Duration::from_millis(5)).await;

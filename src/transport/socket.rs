@@ -1,18 +1,89 @@
-//! One socket shared by a connection's reader and its writer.
+//! One socket shared by a connection's reader and its writer, on either
+//! socket path (`server.io`):
 //!
-//! The reader waits for readability (an io_uring PollAdd with no buffer, so
-//! an idle connection pins no memory) and then copies what arrived with one
-//! non-blocking `recv(2)` into the shard's single read buffer. The writer
-//! hands owned buffers to the ring (`send` ops, batched by the driver into
-//! one `io_uring_enter` per loop turn).
+//! - *poll*: a plain fd. The reader waits for readability (an io_uring
+//!   PollAdd with no buffer, or epoll), then copies what arrived with one
+//!   non-blocking `recv(2)`; the writer hands owned buffers to monoio's
+//!   `send` ops.
+//! - *direct*: an io_uring direct descriptor in the shard's own ring
+//!   ([`super::uring`]): a multishot receive fills buffers of the shard's
+//!   provided-buffer ring as data arrives, and reading copies one of them
+//!   out; sends, shutdowns and the close go to the ring on the fixed file.
+//!
+//! Either way an idle connection pins no buffer, and one read takes at most
+//! one arrival's worth.
 
 use std::cell::UnsafeCell;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
 
 use monoio::buf::IoBuf;
 use monoio::io::AsyncWriteRent;
 use monoio::net::TcpStream;
+
+use super::uring::Ring;
+
+/// A connection's socket, shared by its reader and its writer.
+pub enum SharedStream {
+    /// A plain fd served through monoio.
+    Poll(PollStream),
+    /// A direct descriptor in the shard's ring.
+    Direct(DirectStream),
+}
+
+impl SharedStream {
+    /// Wraps an accepted plain stream.
+    pub fn new(stream: TcpStream) -> Self {
+        SharedStream::Poll(PollStream::new(stream))
+    }
+
+    /// The socket's fd; -1 for a direct descriptor (which has none).
+    pub fn fd(&self) -> RawFd {
+        match self {
+            SharedStream::Poll(p) => p.fd,
+            SharedStream::Direct(_) => -1,
+        }
+    }
+
+    /// Waits until the socket has data (or EOF, or an error) to read.
+    pub async fn readable(&self) -> io::Result<()> {
+        match self {
+            SharedStream::Poll(p) => p.readable().await,
+            SharedStream::Direct(d) => d.readable().await,
+        }
+    }
+
+    /// One read of what arrived, without waiting: at most `buf.len()` bytes.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Recv> {
+        match self {
+            SharedStream::Poll(p) => recv(p.fd, buf),
+            SharedStream::Direct(d) => d.ring.try_recv(d.recv, buf),
+        }
+    }
+
+    /// Writes all of `buf` and gives the buffer back.
+    pub async fn write_all(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        match self {
+            SharedStream::Poll(p) => p.write_all(buf).await,
+            SharedStream::Direct(d) => d.write_all(buf).await,
+        }
+    }
+
+    /// `shutdown(2)`: wakes a reader parked in [`SharedStream::readable`]
+    /// (it sees EOF, unless `how` is `SHUT_WR`) and fails a write in flight.
+    pub fn shutdown(&self, how: libc::c_int) {
+        match self {
+            SharedStream::Poll(p) => shutdown(p.fd, how),
+            SharedStream::Direct(d) => {
+                d.ring.shutdown(d.recv, d.slot, how);
+                if how != libc::SHUT_WR {
+                    d.ring.shut_read(d.recv);
+                }
+            }
+        }
+    }
+}
 
 /// A monoio stream that the reader and the writer of one connection share.
 ///
@@ -20,32 +91,24 @@ use monoio::net::TcpStream;
 /// (an `Rc<UnsafeCell<TcpStream>>`): both halves live on the one shard
 /// thread, and neither method keeps a reference into the stream while it is
 /// suspended, since monoio's ops hold their own clone of the fd.
-pub struct SharedStream {
+pub struct PollStream {
     inner: UnsafeCell<TcpStream>,
     fd: RawFd,
 }
 
-impl SharedStream {
-    /// Wraps an accepted stream.
-    pub fn new(stream: TcpStream) -> Self {
+impl PollStream {
+    fn new(stream: TcpStream) -> Self {
         let fd = stream.as_raw_fd();
-        SharedStream { inner: UnsafeCell::new(stream), fd }
+        PollStream { inner: UnsafeCell::new(stream), fd }
     }
 
-    /// The socket's fd.
-    pub fn fd(&self) -> RawFd {
-        self.fd
-    }
-
-    /// Waits until the socket has data (or EOF, or an error) to read.
-    pub async fn readable(&self) -> io::Result<()> {
+    async fn readable(&self) -> io::Result<()> {
         // SAFETY: see the type's doc; the shared borrow only builds the op.
         let stream = unsafe { &*self.inner.get() };
         stream.readable(false).await
     }
 
-    /// Writes all of `buf` through the driver and gives the buffer back.
-    pub async fn write_all(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+    async fn write_all(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         let total = buf.len();
         let mut done = 0;
         while done < total {
@@ -66,6 +129,59 @@ impl SharedStream {
             }
         }
         (Ok(total), buf)
+    }
+}
+
+/// A socket accepted as a direct descriptor: slot `slot` of the shard
+/// ring's file table. It takes no process fd; dropping it cancels its
+/// receive and closes the slot.
+pub struct DirectStream {
+    ring: Rc<Ring>,
+    slot: u32,
+    recv: usize,
+}
+
+impl DirectStream {
+    /// Takes ownership of the direct descriptor in `slot`.
+    pub fn new(ring: Rc<Ring>, slot: u32) -> Self {
+        let recv = ring.open_recv(slot);
+        DirectStream { ring, slot, recv }
+    }
+
+    async fn readable(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.ring.poll_readable(self.recv, cx)).await
+    }
+
+    async fn write_all(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        let total = buf.len();
+        let mut done = 0;
+        while done < total {
+            let (res, b) = self.ring.send(self.slot, buf, done).await;
+            buf = b;
+            match res {
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!(slot = self.slot, error = %e, done, total, "direct send failed");
+                    return (Err(e), buf);
+                }
+            }
+        }
+        (Ok(total), buf)
+    }
+
+    /// A real fd for the same socket (for handing it to another shard),
+    /// consuming this stream (its slot is closed; the fd stays open).
+    pub async fn into_fd(self) -> io::Result<RawFd> {
+        self.ring.install_fd(self.slot).await
+    }
+}
+
+impl Drop for DirectStream {
+    fn drop(&mut self) {
+        // Closes the slot too, after any shutdown still in flight.
+        self.ring.close_recv(self.recv);
     }
 }
 
@@ -100,9 +216,12 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Recv> {
     }
 }
 
-/// `shutdown(2)`: wakes a reader parked in [`SharedStream::readable`]
+/// `shutdown(2)` on a plain fd: wakes a reader parked on its readability
 /// (it sees EOF) and fails a write in flight.
 pub fn shutdown(fd: RawFd, how: libc::c_int) {
+    if fd < 0 {
+        return;
+    }
     // SAFETY: plain syscall on an fd this shard owns; errors are irrelevant
     // (the socket may already be gone from the peer's side).
     unsafe {
