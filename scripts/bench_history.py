@@ -102,11 +102,11 @@ async def recovery(pub_base, sub_base, missed, rounds=10):
 
 
 async def latency(pub_base, sub_bases, room, subs, rate, secs):
-    pub = await client(pub_base, f"lp-{room}")
+    pub = await client(pub_base, f"lp-{room.replace('.', '_')}")
     await join(pub, room)
     clients = []
     for i in range(subs):
-        ws = await client(sub_bases[i % len(sub_bases)], f"ls{i}-{room}")
+        ws = await client(sub_bases[i % len(sub_bases)], f"ls{i}-{room.replace('.', '_')}")
         await join(ws, room)
         clients.append(ws)
     await asyncio.sleep(0.3)
