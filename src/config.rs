@@ -637,6 +637,10 @@ pub struct ClusterConfig {
     pub affinity_ttl_secs: u64,
     /// Connections each shard samples per interval for `ringside:sample:*`. Default 16.
     pub sample_size: usize,
+    /// Every this many sync intervals the node rewrites everything it keeps
+    /// in Redis (conn keys, sessions, presence; in chunks of 2,000), so a
+    /// key lost in Redis (a failover, a hand edit) comes back. Default 60.
+    pub reconcile_intervals: u64,
 }
 
 impl Default for ClusterConfig {
@@ -647,6 +651,7 @@ impl Default for ClusterConfig {
             sync_interval_ms: 1000,
             affinity_ttl_secs: 1800,
             sample_size: 16,
+            reconcile_intervals: 60,
         }
     }
 }
@@ -835,6 +840,7 @@ impl Config {
             "expected ip:port, e.g. 127.0.0.1:9090, or empty",
         )?;
         check(self.cluster.sync_interval_ms >= 50, "cluster.sync_interval_ms", "at least 50")?;
+        check(self.cluster.reconcile_intervals >= 1, "cluster.reconcile_intervals", "at least 1")?;
         let url = &self.cluster.redis_url;
         check(
             url.is_empty()

@@ -681,3 +681,32 @@ async fn a_redis_restart_loses_history_visibly_never_silently() {
     assert!(missed.is_empty() && j["recovered"] == false && j["epoch"] != epoch.as_str(), "{j}");
     assert!(a.metric("ringside_cluster_history_gaps_total") >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_node_keeps_in_redis_comes_back_after_it_is_lost() {
+    need_redis!();
+    let redis = Redis::start();
+    // A full rewrite every 5 intervals (1 s) instead of 60.
+    let a = Node::start_with("ka2", &redis.url(), &["cluster.reconcile_intervals=5"]);
+    let mut c = Client::connect(&a, "kept").await;
+    c.join("kr").await;
+    let r = redis_conn(&redis.url()).await;
+    let present = |key: &'static str| {
+        let r = r.clone();
+        move || {
+            let mut r = r.clone();
+            async move { redis::cmd("EXISTS").arg(key).query_async::<i64>(&mut r).await.unwrap() == 1 }
+        }
+    };
+    let keys = ["ringside:conn:kept", "ringside:sessions:kept", "ringside:presence:{ringside:room:kr}"];
+    for k in keys {
+        assert!(eventually(Duration::from_secs(3), present(k)).await, "{k} written");
+    }
+    // Lost in Redis (a failover to a replica that missed them, a hand edit).
+    let mut w = r.clone();
+    let _: i64 = redis::cmd("DEL").arg(&keys[..]).query_async(&mut w).await.unwrap();
+    for k in keys {
+        assert!(eventually(Duration::from_secs(4), present(k)).await, "{k} came back");
+    }
+    drop(c);
+}

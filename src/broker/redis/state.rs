@@ -129,11 +129,19 @@ impl State {
 
     /// After a reconnect to Redis: every conn key is written again.
     pub fn mark_all_dirty(&mut self) {
+        self.reconcile();
+        self.subscribed.clear();
+        self.dirty_rooms.extend(self.interest.keys().cloned());
+    }
+
+    /// The periodic full rewrite of what this node keeps in Redis (conn
+    /// keys, sessions, presence), in the usual chunks: whatever drifted
+    /// (a key deleted by hand, a write lost with a failover to a replica
+    /// that had not received it) is repaired within one round of chunks.
+    pub fn reconcile(&mut self) {
         self.dirty_open.extend(self.clients.keys().cloned());
         self.resync_sessions = true;
         self.resync_presence = true;
-        self.subscribed.clear();
-        self.dirty_rooms.extend(self.interest.keys().cloned());
     }
 
     /// Takes this interval's conn, affinity and refresh writes. `tick`
@@ -404,6 +412,25 @@ mod tests {
         assert_eq!(total.0, n, "every conn key rewritten");
         assert_eq!(total.1, n, "every session rewritten");
         assert_eq!(total.2, n, "every presence entry rewritten (one room: one chunk)");
+    }
+
+    #[test]
+    fn a_reconcile_rewrites_keys_without_touching_subscriptions() {
+        let mut s = State::default();
+        s.conn_opened(cid("a"), c(1), 10, 1, true);
+        s.presence_changed(&cid("r"), &cid("a"), true);
+        s.room_interest(cid("r"), 0, true);
+        let (on, _) = s.room_changes();
+        s.subscribed(&on, true);
+        let _ = s.take_flush("n1", 1000, 9000, 0);
+        s.reconcile();
+        let f = s.take_flush("n1", 1000, 9000, 1);
+        let has = |pred: &dyn Fn(&Op) -> bool| f.ops.iter().any(pred);
+        assert!(has(&|o| matches!(o, Op::HSet { key, .. } if key == "ringside:conn:a")));
+        assert!(has(&|o| matches!(o, Op::SessionOpen { .. })));
+        assert!(has(&|o| matches!(o, Op::HSetField { field, .. } if field == "a|n1")));
+        assert_eq!(s.room_changes(), (vec![], vec![]), "subscriptions stay");
+        assert_eq!(s.unconfirmed_count(), 0);
     }
 
     #[test]

@@ -703,6 +703,9 @@ impl<C: Connector> Worker<C> {
         if !self.connected() {
             return self.publish_view();
         }
+        if self.ticks % self.config.reconcile_intervals.max(1) == 0 {
+            self.state.reconcile();
+        }
         let local = self.sink.local();
         let me = registry::self_info(&local);
         let mut ops = registry::register_ops(&local, &me, self.ms(keys::NODE_TTL_INTERVALS));
