@@ -201,6 +201,7 @@ fn direct_ring<A: App>(shard: &Rc<Shard<A>>) -> Option<Rc<Ring>> {
         buffers: cfg.server.recv_buffers as u16,
         buffer_bytes: cfg.server.recv_buffer_bytes,
         multishot: cfg.server.recv_multishot,
+        coop_taskrun: cfg.server.uring_coop_taskrun,
     };
     let started = Ring::new(setup).and_then(|r| r.spawn_drivers().map(|()| r));
     match started {
