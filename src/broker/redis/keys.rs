@@ -15,6 +15,10 @@ pub const NODES_SET: &str = "ringside:nodes";
 /// touched every 10 intervals: 10k connections cost 1k PEXPIREs per interval
 /// (one pipelined round trip), and a crashed node's keys vanish in 30.
 pub const CONN_TTL_INTERVALS: u64 = 30;
+/// Bytes of messages one recovery or repair may fetch from a room's stream
+/// at most; a larger gap is not recovered (the client resyncs). Bounds what
+/// a client asking for a long history makes the cluster thread hold.
+pub const REPLAY_MAX_BYTES: usize = 8 << 20;
 /// Live connections are refreshed in this many slices, one per interval.
 pub const REFRESH_ROUNDS: u64 = 10;
 /// Node, pool and sample keys live this many intervals (the issue's "TTL 3

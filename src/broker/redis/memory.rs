@@ -295,7 +295,10 @@ impl Hub {
                 if *from < last && first > from + 1 {
                     return Reply::Recovery(epoch, last, false, Vec::new());
                 }
-                let msgs = kept.into_iter().filter(|(o, _)| o > from).map(|(_, m)| m).collect();
+                let msgs: Vec<String> = kept.into_iter().filter(|(o, _)| o > from).map(|(_, m)| m).collect();
+                if msgs.iter().map(String::len).sum::<usize>() > super::keys::REPLAY_MAX_BYTES {
+                    return Reply::Recovery(epoch, last, false, Vec::new());
+                }
                 return Reply::Recovery(epoch, last, true, msgs);
             }
             Op::Publish { channel, payload } => {

@@ -188,7 +188,7 @@ fn add(p: &mut Pipeline, op: &Op, cluster: bool) {
                 None => (String::new(), String::new()),
             };
             p.cmd("EVAL").arg(HISTORY_RECOVER).arg(2).arg(seq).arg(stream);
-            p.arg(offset).arg(epoch).arg(*ttl_ms).arg(new_epoch);
+            p.arg(offset).arg(epoch).arg(*ttl_ms).arg(new_epoch).arg(super::keys::REPLAY_MAX_BYTES);
         }
         Op::Publish { channel, payload } => {
             p.cmd(if cluster { "SPUBLISH" } else { "PUBLISH" }).arg(channel).arg(payload);
@@ -233,8 +233,9 @@ return off
 
 /// A room's position and the kept messages after `since`.
 /// KEYS: seq, stream. ARGV: since offset ('' = none), since epoch, ttl_ms
-/// (0: trim nothing), new_epoch ('' = do not start a sequence). Returns
-/// {epoch, last, recovered (0/1), {messages}}.
+/// (0: trim nothing), new_epoch ('' = do not start a sequence), the most
+/// bytes of messages to answer (past it: not recovered). Reads only the
+/// missed entries. Returns {epoch, last, recovered (0/1), {messages}}.
 const HISTORY_RECOVER: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -254,14 +255,19 @@ if ARGV[1] == '' then return {epoch, last, 1, {}} end
 local since = tonumber(ARGV[1])
 if ARGV[2] ~= epoch or since > last then return {epoch, last, 0, {}} end
 if since == last then return {epoch, last, 1, {}} end
+-- The stream holds contiguous offsets: the newest (last - since) entries are
+-- the missed ones, if all are still kept. Read only those, newest first.
+local want = last - since
+local entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', want)
+if #entries < want or tonumber(entries[#entries][2][2]) ~= since + 1 then return {epoch, last, 0, {}} end
 local out = {}
-local first = nil
-for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
-  local off = tonumber(e[2][2])
-  if first == nil then first = off end
-  if off > since then out[#out + 1] = e[2][4] end
+local bytes = 0
+for i = #entries, 1, -1 do
+  local m = entries[i][2][4]
+  bytes = bytes + #m
+  if bytes > tonumber(ARGV[5]) then return {epoch, last, 0, {}} end
+  out[#out + 1] = m
 end
-if first == nil or first > since + 1 then return {epoch, last, 0, {}} end
 return {epoch, last, 1, out}
 "#;
 
