@@ -334,6 +334,24 @@ pub struct RoomsConfig {
     pub presence_events: Vec<String>,
 }
 
+/// A room-name pattern of the config (an exact name, or a prefix followed
+/// by `*`) matches `room`.
+fn pattern_matches(pattern: &str, room: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => room.starts_with(prefix),
+        None => room == pattern,
+    }
+}
+
+/// A valid room-name pattern: 1-128 of `[A-Za-z0-9_.:-]`, optionally
+/// followed by `*` (`*` alone: every room).
+fn valid_pattern(pattern: &str) -> bool {
+    let name = pattern.strip_suffix('*').unwrap_or(pattern);
+    !pattern.is_empty()
+        && name.len() <= 128
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
 /// `[[rooms.history_rules]]`: history settings for rooms matching `pattern`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -371,24 +389,15 @@ impl Default for RoomsConfig {
 impl RoomsConfig {
     /// `(size, ttl_secs)` of `room`'s history (size 0: none).
     pub fn history_of(&self, room: &str) -> (usize, u64) {
-        for r in &self.history_rules {
-            let hit = match r.pattern.strip_suffix('*') {
-                Some(prefix) => room.starts_with(prefix),
-                None => room == r.pattern,
-            };
-            if hit {
-                return (r.size, r.ttl_secs);
-            }
+        match self.history_rules.iter().find(|r| pattern_matches(&r.pattern, room)) {
+            Some(r) => (r.size, r.ttl_secs),
+            None => (self.history_size, self.history_ttl_secs),
         }
-        (self.history_size, self.history_ttl_secs)
     }
 
     /// True if `room`'s members get presence events.
     pub fn presence_events_of(&self, room: &str) -> bool {
-        self.presence_events.iter().any(|p| match p.strip_suffix('*') {
-            Some(prefix) => room.starts_with(prefix),
-            None => room == p,
-        })
+        self.presence_events.iter().any(|p| pattern_matches(p, room))
     }
 
     /// True if any room can have history.
@@ -774,12 +783,14 @@ impl Config {
             "at least rooms.history_max_bytes",
         )?;
         check(r.max_pending_joins >= 1, "rooms.max_pending_joins", "at least 1")?;
+        if let Some(p) = r.presence_events.iter().find(|p| !valid_pattern(p)) {
+            return Err(ConfigError::new(
+                "rooms.presence_events",
+                format!("bad pattern {p:?}: a room name or a prefix followed by *"),
+            ));
+        }
         for rule in &r.history_rules {
-            let name = rule.pattern.strip_suffix('*').unwrap_or(&rule.pattern);
-            let ok = name.len() <= 128
-                && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
-                && !rule.pattern.is_empty();
-            if !ok {
+            if !valid_pattern(&rule.pattern) {
                 return Err(ConfigError::new(
                     "rooms.history_rules",
                     format!("bad pattern {:?}: a room name or a prefix followed by *", rule.pattern),
@@ -1342,6 +1353,12 @@ mod tests {
         c.set("cluster.redis_mode", "cluster").unwrap();
         assert!(c.validate().is_ok());
         assert!(c.set("cluster.redis_mode", "sentinel").is_err());
+        let mut c = Config::default();
+        c.rooms.presence_events = vec!["chat.*".into(), "bad room".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("rooms.presence_events"));
+        c.rooms.presence_events = vec!["chat.*".into(), "lobby".into()];
+        assert!(c.rooms.presence_events_of("chat.1") && c.rooms.presence_events_of("lobby"));
+        assert!(!c.rooms.presence_events_of("lobby2"));
     }
 
     #[test]
