@@ -86,9 +86,10 @@ pub enum AppMsg {
         /// A complete WebSocket frame.
         frame: Bytes,
     },
-    /// Tell `conn` that its message of a room with history was not sent.
-    PublishFailed {
-        /// The publisher.
+    /// Tell `conn` that the cluster's store could not be asked for its
+    /// message (error `unavailable`).
+    Unavailable {
+        /// The sender.
         conn: ConnId,
     },
     /// Tell `conn` that its direct message found no one.
@@ -179,7 +180,7 @@ impl crate::runtime::mailbox::Weigh for AppMsg {
             AppMsg::Register { .. }
             | AppMsg::Unregister { .. }
             | AppMsg::UnknownClient { .. }
-            | AppMsg::PublishFailed { .. }
+            | AppMsg::Unavailable { .. }
             | AppMsg::PresenceChange { .. }
             | AppMsg::PresenceQuery { .. }
             | AppMsg::Replaced { .. }
@@ -579,7 +580,7 @@ impl App for Edge {
     fn on_mail<C: Conns<Self>>(&self, cx: &C, msg: AppMsg) {
         match msg {
             AppMsg::Room { room, frame, origin, offset } => self.deliver_room(cx, &room, &frame, origin, offset),
-            AppMsg::PublishFailed { conn } => self.send_error(cx, conn, ClientError::Unavailable),
+            AppMsg::Unavailable { conn } => self.send_error(cx, conn, ClientError::Unavailable),
             AppMsg::PresenceChange { room, client, on, conn } => self.presence_changed(cx, room, client, on, conn),
             AppMsg::PresenceQuery { room, conn } => self.presence_query(cx, &room, conn),
             AppMsg::Register { client_id, conn, named } => self.register(cx, client_id, conn, named),
@@ -704,8 +705,8 @@ impl Sink for Delivery {
         self.to_shard(conn.shard(), AppMsg::Deliver { conn, frame })
     }
 
-    fn publish_failed(&self, origin: ConnId) -> bool {
-        self.to_shard(origin.shard(), AppMsg::PublishFailed { conn: origin })
+    fn unavailable(&self, origin: ConnId) -> bool {
+        self.to_shard(origin.shard(), AppMsg::Unavailable { conn: origin })
     }
 
     fn replaced(&self, client_id: &str, conn: ConnId) -> bool {

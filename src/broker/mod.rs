@@ -58,7 +58,7 @@ pub trait Broker: Send + Sync {
     /// through [`Sink::room_ordered`] in one order. `prefix` is the message
     /// JSON up to its offset: `{"type":"message",...,"offset":` (the broker
     /// appends the number and `}`). False when it could not even be queued;
-    /// a later failure is told to `origin` through [`Sink::publish_failed`].
+    /// a later failure is told to `origin` through [`Sink::unavailable`].
     fn publish_ordered(&self, _room: Arc<str>, _prefix: String, _origin: ConnId, _size: usize, _ttl_ms: u64) -> bool {
         false
     }
@@ -120,8 +120,9 @@ pub trait Sink: Send + Sync + 'static {
     fn presence(&self, _room: &str, _conn: ConnId, _clients: Vec<String>) -> bool {
         true
     }
-    /// `origin`'s [`Broker::publish_ordered`] failed (Redis away).
-    fn publish_failed(&self, _origin: ConnId) -> bool {
+    /// Redis could not be asked for `origin`'s message: an ordered publish
+    /// failed, or a direct message's target could not be looked up.
+    fn unavailable(&self, _origin: ConnId) -> bool {
         true
     }
 }

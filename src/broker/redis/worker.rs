@@ -427,7 +427,7 @@ impl<C: Connector> Worker<C> {
                 Some(Reply::Int(_)) => add(&self.status.published, 1),
                 _ => {
                     add(&self.status.publish_dropped, 1);
-                    let told = self.sink.publish_failed(*origin);
+                    let told = self.sink.unavailable(*origin);
                     self.count_delivery(told);
                 }
             }
@@ -533,7 +533,7 @@ impl<C: Connector> Worker<C> {
     fn unreachable(&self, d: PendingDirect) {
         if !d.delivered_here {
             add(&self.status.directs_unavailable, 1);
-            let told = self.sink.publish_failed(d.from);
+            let told = self.sink.unavailable(d.from);
             self.count_delivery(told);
         }
     }

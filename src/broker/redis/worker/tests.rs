@@ -49,7 +49,7 @@ impl Sink for Rec {
         self.got.lock().unwrap().push(Got::Replaced(client_id.into(), conn));
         true
     }
-    fn publish_failed(&self, origin: ConnId) -> bool {
+    fn unavailable(&self, origin: ConnId) -> bool {
         self.got.lock().unwrap().push(Got::Unavailable(origin));
         true
     }
