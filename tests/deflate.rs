@@ -6,7 +6,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
 
 use common::*;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
@@ -15,20 +14,7 @@ const OFFER: &str = "permessage-deflate; client_max_window_bits";
 
 /// Upgrades `/echo` offering `offer`; returns the socket and the 101 head.
 fn upgrade(node: &NodeProc, offer: &str) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(node.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Extensions: {offer}\r\n\r\n"
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).unwrap();
-        head.push(b[0]);
-    }
-    (s, String::from_utf8(head).unwrap())
+    raw_upgrade(node.addr, "/echo", &format!("Sec-WebSocket-Extensions: {offer}\r\n"))
 }
 
 fn compress(data: &[u8]) -> Vec<u8> {

@@ -274,11 +274,19 @@ pub async fn rooms_client(node: &NodeProc, id: &str) -> (Ws, serde_json::Value) 
 
 /// A raw, completed WebSocket upgrade over std TCP (for malformed frames).
 pub fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
+    let (s, head) = raw_upgrade(addr, path, "");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s
+}
+
+/// Sends an upgrade request for `path` with `extra` header lines (each
+/// ending in `\r\n`) over std TCP; the socket and the response head.
+pub fn raw_upgrade(addr: SocketAddr, path: &str, extra: &str) -> (TcpStream, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
     )
     .unwrap();
     let mut head = Vec::new();
@@ -287,8 +295,7 @@ pub fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
         s.read_exact(&mut b).unwrap();
         head.push(b[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    s
+    (s, String::from_utf8(head).unwrap())
 }
 
 /// A masked client frame.

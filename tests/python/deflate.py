@@ -13,30 +13,19 @@ import asyncio
 import json
 import os
 import re
-import subprocess
 import sys
 
 import websockets
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import check, start_node, summary  # noqa: E402
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
-BIN = os.environ.get("RINGSIDE_BIN", os.path.join(os.path.dirname(__file__), "..", "..", "target", "debug", "ringside"))
-RESULTS = []
 BOTH = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
 
 
-def check(name, ok, detail=""):
-    RESULTS.append(ok)
-    print(f"{'ok  ' if ok else 'FAIL'} {name}{'' if ok else ': ' + str(detail)}", flush=True)
 
 
-def start_node(*args, shards=2):
-    p = subprocess.Popen([BIN, "--listen", "127.0.0.1:0", "--shards", str(shards), "--set", "auth.allow_client_ids=true", *args],
-                         stderr=subprocess.PIPE, text=True)
-    for line in p.stderr:
-        m = re.search(r"listening on (\S+)", line)
-        if m:
-            return p, m.group(1)
-    raise RuntimeError("ringside did not start")
 
 
 def rss_kib(pid):
@@ -153,9 +142,7 @@ async def main():
             await t()
         except Exception as e:  # noqa: BLE001 - report and go on
             check(t.__name__, False, repr(e))
-    failed = RESULTS.count(False)
-    print(f"{len(RESULTS) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    sys.exit(summary())
 
 
 asyncio.run(main())

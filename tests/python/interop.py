@@ -10,30 +10,18 @@ message and for shutdown, and that ping/pong round trips work. Prints
 import asyncio
 import json
 import os
-import re
 import signal
-import subprocess
 import sys
 
 import websockets
 
-BIN = os.environ.get("RINGSIDE_BIN", os.path.join(os.path.dirname(__file__), "..", "..", "target", "debug", "ringside"))
-RESULTS = []
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import check, start_node, summary  # noqa: E402
 
 
-def check(name, ok, detail=""):
-    RESULTS.append(ok)
-    print(f"{'ok  ' if ok else 'FAIL'} {name}{'' if ok else ': ' + str(detail)}", flush=True)
 
 
-def start_node(*args):
-    p = subprocess.Popen([BIN, "--listen", "127.0.0.1:0", "--shards", "2", "--set", "auth.allow_client_ids=true", *args],
-                         stderr=subprocess.PIPE, text=True)
-    for line in p.stderr:
-        m = re.search(r"listening on (\S+)", line)
-        if m:
-            return p, m.group(1)
-    raise RuntimeError("ringside did not start")
+
 
 
 async def echo(base):
@@ -126,9 +114,7 @@ async def main():
     finally:
         if proc.poll() is None:
             proc.kill()
-    failed = RESULTS.count(False)
-    print(f"{len(RESULTS) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    sys.exit(summary())
 
 
 asyncio.run(main())
