@@ -175,6 +175,10 @@ pub struct ServerConfig {
     /// `up N%` (N from the node's live headroom) or `drain`, then closed.
     /// Empty = off. Default empty.
     pub agent_listen: String,
+    /// Unix socket path a running node listens on for a zero-disconnect
+    /// upgrade: `ringside --upgrade-from PATH` takes over its listeners and
+    /// open WebSockets. Empty = off. Default empty.
+    pub upgrade_socket: String,
     /// Serve `/metrics` and `/cluster` on the client port too. Default true;
     /// `false` answers them 404 there (`/health` and `/ready` stay for the
     /// balancer's checks).
@@ -212,6 +216,7 @@ impl Default for ServerConfig {
             mailbox_capacity: 16384,
             admin_listen: String::new(),
             agent_listen: String::new(),
+            upgrade_socket: String::new(),
             public_internal_endpoints: true,
             trusted_proxies: Vec::new(),
             allowed_origins: Vec::new(),
@@ -902,6 +907,11 @@ impl Config {
             s.agent_listen.is_empty() || s.agent_listen.parse::<SocketAddr>().is_ok(),
             "server.agent_listen",
             "expected ip:port, e.g. 127.0.0.1:9091, or empty",
+        )?;
+        check(
+            s.upgrade_socket.is_empty() || self.cluster.redis_url.is_empty(),
+            "server.upgrade_socket",
+            "zero-disconnect upgrades are not supported in cluster mode in this version (drain instead)",
         )?;
         check(self.cluster.sync_interval_ms >= 50, "cluster.sync_interval_ms", "at least 50")?;
         let c = &self.cluster;

@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod directory;
 pub mod endpoints;
+pub mod handover;
 pub mod history;
 pub mod http;
 pub mod metrics;
@@ -148,6 +149,8 @@ pub enum AppMsg {
         on: bool,
         /// The session (a joiner gets no event about itself).
         conn: ConnId,
+        /// Count it, announce nothing (a session resumed after an upgrade).
+        quiet: bool,
     },
     /// To a room's home shard: `conn` asks who is in the room.
     PresenceQuery {
@@ -155,6 +158,12 @@ pub enum AppMsg {
         room: Arc<str>,
         /// Who asks.
         conn: ConnId,
+    },
+    /// Upgrade (new process): a room's history from the old process, for
+    /// its home shard.
+    RestoreHistory {
+        /// The room's log.
+        history: Box<history::Exported>,
     },
     /// Rebalancing: ask up to `count` of this shard's least recently active
     /// clients to move to node `target` at `url`.
@@ -195,6 +204,7 @@ impl crate::runtime::mailbox::Weigh for AppMsg {
             | AppMsg::PresenceQuery { .. }
             | AppMsg::Replaced { .. }
             | AppMsg::Migrate { .. }
+            | AppMsg::RestoreHistory { .. }
             | AppMsg::Kick { .. } => None,
         }
     }
@@ -627,7 +637,7 @@ impl App for Edge {
         }
         if let Some(client) = &state.client_id {
             for room in &state.rooms {
-                self.presence_change(cx, room, client, false, id);
+                self.presence_change(cx, room, client, false, id, false);
             }
         }
         for room in emptied {
@@ -649,7 +659,9 @@ impl App for Edge {
         match msg {
             AppMsg::Room { room, frame, origin, offset } => self.deliver_room(cx, &room, &frame, origin, offset),
             AppMsg::Unavailable { conn } => self.send_error(cx, conn, ClientError::Unavailable),
-            AppMsg::PresenceChange { room, client, on, conn } => self.presence_changed(cx, room, client, on, conn),
+            AppMsg::PresenceChange { room, client, on, conn, quiet } => {
+                self.presence_changed(cx, room, client, on, conn, quiet)
+            }
             AppMsg::PresenceQuery { room, conn } => self.presence_query(cx, &room, conn),
             AppMsg::Register { client_id, conn, named } => self.register(cx, client_id, conn, named),
             AppMsg::Unregister { client_id, conn } => {
@@ -664,6 +676,7 @@ impl App for Edge {
             AppMsg::UnknownClient { conn } => self.send_error(cx, conn, ClientError::UnknownClient),
             AppMsg::Kick { conn, code, reason } => cx.close(conn, code, reason),
             AppMsg::Migrate { count, target, url } => self.migrate(cx, count, &target, &url),
+            AppMsg::RestoreHistory { history } => self.restore_history(cx, *history),
             AppMsg::Sequence { room, from, data, origin } => self.sequence(cx, &room, &from, &data, origin),
             AppMsg::Recover { room, conn, since } => self.recover(cx, room, conn, since),
             AppMsg::Replay { room, conn, replay, asked } => self.replayed(cx, &room, conn, *replay, asked),
@@ -672,6 +685,22 @@ impl App for Edge {
 
     fn on_preempt<C: Conns<Self>>(&self, cx: &C, id: ConnId) {
         self.preempt(cx, id);
+    }
+
+    fn on_handover<C: Conns<Self>>(&self, cx: &C, id: ConnId) -> Option<Vec<u8>> {
+        self.handover_state(cx, id)
+    }
+
+    fn on_resume<C: Conns<Self>>(&self, cx: &C, id: ConnId, state: &[u8]) {
+        self.resume_state(cx, id, state);
+    }
+
+    fn handover_shard<C: Conns<Self>>(&self, cx: &C) -> Vec<Vec<u8>> {
+        self.handover_histories(cx)
+    }
+
+    fn on_upgrade_close<C: Conns<Self>>(&self, cx: &C, id: ConnId) {
+        self.upgrade_hint(cx, id);
     }
 
     fn on_drain<C: Conns<Self>>(&self, cx: &C, id: ConnId) -> bool {

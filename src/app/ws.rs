@@ -130,7 +130,7 @@ impl Edge {
             self.broker().room_interest(self.shard, room, true);
         }
         if let Some(Some(client)) = client {
-            self.presence_change(cx, room, &client, true, id);
+            self.presence_change(cx, room, &client, true, id, false);
         }
         if !with_history {
             if since.is_some() {
@@ -266,14 +266,15 @@ impl Edge {
         client: &Arc<str>,
         on: bool,
         conn: ConnId,
+        quiet: bool,
     ) {
         let room: Arc<str> = Arc::from(room);
         let home = self.shared.home_shard(&room, cx.node().shards.len());
         if home == self.shard {
-            self.presence_changed(cx, room, client.clone(), on, conn);
+            self.presence_changed(cx, room, client.clone(), on, conn, quiet);
         } else {
             // Control (never refused): one per join or leave.
-            let _ = cx.send_to(home, AppMsg::PresenceChange { room, client: client.clone(), on, conn });
+            let _ = cx.send_to(home, AppMsg::PresenceChange { room, client: client.clone(), on, conn, quiet });
         }
     }
 
@@ -287,6 +288,7 @@ impl Edge {
         client: Arc<str>,
         on: bool,
         conn: ConnId,
+        quiet: bool,
     ) {
         let changed = {
             let mut p = self.presence.borrow_mut();
@@ -307,7 +309,7 @@ impl Edge {
             return;
         }
         self.broker().presence_changed(&room, &client, on);
-        if !cx.node().config.rooms.presence_events_of(&room) {
+        if quiet || !cx.node().config.rooms.presence_events_of(&room) {
             return;
         }
         let payload = protocol::presence_event(on, &room, &client);
@@ -373,7 +375,7 @@ impl Edge {
         });
         if was_member == Some(true) {
             if let Some(Some(client)) = cx.state(id, |s| s.client_id.clone()) {
-                self.presence_change(cx, room, &client, false, id);
+                self.presence_change(cx, room, &client, false, id, false);
             }
             self.forget_pending(cx, id, room);
             let mut floors = self.floors.borrow_mut();

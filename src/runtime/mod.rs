@@ -13,6 +13,7 @@
 //!   channel, and the single-writer counters.
 
 pub mod accept;
+pub mod handover;
 pub mod limits;
 pub mod mailbox;
 pub mod metrics;
@@ -129,6 +130,20 @@ pub trait App: Sized + 'static {
     /// connection's protocol has one (true), or do nothing (false; it gets
     /// 1001 at the end of the drain).
     fn on_drain<C: Conns<Self>>(&self, cx: &C, id: ConnId) -> bool;
+    /// Upgrade (old process): `id` moves to the new process; its state as
+    /// bytes for [`App::on_resume`], or `None` when it cannot move (it is
+    /// then hinted and closed). Nothing is torn down: this process ends.
+    fn on_handover<C: Conns<Self>>(&self, cx: &C, id: ConnId) -> Option<Vec<u8>>;
+    /// Upgrade (new process): `id` arrived from the old process with
+    /// `state` (from [`App::on_handover`]); restore it, quietly (the peer
+    /// saw nothing happen).
+    fn on_resume<C: Conns<Self>>(&self, cx: &C, id: ConnId, state: &[u8]);
+    /// Upgrade (old process): the shard's own state that must move too
+    /// (room histories), one blob each, for the new process's application.
+    fn handover_shard<C: Conns<Self>>(&self, cx: &C) -> Vec<Vec<u8>>;
+    /// Upgrade (old process): `id` cannot move; tell it (hint), it is
+    /// closed 1001 next.
+    fn on_upgrade_close<C: Conns<Self>>(&self, cx: &C, id: ConnId);
 }
 
 /// What the application may do with the connections of its shard: the only
@@ -193,6 +208,9 @@ pub struct NodeState<M> {
     pub shards: Vec<ShardHandle<M>>,
     /// Set once on SIGTERM/SIGINT.
     pub draining: AtomicBool,
+    /// Set when this process hands its connections to a new one
+    /// (zero-disconnect upgrade): its stop is then not a drain.
+    pub handed_over: AtomicBool,
     /// Unix seconds at start.
     pub started_at: u64,
     /// Per-address limits shared by all shards (`None` when both are off).
