@@ -947,7 +947,10 @@ impl Config {
             return bad("proxy.connect_fallback", "\"token\" needs auth.mode = \"token\"".into());
         }
         if p.disconnect_batch == 0 || p.disconnect_queue < p.disconnect_batch || p.disconnect_flush_ms == 0 {
-            return bad("proxy.disconnect_batch", "at least 1, at most proxy.disconnect_queue; flush at least 1 ms".into());
+            return bad(
+                "proxy.disconnect_batch",
+                "at least 1, at most proxy.disconnect_queue; flush at least 1 ms".into(),
+            );
         }
         if p.queue_capacity == 0 || p.max_in_flight_per_connection == 0 {
             return bad("proxy.queue_capacity", "queue_capacity and max_in_flight_per_connection at least 1".into());
@@ -1454,6 +1457,33 @@ mod tests {
         let text = e.to_string();
         assert!(!text.contains('\n'), "not one line: {text:?}");
         text
+    }
+
+    #[test]
+    fn upstreams_are_read_whole_and_checked_by_name() {
+        let f = file(
+            "up.toml",
+            "[proxy]\nconnect = \"app\"\n[[proxy.rpc]]\nmethods = \"chat.*\"\nupstream = \"app\"\n\n\
+             [[upstream]]\nname = \"app\"\nurl = \"http://127.0.0.1:3000\"\nmax_connections = 4\n",
+        );
+        let c = Config::load(Some(&f), vec![]).unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.upstream.len(), c.upstream[0].max_connections, c.upstream[0].min_connections), (1, 4, 1));
+        assert_eq!(c.upstream[0].authority(), Some("127.0.0.1:3000"));
+        assert_eq!(c.proxy.rpc_route("chat.send").map(|r| r.path.as_str()), Some("/rpc"));
+        assert!(c.proxy.rpc_route("other").is_none());
+        assert_eq!(Config::load(Some(&f), vec![]).unwrap().to_toml().matches("[[upstream]]").count(), 1);
+        let mut bad = c.clone();
+        bad.proxy.connect = "nope".into();
+        assert!(one(bad.validate().unwrap_err()).contains("proxy.connect"));
+        let mut bad = c.clone();
+        bad.upstream[0].url = "https://x:1".into();
+        assert!(one(bad.validate().unwrap_err()).contains("upstream[0].url"));
+        let mut bad = c.clone();
+        bad.upstream[0].min_connections = 5;
+        assert!(one(bad.validate().unwrap_err()).contains("upstream[0].max_connections"));
+        let f = file("up-typo.toml", "[[upstream]]\nname = \"a\"\nurl = \"http://h:1\"\nmax_conections = 4\n");
+        assert!(one(Config::load(Some(&f), vec![]).unwrap_err()).contains("max_conections"));
     }
 
     #[test]

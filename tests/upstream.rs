@@ -34,7 +34,8 @@ impl Backend {
             .expect("python3 must be installed (scripts/test installs it)");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let port = line.trim().strip_prefix("PORT ").unwrap_or_else(|| panic!("backend said {line:?}")).parse().unwrap();
+        let port =
+            line.trim().strip_prefix("PORT ").unwrap_or_else(|| panic!("backend said {line:?}")).parse().unwrap();
         Backend { _proc: KillOnDrop(child), port }
     }
 
@@ -49,7 +50,10 @@ impl Backend {
     }
 
     fn post(&self, path: &str) {
-        let (status, _) = raw_request(self.addr(), &format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"));
+        let (status, _) = raw_request(
+            self.addr(),
+            &format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        );
         assert_eq!(status, 200);
     }
 }
@@ -171,7 +175,8 @@ async fn connect_proxy_allows_denies_and_rewrites_with_publish_proxy_and_disconn
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpc_round_trips_and_errors() {
     let b = Backend::start(0);
-    let toml = format!("{}[[proxy.rpc]]\nmethods = \"app.*\"\nupstream = \"app\"\n", upstream(b.port, "retry_attempts = 1"));
+    let toml =
+        format!("{}[[proxy.rpc]]\nmethods = \"app.*\"\nupstream = \"app\"\n", upstream(b.port, "retry_attempts = 1"));
     let (n, admin) = node("rpc", &toml, &[]);
     let (mut ws, _) = rooms_client(&n, "carol").await;
     let r = rpc(&mut ws, 1, "app.echo", json!({"x": [1, 2]})).await;
@@ -304,7 +309,10 @@ async fn killed_backend_opens_the_breaker_and_local_traffic_goes_on() {
     let b = Backend::start(0);
     let port = b.port;
     let knobs = "circuit_breaker_threshold = 3\ncircuit_breaker_cooldown_ms = 500\nretry_attempts = 0\nhealth_check_path = \"\"";
-    let toml = format!("{}[proxy]\nconnect = \"app\"\n[[proxy.rpc]]\nmethods = \"*\"\nupstream = \"app\"\n", upstream(port, knobs));
+    let toml = format!(
+        "{}[proxy]\nconnect = \"app\"\n[[proxy.rpc]]\nmethods = \"*\"\nupstream = \"app\"\n",
+        upstream(port, knobs)
+    );
     let (n, admin) = node("kill", &toml, &[]);
     let (mut a, _) = rooms_client(&n, "ann").await;
     let (mut z, _) = rooms_client(&n, "zed").await;

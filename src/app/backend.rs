@@ -164,7 +164,9 @@ impl Future for ConnectWait {
             }
         }
         if self.sleep.as_mut().poll(cx).is_ready() {
-            self.map.borrow_mut().insert(self.id, Pending::Done(Verdict::Unavailable("the backend did not answer in time")));
+            self.map
+                .borrow_mut()
+                .insert(self.id, Pending::Done(Verdict::Unavailable("the backend did not answer in time")));
             return Poll::Ready(());
         }
         Poll::Pending
@@ -247,7 +249,14 @@ pub fn verdict(result: &Result<Response, Failure>) -> Verdict {
 }
 
 /// The body POSTed to the connect backend.
-pub fn connect_body(cfg: &Config, head: &[u8], addr: Option<std::net::IpAddr>, claims: Option<&super::auth::Claims>, client_id: Option<&str>, node: &str) -> String {
+pub fn connect_body(
+    cfg: &Config,
+    head: &[u8],
+    addr: Option<std::net::IpAddr>,
+    claims: Option<&super::auth::Claims>,
+    client_id: Option<&str>,
+    node: &str,
+) -> String {
     let parsed = crate::transport::http::parse(head, cfg.server.max_request_bytes);
     let (headers, query) = match &parsed {
         crate::transport::http::Parsed::Complete(h) => {
@@ -285,7 +294,14 @@ impl Edge {
     }
 
     /// Asks the connect backend about upgrade `id` and parks it.
-    pub(super) fn ask_connect(&self, pool: usize, id: ConnId, path: &str, body: String, budget: Duration) -> ConnectWait {
+    pub(super) fn ask_connect(
+        &self,
+        pool: usize,
+        id: ConnId,
+        path: &str,
+        body: String,
+        budget: Duration,
+    ) -> ConnectWait {
         self.connects.borrow_mut().insert(id, Pending::Waiting(None));
         let deadline = Instant::now() + budget;
         if let Some(b) = self.backend() {
@@ -314,7 +330,10 @@ impl Edge {
         let m = &self.shared.metrics[self.shard];
         if !protocol::valid_room(method) {
             m.client_errors[ClientError::RpcFailed.index()].inc();
-            cx.send_text(id, &protocol::error_for(ClientError::RpcFailed, rid, "method must be 1-128 of [A-Za-z0-9_.:-]", None));
+            cx.send_text(
+                id,
+                &protocol::error_for(ClientError::RpcFailed, rid, "method must be 1-128 of [A-Za-z0-9_.:-]", None),
+            );
             return;
         }
         let cfg = &cx.node().config;
@@ -331,16 +350,21 @@ impl Edge {
             cx.send_text(id, &protocol::error_for(ClientError::RateLimited, rid, text, None));
             return;
         }
-        let body = format!(
-            r#"{{"client_id":"{from}","node":"{}","method":"{method}","data":{data}}}"#,
-            cx.node().node_id
-        );
+        let body =
+            format!(r#"{{"client_id":"{from}","node":"{}","method":"{method}","data":{data}}}"#, cx.node().node_id);
         b.call(pool, id, Asked::Rpc { id: Box::from(rid) }, &route.path, body, None);
     }
 
     /// A publish to a room with a `[[proxy.publish]]` route: asks first.
     /// False when no route applies (publish as usual).
-    pub(super) fn publish_via_backend<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str, from: &str, data: &str) -> bool {
+    pub(super) fn publish_via_backend<C: Conns<Self>>(
+        &self,
+        cx: &C,
+        id: ConnId,
+        room: &str,
+        from: &str,
+        data: &str,
+    ) -> bool {
         let Some(b) = self.backend() else { return false };
         let Some(route) = cx.node().config.proxy.publish_route(room) else { return false };
         let Some(pool) = b.upstreams.index(&route.upstream) else { return false };
@@ -348,10 +372,7 @@ impl Edge {
             self.send_error(cx, id, ClientError::RateLimited);
             return true;
         }
-        let body = format!(
-            r#"{{"client_id":"{from}","node":"{}","room":"{room}","data":{data}}}"#,
-            cx.node().node_id
-        );
+        let body = format!(r#"{{"client_id":"{from}","node":"{}","room":"{room}","data":{data}}}"#, cx.node().node_id);
         b.call(pool, id, Asked::Publish { room: Box::from(room), data: Box::from(data) }, &route.path, body, None);
         true
     }
@@ -406,20 +427,32 @@ impl Edge {
             cx.send_text(conn, &protocol::error_for(e, rid, text, backend));
         };
         let r = match result {
-            Ok(r) if r.status >= 500 => return fail(ClientError::RpcFailed, &format!("backend answered HTTP {}", r.status), None),
+            Ok(r) if r.status >= 500 => {
+                return fail(ClientError::RpcFailed, &format!("backend answered HTTP {}", r.status), None)
+            }
             Ok(r) => r,
             Err(f) => return fail(ClientError::BackendUnavailable, f.reason(), None),
         };
         match wire(r) {
             Err(text) => fail(ClientError::RpcFailed, &text, None),
-            Ok(w) if w.error.is_some() => fail(ClientError::RpcFailed, "the backend answered an error", w.error.as_ref()),
+            Ok(w) if w.error.is_some() => {
+                fail(ClientError::RpcFailed, "the backend answered an error", w.error.as_ref())
+            }
             Ok(w) => {
                 cx.send_text(conn, &protocol::rpc_result(rid, w.data.map(RawValue::get).unwrap_or("null")));
             }
         }
     }
 
-    fn publish_answered<C: Conns<Self>>(&self, cx: &C, conn: ConnId, room: &str, from: &Arc<str>, data: &str, result: &Result<Response, Failure>) {
+    fn publish_answered<C: Conns<Self>>(
+        &self,
+        cx: &C,
+        conn: ConnId,
+        room: &str,
+        from: &Arc<str>,
+        data: &str,
+        result: &Result<Response, Failure>,
+    ) {
         let r = match result {
             Ok(r) => r,
             Err(_) => return self.send_error(cx, conn, ClientError::BackendUnavailable),
@@ -476,7 +509,9 @@ mod tests {
             }
             v => panic!("{v:?}"),
         }
-        assert!(matches!(verdict(&ok(r#"{"error":{"code":"banned","reason":"go away"}}"#)), Verdict::Deny(t) if t == "banned: go away"));
+        assert!(
+            matches!(verdict(&ok(r#"{"error":{"code":"banned","reason":"go away"}}"#)), Verdict::Deny(t) if t == "banned: go away")
+        );
         assert!(matches!(verdict(&ok(r#"{"client_id":"a b"}"#)), Verdict::Unavailable(_)));
         assert!(matches!(verdict(&ok(r#"{"class":"vip"}"#)), Verdict::Unavailable(_)));
         assert!(matches!(verdict(&ok("not json")), Verdict::Unavailable(_)));

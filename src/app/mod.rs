@@ -524,20 +524,25 @@ impl Edge {
         match verdict {
             None => {
                 let addr = cx.peer(id).map(|p| p.client);
-                let body = backend::connect_body(cfg, head, addr, claims.as_ref(), client_id.as_deref(), &cx.node().node_id);
+                let body =
+                    backend::connect_body(cfg, head, addr, claims.as_ref(), client_id.as_deref(), &cx.node().node_id);
                 let wait = self.ask_connect(pool, id, &cfg.proxy.connect_path, body, backend::connect_budget(cfg));
                 Err(Answer::Wait(Deferred(Box::pin(wait))))
             }
             Some(backend::Verdict::Allow(g)) => Ok(Some(g)),
-            Some(backend::Verdict::Deny(text)) => {
-                Err(refuse(crate::transport::http::Rejection::ConnectDenied, &format!("refused by the application: {text}")))
-            }
+            Some(backend::Verdict::Deny(text)) => Err(refuse(
+                crate::transport::http::Rejection::ConnectDenied,
+                &format!("refused by the application: {text}"),
+            )),
             Some(backend::Verdict::Unavailable(why)) => {
                 if cfg.proxy.connect_fallback == crate::config::ConnectFallback::Token && claims.is_some() {
                     self.shared.metrics[self.shard].connect_fallbacks.inc();
                     return Ok(None);
                 }
-                Err(refuse(crate::transport::http::Rejection::BackendUnavailable, &format!("the application cannot be asked now ({why}); retry later")))
+                Err(refuse(
+                    crate::transport::http::Rejection::BackendUnavailable,
+                    &format!("the application cannot be asked now ({why}); retry later"),
+                ))
             }
         }
     }
@@ -557,10 +562,12 @@ impl App for Edge {
             http::Decision::Respond { bytes, rejected } => Answer::Respond { bytes, rejected },
             http::Decision::Upgrade { route, client_id, claims, response, consumed } => {
                 let grant = match (route, self.connect_pool()) {
-                    (Route::Rooms, Some(pool)) => match self.connect_verdict(cx, id, pool, head, verdict, &claims, &client_id) {
-                        Ok(g) => g,
-                        Err(answer) => return answer,
-                    },
+                    (Route::Rooms, Some(pool)) => {
+                        match self.connect_verdict(cx, id, pool, head, verdict, &claims, &client_id) {
+                            Ok(g) => g,
+                            Err(answer) => return answer,
+                        }
+                    }
                     _ => None,
                 };
                 // With a token the id is its `sub`; without, a chosen id is

@@ -179,9 +179,9 @@ pub fn welcome(client_id: &str, node: &str, shard: usize) -> String {
 pub fn welcome_with(client_id: &str, node: &str, shard: usize, data: Option<&str>) -> String {
     match data {
         None => welcome(client_id, node, shard),
-        Some(d) => format!(
-            r#"{{"type":"welcome","client_id":"{client_id}","node":"{node}","shard":{shard},"data":{d}}}"#
-        ),
+        Some(d) => {
+            format!(r#"{{"type":"welcome","client_id":"{client_id}","node":"{node}","shard":{shard},"data":{d}}}"#)
+        }
     }
 }
 
@@ -425,7 +425,9 @@ pub fn error_text(e: ClientError) -> &'static str {
             "the cluster's store is unreachable: the message did not reach other nodes (in a room with history: nobody)"
         }
         ClientError::RpcFailed => "the RPC failed: no backend for this method, or the backend answered an error",
-        ClientError::BackendUnavailable => "the application's backend could not be asked; nothing was done; retry later",
+        ClientError::BackendUnavailable => {
+            "the application's backend could not be asked; nothing was done; retry later"
+        }
         ClientError::PublishRejected => "the application's backend rejected this publish; nobody got it",
     }
 }

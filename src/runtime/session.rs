@@ -159,7 +159,8 @@ async fn deferred<A: App>(
 ) -> Option<bool> {
     let accepted = shard.table.borrow().get(id).map(|c| c.accepted_at)?;
     let end = accepted + Duration::from_millis(shard.node.config.server.handshake_timeout_ms);
-    let left = end.checked_sub(Duration::from_millis(WAIT_MARGIN_MS)).map(|t| t.saturating_duration_since(Instant::now()));
+    let left =
+        end.checked_sub(Duration::from_millis(WAIT_MARGIN_MS)).map(|t| t.saturating_duration_since(Instant::now()));
     let done = monoio::time::timeout(left.unwrap_or_default(), wait).await.is_ok();
     let alive = shard.table.borrow().get(id).is_some_and(|c| c.phase == Phase::Http);
     alive.then_some(done)

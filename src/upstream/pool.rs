@@ -138,7 +138,14 @@ impl Pool {
         let stats = Arc::new(PoolStats::new(&cfg.name, &cfg.url, cfg.min_connections, cfg.max_connections));
         let now = Instant::now();
         let breaker = Breaker::new(cfg.circuit_breaker_threshold, ms(cfg.circuit_breaker_cooldown_ms), now);
-        Rc::new(Pool { cfg, authority, stats, st: RefCell::default(), breaker: RefCell::new(breaker), refill_after: Cell::new(now) })
+        Rc::new(Pool {
+            cfg,
+            authority,
+            stats,
+            st: RefCell::default(),
+            breaker: RefCell::new(breaker),
+            refill_after: Cell::new(now),
+        })
     }
 
     fn publish(&self) {
@@ -304,7 +311,14 @@ impl Pool {
 
     /// Sends one request on `lease` within `timeout`. A failure or timeout
     /// leaves the connection unusable (it is closed when the lease drops).
-    pub async fn send(&self, lease: &mut Lease, get: bool, path: &str, body: Bytes, timeout: Duration) -> Result<Response, Failure> {
+    pub async fn send(
+        &self,
+        lease: &mut Lease,
+        get: bool,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Response, Failure> {
         let max = self.cfg.max_response_bytes;
         let authority = self.authority.as_str();
         let Some(conn) = lease.conn.as_mut() else { return Err(Failure::Io) };
@@ -341,7 +355,13 @@ impl Pool {
 
     /// One call: breaker, acquire, send, retries with exponential backoff
     /// and jitter, all before `deadline` if given.
-    pub async fn call(self: &Rc<Self>, get: bool, path: &str, body: Bytes, deadline: Option<Instant>) -> Result<Response, Failure> {
+    pub async fn call(
+        self: &Rc<Self>,
+        get: bool,
+        path: &str,
+        body: Bytes,
+        deadline: Option<Instant>,
+    ) -> Result<Response, Failure> {
         let started = Instant::now();
         let cfg = &self.cfg;
         let mut attempt = 0u32;
@@ -351,7 +371,8 @@ impl Pool {
             if permit == Permit::Refused {
                 break Err(Failure::CircuitOpen);
             }
-            let acquire_by = deadline.map_or(now + ms(cfg.acquire_timeout_ms), |d| d.min(now + ms(cfg.acquire_timeout_ms)));
+            let acquire_by =
+                deadline.map_or(now + ms(cfg.acquire_timeout_ms), |d| d.min(now + ms(cfg.acquire_timeout_ms)));
             let res = match self.acquire(acquire_by).await {
                 Err(Failure::AcquireTimeout) => {
                     self.breaker.borrow_mut().abandon(permit);
@@ -505,7 +526,13 @@ impl Pool {
         let mut leases = Vec::with_capacity(idle.len().max(1));
         for i in idle {
             let key = self.st.borrow_mut().checkouts.insert(Checkout { since: Instant::now(), reported: false });
-            leases.push(Lease { pool: self.clone(), conn: Some(i.conn), key, reusable: true, keep_since: Some(i.since) });
+            leases.push(Lease {
+                pool: self.clone(),
+                conn: Some(i.conn),
+                key,
+                reusable: true,
+                keep_since: Some(i.since),
+            });
         }
         if leases.is_empty() {
             let busy = self.st.borrow().total() >= cfg.max_connections;

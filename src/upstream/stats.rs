@@ -305,12 +305,15 @@ impl PoolStats {
 /// Bucket bounds (seconds) for acquire waits and call latencies.
 const BUCKETS: [f64; 12] = [0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
 
+/// A family rendered by reading one number per pool: name, help, reader.
+type Family<T> = (&'static str, &'static str, fn(&PoolStats) -> T);
+
 /// The `ringside_upstream_*` families, one label set per pool.
 pub fn render(t: &mut Text, pools: &[std::sync::Arc<PoolStats>]) {
     if pools.is_empty() {
         return;
     }
-    let gauges: [(&str, &str, fn(&PoolStats) -> usize); 6] = [
+    let gauges: [Family<usize>; 6] = [
         ("upstream_connections", "Open connections (idle + active + opening).", |p| p.total.load(Ordering::Relaxed)),
         ("upstream_active", "Connections checked out by a call.", |p| p.active.load(Ordering::Relaxed)),
         ("upstream_idle", "Open, unused connections.", |p| p.idle.load(Ordering::Relaxed)),
@@ -329,7 +332,11 @@ pub fn render(t: &mut Text, pools: &[std::sync::Arc<PoolStats>]) {
     t.family("upstream_breaker_state", Kind::Gauge, "1 for the breaker's current state.");
     for p in pools {
         for s in State::ALL {
-            t.sample("upstream_breaker_state", &[("upstream", &p.name), ("state", &s.name())], (p.breaker() == s) as u8);
+            t.sample(
+                "upstream_breaker_state",
+                &[("upstream", &p.name), ("state", &s.name())],
+                (p.breaker() == s) as u8,
+            );
         }
     }
     t.family("upstream_requests_total", Kind::Counter, "Calls by how they ended (after retries).");
@@ -338,12 +345,14 @@ pub fn render(t: &mut Text, pools: &[std::sync::Arc<PoolStats>]) {
             t.sample("upstream_requests_total", &[("upstream", &p.name), ("outcome", &o.name())], p.requests(o));
         }
     }
-    let counters: [(&str, &str, fn(&PoolStats) -> u64); 4] = [
+    let counters: [Family<u64>; 4] = [
         ("upstream_retries_total", "Attempts after a call's first.", |p| p.retries.load(Ordering::Relaxed)),
         ("upstream_health_check_failures_total", "Failed health checks.", |p| {
             p.health_check_failures.load(Ordering::Relaxed)
         }),
-        ("upstream_leaks_total", "Checkouts held past upstream.leak_detection_ms.", |p| p.leaks.load(Ordering::Relaxed)),
+        ("upstream_leaks_total", "Checkouts held past upstream.leak_detection_ms.", |p| {
+            p.leaks.load(Ordering::Relaxed)
+        }),
         ("upstream_connections_created_total", "Connections opened.", |p| p.created.load(Ordering::Relaxed)),
     ];
     for (name, help, f) in counters {
