@@ -404,3 +404,40 @@ fn dashboard_renders_shards_and_pools_in_headless_chromium() {
     assert!(dom.contains("2 shard(s), 1 pool(s)"), "{dom}");
     assert!(dom.contains(r#"class="breaker closed""#), "{dom}");
 }
+
+const SECRET: &str = "upstream-tests-hs256-secret-0123456789abcdef";
+
+fn token(sub: &str) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let key = EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &json!({"sub": sub, "exp": exp, "rooms": ["*"]}), &key)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tokens_the_backend_sees_claims_and_a_dead_one_falls_back_to_the_token() {
+    let b = Backend::start(0);
+    let port = b.port;
+    let toml = format!(
+        "[auth]\nmode = \"token\"\nhmac_secret = \"{SECRET}\"\n[proxy]\nconnect = \"app\"\nconnect_fallback = \"token\"\n{}",
+        upstream(port, "retry_attempts = 0\nhealth_check_path = \"\"")
+    );
+    let (n, admin) = node("fallback", &toml, &[]);
+    // Up: the backend gets the verified claims and names the client.
+    let mut ws = connect(&n.url(&format!("/ws?user=frank&token={}", token("u-frank")))).await;
+    let w = next_json(&mut ws).await;
+    assert_eq!(w["client_id"], "frank", "{w}");
+    assert_eq!(w["data"]["claims"]["sub"], "u-frank");
+    // Without a token the backend is not even asked: 401.
+    let (_s, head) = raw_upgrade(n.addr, "/ws?user=frank", "");
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    // Down: admitted on the token alone, as its sub.
+    drop(b);
+    let mut ws = connect(&n.url(&format!("/ws?user=gina&token={}", token("u-gina")))).await;
+    let w = next_json(&mut ws).await;
+    assert_eq!(w["client_id"], "u-gina", "{w}");
+    assert!(w.get("data").is_none());
+    assert!(n.metric("ringside_connect_fallbacks_total") >= 1.0);
+    assert!(pool(admin)["requests"]["connect_error"].as_u64().unwrap() >= 1);
+}
