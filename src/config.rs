@@ -178,6 +178,10 @@ pub struct ServerConfig {
     /// served on the client port. Default empty (development); production
     /// sets it to a private address.
     pub admin_listen: String,
+    /// HAProxy agent-check listener (`ip:port`): each connection is answered
+    /// `up N%` (N from the node's live headroom) or `drain`, then closed.
+    /// Empty = off. Default empty.
+    pub agent_listen: String,
     /// Serve `/metrics` and `/cluster` on the client port too. Default true;
     /// `false` answers them 404 there (`/health` and `/ready` stay for the
     /// balancer's checks).
@@ -214,6 +218,7 @@ impl Default for ServerConfig {
             handshake_timeout_ms: 5000,
             mailbox_capacity: 16384,
             admin_listen: String::new(),
+            agent_listen: String::new(),
             public_internal_endpoints: true,
             trusted_proxies: Vec::new(),
             allowed_origins: Vec::new(),
@@ -417,14 +422,27 @@ impl RoomsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
-    /// On SIGTERM/SIGINT: stop accepting, close every connection with 1001,
-    /// and exit within this. Default 10000 ms.
+    /// On SIGTERM/SIGINT: `/ready` and upgrades answer 503 at once, open
+    /// WebSockets get a `reconnect` hint (spread over `reconnect_spread_ms`),
+    /// those still open at 3/4 of this get 1001, and the node exits within
+    /// this. Default 10000 ms.
     pub drain_timeout_ms: u64,
+    /// Hints of a drain go out spread evenly over this (in random order), so
+    /// clients do not come back in the same second. 0 sends them all at once;
+    /// at most half of `drain_timeout_ms` is used. Default 5000 ms.
+    pub reconnect_spread_ms: u64,
+}
+
+impl ShutdownConfig {
+    /// The spread a drain uses: `reconnect_spread_ms`, at most half the drain.
+    pub fn spread_ms(&self) -> u64 {
+        self.reconnect_spread_ms.min(self.drain_timeout_ms / 2)
+    }
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        Self { drain_timeout_ms: 10_000 }
+        Self { drain_timeout_ms: 10_000, reconnect_spread_ms: 5_000 }
     }
 }
 
@@ -657,6 +675,31 @@ pub struct ClusterConfig {
     /// in Redis (conn keys, sessions, presence; in chunks of 2,000), so a
     /// key lost in Redis (a failover, a hand edit) comes back. Default 60.
     pub reconcile_intervals: u64,
+    /// Where `reconnect` hints (drain, rebalance) send clients: `peer` (the
+    /// target node's `server.advertise_url`) or `balancer` (`""`: the address
+    /// the client used, i.e. back through the load balancer). Default `peer`.
+    pub reconnect_via: ReconnectVia,
+    /// Rebalancing starts when this node's utilization (connections /
+    /// slots) is above this while a live peer is below `rebalance_low`.
+    /// Default 0.85 (seed 000); 1.0 or more turns rebalancing off.
+    pub rebalance_high: f64,
+    /// A peer below this utilization may receive moved clients. Default 0.30.
+    pub rebalance_low: f64,
+    /// At most this many clients are asked to move per second. Default 100.
+    pub migrate_rate: u32,
+    /// A client asked to move that has not left after this is closed (1001).
+    /// Default 5000 ms.
+    pub migrate_grace_ms: u64,
+}
+
+/// `cluster.reconnect_via`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReconnectVia {
+    /// The target node's own URL.
+    Peer,
+    /// `""`: through the balancer the client came from.
+    Balancer,
 }
 
 impl Default for ClusterConfig {
@@ -668,6 +711,11 @@ impl Default for ClusterConfig {
             affinity_ttl_secs: 1800,
             sample_size: 16,
             reconcile_intervals: 60,
+            reconnect_via: ReconnectVia::Peer,
+            rebalance_high: 0.85,
+            rebalance_low: 0.30,
+            migrate_rate: 100,
+            migrate_grace_ms: 5_000,
         }
     }
 }
@@ -1131,7 +1179,19 @@ impl Config {
             "server.admin_listen",
             "expected ip:port, e.g. 127.0.0.1:9090, or empty",
         )?;
+        check(
+            s.agent_listen.is_empty() || s.agent_listen.parse::<SocketAddr>().is_ok(),
+            "server.agent_listen",
+            "expected ip:port, e.g. 127.0.0.1:9091, or empty",
+        )?;
         check(self.cluster.sync_interval_ms >= 50, "cluster.sync_interval_ms", "at least 50")?;
+        let c = &self.cluster;
+        check(
+            (0.0..1.0).contains(&c.rebalance_low) && c.rebalance_low < c.rebalance_high,
+            "cluster.rebalance_low",
+            "between 0 and 1, and below cluster.rebalance_high",
+        )?;
+        check(c.migrate_rate >= 1, "cluster.migrate_rate", "at least 1")?;
         check(self.cluster.reconcile_intervals >= 1, "cluster.reconcile_intervals", "at least 1")?;
         let url = &self.cluster.redis_url;
         check(

@@ -146,6 +146,10 @@ pub trait App: Sized + 'static {
     /// `id` is preempted for an upgrade of a higher class: tell it, then
     /// close it (4004).
     fn on_preempt<C: Conns<Self>>(&self, cx: &C, id: ConnId);
+    /// The node drains and it is `id`'s turn: queue a reconnect hint if the
+    /// connection's protocol has one (true), or do nothing (false; it gets
+    /// 1001 at the end of the drain).
+    fn on_drain<C: Conns<Self>>(&self, cx: &C, id: ConnId) -> bool;
 }
 
 /// What the application may do with the connections of its shard: the only
@@ -169,6 +173,9 @@ pub trait Conns<A: App> {
     fn admission(&self, id: ConnId) -> Option<Rejection>;
     /// Up to `k` open connections, uniformly sampled.
     fn sample(&self, k: usize) -> Vec<Sampled>;
+    /// Up to `k` open WebSockets whose state passes `keep`, least recently
+    /// active first (rebalancing moves these).
+    fn least_active(&self, k: usize, keep: impl Fn(&A::Conn) -> bool) -> Vec<ConnId>;
     /// The shard's coarse clock, ms.
     fn now_ms(&self) -> u64;
     /// The connection's client address, whether it came from a trusted proxy,
