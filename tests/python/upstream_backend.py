@@ -16,10 +16,11 @@ keep-alive): what an application behind the node would run.
   GET  /control/disconnects  every disconnect notice received
   POST /control/health?fail=0|1
 
-Usage: upstream_backend.py [--port N]   (prints "PORT <n>" once listening)
+Usage: upstream_backend.py [--port N] [--reuse-port]   (prints "PORT <n>" once listening)
 """
 import argparse
 import json
+import socket
 import sys
 import threading
 import time
@@ -33,10 +34,19 @@ STATE = {"open": 0, "accepted": 0, "requests": 0, "health_fail": False, "disconn
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
+    # One write per response (headers and body together, flushed by the
+    # base class after each request) and no Nagle: with the stdlib's
+    # default (unbuffered, headers then body) every answer waits ~40 ms for
+    # the client's delayed ACK.
+    wbufsize = 1 << 16
 
     # Connections are counted from their first request that is not a
     # /control/ one, so the test's own control calls do not count.
     counted = False
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def count(self):
         if self.counted or self.path.startswith("/control/"):
@@ -163,7 +173,9 @@ class Server(ThreadingHTTPServer):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: several processes share the port")
     args = ap.parse_args()
+    Server.allow_reuse_port = args.reuse_port
     srv = Server(("127.0.0.1", args.port), Handler)
     print(f"PORT {srv.server_address[1]}", flush=True)
     srv.serve_forever()
