@@ -39,6 +39,7 @@ impl Edge {
                 cx.send_text(id, &protocol::pong(x));
             }
             Request::Refresh(token) => self.refresh(cx, id, &from, &token),
+            Request::Rpc { id: rid, method, data } => self.rpc(cx, id, &from, rid, &method, data),
         }
     }
 
@@ -99,7 +100,7 @@ impl Edge {
     /// offset and epoch) comes from the room's home shard, after the
     /// messages after `since`; until then the member is held back from
     /// live delivery. A repeated join of a room answers a plain `joined`.
-    fn join<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str, since: Option<(u64, &str)>) {
+    pub(super) fn join<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str, since: Option<(u64, &str)>) {
         if !self.allowed(cx, id, room, false) {
             return self.send_error(cx, id, ClientError::Forbidden);
         }
@@ -408,6 +409,15 @@ impl Edge {
                 return self.send_error(cx, id, ClientError::NotJoined);
             }
         }
+        if self.publish_via_backend(cx, id, room, from, data) {
+            return; // delivered (or not) when the backend has answered
+        }
+        self.publish_now(cx, id, room, from, data);
+    }
+
+    /// Delivers a publish that passed every check (the publish backend's
+    /// too, with its rewritten data, when a route applies).
+    pub(super) fn publish_now<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str, from: &Arc<str>, data: &str) {
         let (size, ttl) = cx.node().config.rooms.history_of(room);
         if size > 0 && self.broker().orders_rooms() {
             // The cluster numbers it; every node (this one too) delivers it.

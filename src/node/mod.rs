@@ -101,6 +101,7 @@ impl Node {
             let v = Verifier::new(&state.config.auth).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             shared.verifier = Some(Arc::new(v));
         }
+        shared.backend = crate::app::backend::Backend::start(state.clone())?;
         let shared = Arc::new(shared);
         let (ready_tx, ready_rx) = mpsc::channel();
         for (i, (public, rx)) in listeners.into_iter().zip(receivers).enumerate() {

@@ -72,6 +72,27 @@ pub enum Answer {
         /// The connection's priority class.
         class: crate::config::Class,
     },
+    /// Not yet: await this (the application is asking someone, without
+    /// blocking the shard), then call `on_request` again with the same
+    /// head. Bounded by the handshake timeout: past it the upgrade is
+    /// answered 503 without asking again.
+    Wait(Deferred),
+}
+
+/// A future the runtime awaits before asking the application again.
+pub struct Deferred(pub std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>);
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Deferred")
+    }
+}
+
+impl PartialEq for Deferred {
+    /// Two waits are never the same.
+    fn eq(&self, _: &Self) -> bool {
+        false
+    }
 }
 
 /// Where a connection comes from.

@@ -136,7 +136,23 @@ async fn http_phase<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id:
             continue;
         }
         first = false;
-        match shard.app.on_request(shard, id, &head) {
+        let mut answer = shard.app.on_request(shard, id, &head);
+        while let Answer::Wait(super::Deferred(wait)) = answer {
+            answer = match deferred(shard, id, wait).await {
+                Some(true) => shard.app.on_request(shard, id, &head),
+                Some(false) => Answer::Respond {
+                    bytes: crate::transport::http::refusal(
+                        Rejection::BackendUnavailable,
+                        "the application did not answer in time",
+                        shard.node.config.server.retry_after_secs,
+                    ),
+                    rejected: Some(Rejection::BackendUnavailable),
+                },
+                None => return None,
+            };
+        }
+        match answer {
+            Answer::Wait(_) => unreachable!("waited for above"),
             Answer::NeedMore => continue,
             Answer::Respond { bytes, rejected } => {
                 if let Some(r) = rejected {
@@ -163,6 +179,23 @@ async fn http_phase<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id:
             }
         }
     }
+}
+
+/// Awaits the application's `wait` until the handshake deadline (less the
+/// margin a 503 needs). `Some(true)`: done, ask again; `Some(false)`: timed
+/// out; `None`: the connection is gone.
+async fn deferred<A: App>(
+    shard: &Rc<Shard<A>>,
+    id: ConnId,
+    wait: std::pin::Pin<Box<dyn Future<Output = ()>>>,
+) -> Option<bool> {
+    let accepted = shard.table.borrow().get(id).map(|c| c.accepted_at)?;
+    let end = accepted + Duration::from_millis(shard.node.config.server.handshake_timeout_ms);
+    let left =
+        end.checked_sub(Duration::from_millis(WAIT_MARGIN_MS)).map(|t| t.saturating_duration_since(Instant::now()));
+    let done = monoio::time::timeout(left.unwrap_or_default(), wait).await.is_ok();
+    let alive = shard.table.borrow().get(id).is_some_and(|c| c.phase == Phase::Http);
+    alive.then_some(done)
 }
 
 /// Strips a PROXY protocol header sent by a trusted proxy and takes its
