@@ -34,8 +34,9 @@ struct SharedState {
 impl Edge {
     pub(super) fn handover_state<C: Conns<Self>>(&self, cx: &C, id: ConnId) -> Option<Vec<u8>> {
         let moved = cx.state(id, |s| {
-            // A join still waiting for its history answer cannot move.
-            (s.pending_joins == 0).then(|| Moved {
+            // Not while a join waits for its history answer, or a backend
+            // call (rpc, proxied publish) for its answer: a moment later.
+            (s.pending_joins == 0 && s.in_flight == 0).then(|| Moved {
                 rooms_route: s.route == Route::Rooms,
                 client_id: s.client_id.as_deref().map(str::to_string),
                 named: s.named,

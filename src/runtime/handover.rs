@@ -131,7 +131,9 @@ impl<A: App> Shard<A> {
                     let _ = tx.send(Item::Conn(h));
                 }
             }
-            let waiting = self.table.borrow_mut().iter_mut().any(|(_, c)| movable_kind(c) && c.writing);
+            // Writing (a ping, a late message), or the application's state
+            // is not ready to move (an answer outstanding).
+            let waiting = self.table.borrow_mut().iter_mut().any(|(_, c)| movable_kind(c));
             if !waiting || Instant::now() >= deadline {
                 break;
             }

@@ -152,8 +152,10 @@ pub trait App: Sized + 'static {
     /// 1001 at the end of the drain).
     fn on_drain<C: Conns<Self>>(&self, cx: &C, id: ConnId) -> bool;
     /// Upgrade (old process): `id` moves to the new process; its state as
-    /// bytes for [`App::on_resume`], or `None` when it cannot move (it is
-    /// then hinted and closed). Nothing is torn down: this process ends.
+    /// bytes for [`App::on_resume`], or `None` when it cannot move yet (an
+    /// answer is outstanding: asked again a moment later; past the
+    /// handover's deadline it is hinted and closed). Nothing is torn down:
+    /// this process ends.
     fn on_handover<C: Conns<Self>>(&self, cx: &C, id: ConnId) -> Option<Vec<u8>>;
     /// Upgrade (new process): `id` arrived from the old process with
     /// `state` (from [`App::on_handover`]); restore it, quietly (the peer
