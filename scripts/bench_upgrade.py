@@ -178,6 +178,15 @@ async def scenario(mode, n, out):
     for c in clients:
         c.rtts.clear()
         c.connect_lat.clear()
+    # Baseline: each client's longest pong wait over 3.5 s of steady state
+    # (the same length as the window around the takeover below).
+    await asyncio.sleep(3.5)
+    t_base = time.monotonic()
+    base = [max([r for (_, r) in c.rtts] or [0.0]) for c in clients]
+    res["steady_longest_pong_ms"] = {q: round(1000 * percentile(base, v), 1) for q, v in
+                                     (("p50", 0.5), ("p99", 0.99), ("max", 1.0))}
+    for c in clients:
+        c.rtts = [x for x in c.rtts if x[0] >= t_base]
     t0 = time.monotonic()
     load0 = os.getloadavg()
     if mode == "upgrade":
@@ -233,20 +242,21 @@ async def scenario(mode, n, out):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=10000)
+    ap.add_argument("--modes", default="upgrade,drain")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "2026-12-01-upgrade-vs-drain"))
     args = ap.parse_args()
     if not os.path.exists(BIN):
         sys.exit(f"{BIN} missing: cargo build --release")
     os.makedirs(args.out, exist_ok=True)
     runs = []
-    for mode in ("upgrade", "drain"):
+    for mode in args.modes.split(","):
         r = asyncio.run(scenario(mode, args.clients, args.out))
         print(json.dumps(r, indent=1))
         runs.append(r)
     meta = {"machine": f"{platform.node()} {os.cpu_count()} cpus, {platform.release()}",
             "setup": "one node process per role, 2 shards unpinned, release build; one Python asyncio client "
                      "process on the same 2 cores; each client pings once a second",
-            "command": f"scripts/bench_upgrade.py --clients {args.clients}"}
+            "command": f"scripts/bench_upgrade.py --clients {args.clients} --modes {args.modes}"}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"meta": meta, "runs": runs}, f, indent=1)
 
