@@ -30,10 +30,13 @@ async fn ping(c: &mut Client) {
 async fn an_overloaded_node_moves_its_least_active_clients_to_an_idle_peer() {
     assert!(redis_available());
     let redis = Redis::start();
-    // 2 shards × 20 slots = 40. High 0.925: 37 clients (0.925) do not
-    // trigger, the 38th does: ceil((38 − 32) / 2) = 3 clients move.
+    // 40 slots. High 0.925: 37 clients (0.925) do not trigger, the 38th
+    // does: ceil((38 − 32) / 2) = 3 clients move. One shard: each shard
+    // picks its own least active for its share of the count, so with one
+    // the three are exactly the node's least active.
     let settings = [
-        "server.max_connections_per_shard=20",
+        "server.shards=1",
+        "server.max_connections_per_shard=40",
         "cluster.rebalance_high=0.925",
         "cluster.migrate_grace_ms=1500",
         // No sampling pings: their pongs would count as activity.
@@ -52,7 +55,7 @@ async fn an_overloaded_node_moves_its_least_active_clients_to_an_idle_peer() {
     for i in 0..37 {
         clients.push(Client::connect(&a, &format!("c{i}")).await);
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     // Everyone but c0, c1, c2 is active again: those three are the least active.
     for c in clients.iter_mut().skip(3) {
         ping(c).await;

@@ -88,8 +88,17 @@ async def too_big(base):
 
 async def shutdown(base, proc):
     ws = await websockets.connect(base + "/echo")
+    rooms = await websockets.connect(base + "/ws?client_id=py-drain")
+    await rooms.recv()  # welcome
     proc.send_signal(signal.SIGTERM)
     try:
+        hint = json.loads(await asyncio.wait_for(rooms.recv(), 5))
+        check("SIGTERM: a reconnect hint first (drain)", hint.get("type") == "reconnect"
+              and hint.get("reason") == "drain" and "after_ms" in hint, hint)
+    except Exception as e:  # noqa: BLE001
+        check("SIGTERM: a reconnect hint first (drain)", False, repr(e))
+    try:
+        # The rest get 1001 at 3/4 of shutdown.drain_timeout_ms (3 s here).
         await asyncio.wait_for(ws.recv(), 5)
         check("SIGTERM closes 1001", False, "no close")
     except websockets.ConnectionClosed as c:
@@ -98,7 +107,7 @@ async def shutdown(base, proc):
 
 
 async def main():
-    proc, addr = start_node()
+    proc, addr = start_node("--set", "shutdown.drain_timeout_ms=3000", "--set", "shutdown.reconnect_spread_ms=500")
     base = f"ws://{addr}"
     try:
         for t in (echo, rooms):
