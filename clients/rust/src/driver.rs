@@ -114,7 +114,8 @@ impl Driver {
             if !delay.is_zero() && !self.wait(delay).await {
                 break StopReason::Closed;
             }
-            match self.open().await {
+            let Some(opened) = self.open_unless_closed().await else { break StopReason::Closed };
+            match opened {
                 Ok((ws, welcome)) => {
                     failed = 0;
                     token_retried = false;
@@ -244,13 +245,20 @@ impl Driver {
         }
     }
 
-    /// TCP connect (from `local_addr` when set), upgrade with the token, and the welcome.
-    async fn open(&mut self) -> std::result::Result<(Ws, Welcome), ConnectError> {
+    /// TCP connect (from `local_addr` when set), upgrade with the token, and the welcome;
+    /// `None` when the client was closed meanwhile.
+    async fn open_unless_closed(&mut self) -> Option<std::result::Result<(Ws, Welcome), ConnectError>> {
         let url = self.url_with_query();
-        let fut = open_ws(url, self.token.clone(), &self.cfg);
-        match tokio::time::timeout(self.cfg.connect_timeout, fut).await {
-            Err(_) => Err(ConnectError::Failed("connect timed out".into())),
-            Ok(r) => r,
+        let fut = tokio::time::timeout(self.cfg.connect_timeout, open_ws(url, self.token.clone(), &self.cfg));
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                r = &mut fut => return Some(r.unwrap_or_else(|_| Err(ConnectError::Failed("connect timed out".into())))),
+                cmd = self.cmds.recv() => match cmd {
+                    None | Some(Cmd::Close) => return None,
+                    Some(Cmd::Send { reply, .. }) => { let _ = reply.send(Err(Error::NotConnected)); }
+                },
+            }
         }
     }
 
@@ -461,7 +469,7 @@ impl Driver {
 
     /// Hands an answer to the request waiting for it; returns messages nobody waits for.
     fn answer(&mut self, msg: ServerMsg) -> Option<ServerMsg> {
-        let idx = self.pending.iter().position(|p| answers(&p.expect, &msg))?;
+        let Some(idx) = self.pending.iter().position(|p| answers(&p.expect, &msg)) else { return Some(msg) };
         let p = self.pending.remove(idx)?;
         let result = match msg {
             ServerMsg::Error { code, message } => Err(Error::Server { code, message }),
