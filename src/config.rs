@@ -410,14 +410,27 @@ impl RoomsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
-    /// On SIGTERM/SIGINT: stop accepting, close every connection with 1001,
-    /// and exit within this. Default 10000 ms.
+    /// On SIGTERM/SIGINT: `/ready` and upgrades answer 503 at once, open
+    /// WebSockets get a `reconnect` hint (spread over `reconnect_spread_ms`),
+    /// those still open at 3/4 of this get 1001, and the node exits within
+    /// this. Default 10000 ms.
     pub drain_timeout_ms: u64,
+    /// Hints of a drain go out spread evenly over this (in random order), so
+    /// clients do not come back in the same second. 0 sends them all at once;
+    /// at most half of `drain_timeout_ms` is used. Default 5000 ms.
+    pub reconnect_spread_ms: u64,
+}
+
+impl ShutdownConfig {
+    /// The spread a drain uses: `reconnect_spread_ms`, at most half the drain.
+    pub fn spread_ms(&self) -> u64 {
+        self.reconnect_spread_ms.min(self.drain_timeout_ms / 2)
+    }
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        Self { drain_timeout_ms: 10_000 }
+        Self { drain_timeout_ms: 10_000, reconnect_spread_ms: 5_000 }
     }
 }
 

@@ -480,6 +480,10 @@ impl Edge {
     }
 }
 
+/// The most a hint asks a client to wait on top of when it got the hint
+/// (hints themselves are spread over `shutdown.reconnect_spread_ms`).
+pub const HINT_JITTER_MS: u64 = 1_000;
+
 impl App for Edge {
     type Msg = AppMsg;
     type Conn = Session;
@@ -603,6 +607,18 @@ impl App for Edge {
 
     fn on_preempt<C: Conns<Self>>(&self, cx: &C, id: ConnId) {
         self.preempt(cx, id);
+    }
+
+    fn on_drain<C: Conns<Self>>(&self, cx: &C, id: ConnId) -> bool {
+        // /echo has no messages of its own: it only gets the 1001.
+        if cx.state(id, |s| s.client_id.is_some()) != Some(true) {
+            return false;
+        }
+        let spread = cx.node().config.shutdown.spread_ms();
+        let after_ms = fastrand::u64(0..=HINT_JITTER_MS.min(spread));
+        let url = self.broker().reconnect_url();
+        cx.send_text(id, &protocol::reconnect(&url, after_ms, protocol::HintReason::Drain));
+        true
     }
 
     fn on_sweep<C: Conns<Self>>(&self, cx: &C) -> Vec<ConnId> {

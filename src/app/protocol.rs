@@ -251,6 +251,34 @@ pub fn preempted(reason: &str, reconnect_delay_ms: u64) -> String {
     serde_json::json!({"type": "preempted", "reason": reason, "reconnect_delay_ms": reconnect_delay_ms}).to_string()
 }
 
+/// Why a client is asked to reconnect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HintReason {
+    /// The node is shutting down.
+    Drain,
+    /// The node is overloaded and a peer has room (cluster rebalancing).
+    Rebalance,
+    /// The node is being replaced by a new process.
+    Upgrade,
+}
+
+impl HintReason {
+    /// The wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            HintReason::Drain => "drain",
+            HintReason::Rebalance => "rebalance",
+            HintReason::Upgrade => "upgrade",
+        }
+    }
+}
+
+/// `{"type":"reconnect","url":U,"after_ms":J,"reason":R}`: go to `url` (""
+/// = the same address, through the balancer) after `after_ms`.
+pub fn reconnect(url: &str, after_ms: u64, reason: HintReason) -> String {
+    serde_json::json!({"type": "reconnect", "url": url, "after_ms": after_ms, "reason": reason.name()}).to_string()
+}
+
 /// `{"type":"affinity","node":N,"url":U}`: this client's affinity node is another one.
 pub fn affinity(node: &str, url: &str) -> String {
     serde_json::json!({"type": "affinity", "node": node, "url": url}).to_string()

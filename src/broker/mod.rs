@@ -75,6 +75,11 @@ pub trait Broker: Send + Sync {
     fn presence(&self, _room: Arc<str>, _conn: ConnId) -> bool {
         false
     }
+    /// Where a client asked to leave this node should go: the `url` of the
+    /// least-loaded live peer, or "" (the same address, through the balancer).
+    fn reconnect_url(&self) -> String {
+        String::new()
+    }
     /// How many connections per shard the broker wants in each sample (0 = none).
     fn sample_size(&self) -> usize;
     /// A shard's periodic sample of its connections.

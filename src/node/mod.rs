@@ -107,8 +107,12 @@ impl Node {
         &self.state
     }
 
-    /// Drains: stop accepting, close every connection with 1001, and wait
-    /// up to `shutdown.drain_timeout_ms` for the shards to finish.
+    /// Drains (docs/design.md, "Drain"): `/ready` and upgrades answer 503 at
+    /// once, open WebSockets get a reconnect hint spread over
+    /// `shutdown.reconnect_spread_ms`, those still open at 3/4 of
+    /// `shutdown.drain_timeout_ms` get 1001; waits up to the drain timeout
+    /// for the shards to finish, then stops the cluster thread (which keeps
+    /// routing for the shards until then). Logs one summary line.
     pub fn shutdown(self) {
         let started = Instant::now();
         let timeout = Duration::from_millis(self.state.config.shutdown.drain_timeout_ms);
@@ -120,7 +124,6 @@ impl Node {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        self.shared.broker.shutdown();
         let mut left = 0;
         for t in self.threads {
             while !t.is_finished() && Instant::now() < deadline {
@@ -132,14 +135,25 @@ impl Node {
                 left += 1;
             }
         }
+        self.shared.broker.shutdown();
         let remaining = self.state.connections();
+        let sum = |f: fn(&crate::runtime::metrics::ShardMetrics) -> u64| -> u64 {
+            self.state.shards.iter().map(|s| f(&s.metrics)).sum()
+        };
+        let hinted = sum(|m| m.drain_hinted.get());
+        let closed = sum(|m| m.drain_closed.get());
+        let gone = (open as u64).saturating_sub(closed + remaining as u64);
+        let elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
             connections_at_start = open,
+            hinted,
+            left_on_their_own = gone,
+            closed_1001 = closed,
             connections_left = remaining,
             threads_left = left,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "drain finished: {open} connection(s) closed with 1001 in {} ms, {remaining} left",
-            started.elapsed().as_millis()
+            elapsed_ms,
+            "drain finished in {elapsed_ms} ms: {open} connection(s); {hinted} hinted, {gone} left on their own, \
+             {closed} closed with 1001, {remaining} still open"
         );
     }
 }

@@ -58,15 +58,18 @@ pub enum ShardMsg<M> {
         /// Close reason.
         reason: &'static str,
     },
-    /// Start draining: stop accepting, close everything with 1001.
+    /// Start draining: refuse upgrades, hint open WebSockets to reconnect
+    /// elsewhere, then close the rest with 1001.
     Shutdown,
+    /// The drain is over: leave the mailbox loop (sent by the shard to itself).
+    Stop,
 }
 
 impl<M: Weigh> Weigh for ShardMsg<M> {
     fn weight(&self) -> Option<usize> {
         match self {
             ShardMsg::App(m) => m.weight(),
-            ShardMsg::Adopt { .. } | ShardMsg::Kick { .. } | ShardMsg::Shutdown => None,
+            ShardMsg::Adopt { .. } | ShardMsg::Kick { .. } | ShardMsg::Shutdown | ShardMsg::Stop => None,
         }
     }
 }

@@ -125,6 +125,10 @@ pub trait App: Sized + 'static {
     /// `id` is preempted for an upgrade of a higher class: tell it, then
     /// close it (4004).
     fn on_preempt<C: Conns<Self>>(&self, cx: &C, id: ConnId);
+    /// The node drains and it is `id`'s turn: queue a reconnect hint if the
+    /// connection's protocol has one (true), or do nothing (false; it gets
+    /// 1001 at the end of the drain).
+    fn on_drain<C: Conns<Self>>(&self, cx: &C, id: ConnId) -> bool;
 }
 
 /// What the application may do with the connections of its shard: the only

@@ -220,6 +220,8 @@ pub struct ClusterStatus {
     pub incoming_dropped: AtomicU64,
     /// The last `/cluster` view: live nodes from the registry (JSON).
     pub nodes_json: Mutex<serde_json::Value>,
+    /// The least-loaded healthy peer's url from the last view ("" when none).
+    pub peer_url: Mutex<String>,
 }
 
 /// The shards' side of the cluster thread.
@@ -344,6 +346,10 @@ impl Broker for RedisBroker {
 
     fn sample_size(&self) -> usize {
         self.sample_size
+    }
+
+    fn reconnect_url(&self) -> String {
+        self.status.peer_url.lock().map(|u| u.clone()).unwrap_or_default()
     }
 
     fn sample(&self, shard: usize, entries: Vec<SampleEntry>) {

@@ -890,6 +890,15 @@ impl<C: Connector> Worker<C> {
         if let Ok(mut v) = self.status.nodes_json.lock() {
             *v = view;
         }
+        let peers: Vec<NodeInfo> = if self.connected() {
+            self.live.values().filter(|n| n.node != self.me && !n.url.is_empty()).cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let url = registry::least_loaded(&peers).map(|n| n.url.clone()).unwrap_or_default();
+        if let Ok(mut u) = self.status.peer_url.lock() {
+            *u = url;
+        }
     }
 }
 
