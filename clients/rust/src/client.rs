@@ -377,6 +377,12 @@ impl Client {
     }
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("state", &self.state()).finish()
+    }
+}
+
 fn unexpected(m: ServerMsg) -> Error {
     Error::Config(format!("unexpected answer {m:?}"))
 }

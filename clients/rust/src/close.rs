@@ -71,7 +71,10 @@ mod tests {
         for code in [None, Some(1001), Some(1006), Some(4001), Some(1011), Some(1013)] {
             assert_eq!(action_for(code, None), Action::Reconnect, "{code:?}");
         }
-        assert_eq!(action_for(Some(4004), Some(Duration::from_millis(70))), Action::ReconnectAfter(Duration::from_millis(70)));
+        assert_eq!(
+            action_for(Some(4004), Some(Duration::from_millis(70))),
+            Action::ReconnectAfter(Duration::from_millis(70))
+        );
         assert_eq!(action_for(Some(4003), None), Action::RefreshThenReconnect);
         for code in [4000, 1008, 1002, 1007, 1009] {
             assert_eq!(action_for(Some(code), None), Action::Stop, "{code}");

@@ -19,8 +19,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::close::{action_for, Action, REPLACED};
 use crate::client::{Cause, ClientConfig, Cmd, ConnState, Event, Expect, Shared};
+use crate::close::{action_for, Action, REPLACED};
 use crate::error::{Error, Result, StopReason};
 use crate::protocol::{ClientMsg, ErrorCode, ServerMsg, Since};
 use crate::token::{jwt_exp, refresh_in, unix_now};
@@ -35,6 +35,8 @@ const REFRESH_RETRY: Duration = Duration::from_secs(5);
 /// A request waiting for its answer.
 struct Pending {
     expect: Expect,
+    /// For a refresh: the token that becomes the client's once accepted.
+    token: Option<String>,
     reply: Option<oneshot::Sender<Result<ServerMsg>>>,
     deadline: Instant,
 }
@@ -323,8 +325,12 @@ impl Driver {
 
     /// Re-joins every room with its last position.
     async fn resume(&mut self, ws: &mut Ws) -> std::result::Result<(), String> {
-        let rooms: Vec<(String, Option<Since>)> =
-            self.shared.rooms.lock().map(|r| r.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+        let rooms: Vec<(String, Option<Since>)> = self
+            .shared
+            .rooms
+            .lock()
+            .map(|r| r.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
         for (room, since) in rooms {
             let msg = ClientMsg::Join { room: room.clone(), since };
             self.send(ws, msg, Expect::Joined(room), None).await?;
@@ -344,9 +350,10 @@ impl Driver {
                 r.remove(room);
             }
         }
-        if let ClientMsg::Refresh { token } = &msg {
-            self.token = Some(token.clone());
-        }
+        let token = match &msg {
+            ClientMsg::Refresh { token } => Some(token.clone()),
+            _ => None,
+        };
         let text = serde_json::to_string(&msg).map_err(|e| e.to_string())?;
         if let Err(e) = ws.send(Message::Text(text.into())).await {
             if let Some(r) = reply {
@@ -362,7 +369,7 @@ impl Driver {
             }
             expect => {
                 let deadline = Instant::now() + self.cfg.request_timeout;
-                self.pending.push_back(Pending { expect, reply, deadline });
+                self.pending.push_back(Pending { expect, token, reply, deadline });
             }
         }
         Ok(())
@@ -388,7 +395,6 @@ impl Driver {
             ServerMsg::Joined { room, offset, epoch, recovered } => {
                 self.on_joined(room, *offset, epoch.as_deref(), *recovered);
             }
-            ServerMsg::Refreshed { .. } => self.on_refreshed(),
             ServerMsg::Preempted { reconnect_delay_ms, .. } => {
                 self.preempt_delay = Some(Duration::from_millis(*reconnect_delay_ms));
             }
@@ -435,7 +441,9 @@ impl Driver {
                 let keep = rooms.get(room).cloned().flatten();
                 match keep {
                     // Recovered: the replay already moved the position; keep the larger.
-                    Some(s) if recovered == Some(true) && s.epoch == e => Some(Since { offset: s.offset.max(o), epoch: s.epoch }),
+                    Some(s) if recovered == Some(true) && s.epoch == e => {
+                        Some(Since { offset: s.offset.max(o), epoch: s.epoch })
+                    }
                     _ => Some(Since { offset: o, epoch: e.to_string() }),
                 }
             }
@@ -471,6 +479,10 @@ impl Driver {
     fn answer(&mut self, msg: ServerMsg) -> Option<ServerMsg> {
         let Some(idx) = self.pending.iter().position(|p| answers(&p.expect, &msg)) else { return Some(msg) };
         let p = self.pending.remove(idx)?;
+        if let (ServerMsg::Refreshed { .. }, Some(token)) = (&msg, p.token) {
+            self.token = Some(token);
+            self.on_refreshed();
+        }
         let result = match msg {
             ServerMsg::Error { code, message } => Err(Error::Server { code, message }),
             other => Ok(other),
@@ -507,7 +519,7 @@ fn answers(expect: &Expect, msg: &ServerMsg) -> bool {
             Expect::Left(_) => matches!(code, BadRoom | MissingField),
             Expect::Presence(_) => matches!(code, Forbidden | BadRoom | MissingField),
             Expect::Echo => matches!(code, TooLarge),
-            Expect::Refreshed => matches!(code, InvalidToken | Forbidden | UnknownType | MissingField),
+            Expect::Refreshed => matches!(code, InvalidToken | Forbidden | UnknownType | MissingField | RateLimited),
             Expect::Pong(_) | Expect::Written => false,
         },
         _ => false,
@@ -561,15 +573,21 @@ struct Welcome {
     node: String,
 }
 
-async fn open_ws(url: String, token: Option<String>, cfg: &ClientConfig) -> std::result::Result<(Ws, Welcome), ConnectError> {
+async fn open_ws(
+    url: String,
+    token: Option<String>,
+    cfg: &ClientConfig,
+) -> std::result::Result<(Ws, Welcome), ConnectError> {
     let mut req = url.as_str().into_client_request().map_err(|e| ConnectError::Failed(e.to_string()))?;
     if let Some(t) = &token {
-        let v = format!("Bearer {t}").parse().map_err(|_| ConnectError::Failed("token is not a header value".into()))?;
+        let v =
+            format!("Bearer {t}").parse().map_err(|_| ConnectError::Failed("token is not a header value".into()))?;
         req.headers_mut().insert("authorization", v);
     }
     let host = req.uri().host().unwrap_or("127.0.0.1").trim_matches(['[', ']']).to_string();
     let port = req.uri().port_u16().unwrap_or(80);
-    let tcp = connect_tcp(&host, port, cfg).await.map_err(|e| ConnectError::Failed(format!("connect {host}:{port}: {e}")))?;
+    let tcp =
+        connect_tcp(&host, port, cfg).await.map_err(|e| ConnectError::Failed(format!("connect {host}:{port}: {e}")))?;
     let wscfg = WebSocketConfig::default().read_buffer_size(cfg.read_buffer_bytes).write_buffer_size(0);
     let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, tcp, Some(wscfg)).await.map_err(refusal)?;
     loop {

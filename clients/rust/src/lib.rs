@@ -33,7 +33,7 @@ pub mod protocol;
 pub mod token;
 
 pub use backoff::Backoff;
-pub use client::{Cause, Client, ClientConfig, ConnState, Events, Event, Joined, Stats};
+pub use client::{Cause, Client, ClientConfig, ConnState, Event, Events, Joined, Stats};
 pub use error::{Error, Result, StopReason};
 pub use pool::{Pool, PoolConfig, PoolStats, PooledClient};
 pub use protocol::{ClientMsg, ErrorCode, ServerMsg, Since};

@@ -156,7 +156,8 @@ impl Pool {
         }
         s.replaced += dropped;
         let cap = self.inner.cfg.max_connections_per_host;
-        let best = s.hosts.iter().enumerate().filter(|(_, h)| h.active + h.idle.len() < cap).min_by_key(|(_, h)| h.active);
+        let best =
+            s.hosts.iter().enumerate().filter(|(_, h)| h.active + h.idle.len() < cap).min_by_key(|(_, h)| h.active);
         match best.map(|(i, _)| i) {
             Some(i) => {
                 s.hosts[i].active += 1;
@@ -273,5 +274,11 @@ impl Drop for PooledClient {
         if let Some(entry) = self.entry.take() {
             self.pool.release(self.host, entry);
         }
+    }
+}
+
+impl std::fmt::Debug for PooledClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledClient").field("endpoint", &self.endpoint()).field("client", &**self).finish()
     }
 }

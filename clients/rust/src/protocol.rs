@@ -309,7 +309,10 @@ mod tests {
     #[test]
     fn client_messages_serialize_as_the_protocol_says() {
         let j = ClientMsg::Join { room: "a".into(), since: Some(Since { offset: 4, epoch: "e".into() }) };
-        assert_eq!(serde_json::to_value(&j).unwrap(), json!({"type":"join","room":"a","since":{"offset":4,"epoch":"e"}}));
+        assert_eq!(
+            serde_json::to_value(&j).unwrap(),
+            json!({"type":"join","room":"a","since":{"offset":4,"epoch":"e"}})
+        );
         let j = ClientMsg::Join { room: "a".into(), since: None };
         assert_eq!(serde_json::to_value(&j).unwrap(), json!({"type":"join","room":"a"}));
         let p = ClientMsg::Publish { room: "a".into(), data: json!([1]) };

@@ -121,7 +121,12 @@ async fn hint_to_another_node_is_followed_and_rooms_resume() {
     let ev = wait_event(&mut events, Duration::from_secs(5), |e| matches!(e, Event::Reconnecting { .. })).await;
     assert_eq!(
         ev,
-        Event::Reconnecting { attempt: 0, delay: Duration::from_millis(300), url: b.url.clone(), cause: Cause::Hint("drain".into()) }
+        Event::Reconnecting {
+            attempt: 0,
+            delay: Duration::from_millis(300),
+            url: b.url.clone(),
+            cause: Cause::Hint("drain".into())
+        }
     );
     let mut c2 = b.accept().await;
     assert!(c2.at.duration_since(closed_at) >= Duration::from_millis(300), "did not wait after_ms");
@@ -136,7 +141,9 @@ async fn hint_to_another_node_is_followed_and_rooms_resume() {
     })
     .await;
     assert!(matches!(got, Event::Message(ServerMsg::Message { .. })));
-    let resumed = wait_event(&mut events, Duration::from_secs(5), |e| matches!(e, Event::Message(ServerMsg::Joined { .. }))).await;
+    let resumed =
+        wait_event(&mut events, Duration::from_secs(5), |e| matches!(e, Event::Message(ServerMsg::Joined { .. })))
+            .await;
     assert!(matches!(resumed, Event::Message(ServerMsg::Joined { recovered: Some(true), .. })));
     assert_eq!(client.stats().duplicates_dropped.load(std::sync::atomic::Ordering::Relaxed), 1);
     assert_eq!(client.stats().hints_followed.load(std::sync::atomic::Ordering::Relaxed), 1);
@@ -206,7 +213,12 @@ async fn policy_close_stops() {
 async fn backoff_gives_up_after_max_attempts() {
     let port = common::free_port(); // nothing listens there
     let mut cfg = ClientConfig::new(format!("ws://127.0.0.1:{port}/ws"));
-    cfg.backoff = Backoff { base: Duration::from_millis(20), cap: Duration::from_millis(80), max_attempts: Some(4), jitter: true };
+    cfg.backoff = Backoff {
+        base: Duration::from_millis(20),
+        cap: Duration::from_millis(80),
+        max_attempts: Some(4),
+        jitter: true,
+    };
     let (client, mut events) = Client::start(cfg).unwrap();
     let mut delays = Vec::new();
     loop {

@@ -55,16 +55,18 @@ impl Node {
 
     /// Starts on `port` with extra CLI args and `--set` settings.
     pub fn start_on(port: u16, args: &[&str], settings: &[&str]) -> Node {
-        let mut all: Vec<String> = ["--shards", "2", "--set", "server.pin_cores=false", "--set", "auth.allow_client_ids=true"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut all: Vec<String> =
+            ["--shards", "2", "--set", "server.pin_cores=false", "--set", "auth.allow_client_ids=true"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         all.extend(args.iter().map(|s| s.to_string()));
         for kv in settings {
             all.push("--set".into());
             all.push(kv.to_string());
         }
-        let mut n = Node { child: None, addr: SocketAddr::from(([127, 0, 0, 1], port)), args: all, log: Arc::default() };
+        let mut n =
+            Node { child: None, addr: SocketAddr::from(([127, 0, 0, 1], port)), args: all, log: Arc::default() };
         n.restart();
         n
     }
