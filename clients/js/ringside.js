@@ -245,7 +245,7 @@ export class Client {
     if (this.userClosed) return this.stop("closed");
     if (this.failed >= this.backoff.maxAttempts) return this.stop(`gave up after ${this.failed} attempts`);
     this.nextUrl();
-    this.retry(this.failed, backoffDelay(this.failed - 1, this.backoff), "backoff");
+    this.retry(this.failed, backoffDelay(this.failed, this.backoff), "backoff");
   }
 
   nextUrl() { this.urlIndex = (this.urlIndex + 1) % this.urls.length; this.url = this.urls[this.urlIndex]; }

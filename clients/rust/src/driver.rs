@@ -153,7 +153,7 @@ impl Driver {
                         break StopReason::GaveUp { attempts: failed, last: text };
                     }
                     self.next_url();
-                    delay = self.cfg.backoff.delay(failed - 1).max(floor);
+                    delay = self.cfg.backoff.delay(failed).max(floor);
                     let cause = if floor.is_zero() { Cause::Backoff } else { Cause::RetryAfter };
                     self.announce(failed, delay, cause).await;
                 }

@@ -232,7 +232,7 @@ async fn backoff_gives_up_after_max_attempts() {
         }
     }
     assert_eq!(delays.iter().map(|d| d.0).collect::<Vec<_>>(), [1, 2, 3]);
-    let ceilings = [20, 40, 80];
+    let ceilings = [40, 80, 80]; // attempt n waits up to min(cap, base × 2^n)
     for ((_, d), c) in delays.iter().zip(ceilings) {
         assert!(d.as_millis() <= c, "{d:?} above the ceiling {c}");
     }
