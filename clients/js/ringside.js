@@ -204,6 +204,7 @@ export class Client {
   followHint(msg) {
     this.stats.hintsFollowed++;
     this.hint = { url: msg.url, afterMs: msg.after_ms ?? 0, reason: msg.reason };
+    this.state = "connecting"; // stop sending: the socket is closing
     this.ws?.close(1000, "following reconnect hint");
   }
 

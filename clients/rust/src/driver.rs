@@ -29,6 +29,9 @@ type Ws = WebSocketStream<TcpStream>;
 
 /// How long a normal close may take before the socket is dropped.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Requests waiting for their answer, per connection: each is bounded by the request
+/// timeout, this bounds them by count (a caller flooding joins gets `Error::Busy`).
+const MAX_PENDING: usize = 1024;
 /// Retry delay of a failed ahead-of-exp refresh.
 const REFRESH_RETRY: Duration = Duration::from_secs(5);
 
@@ -306,6 +309,9 @@ impl Driver {
                     None | Some(Cmd::Close) => {
                         close_normally(&mut ws, "client closed").await;
                         return End::User;
+                    }
+                    Some(Cmd::Send { reply, .. }) if self.pending.len() >= MAX_PENDING => {
+                        let _ = reply.send(Err(Error::Busy));
                     }
                     Some(Cmd::Send { msg, expect, reply }) => {
                         if let Err(e) = self.send(&mut ws, msg, expect, Some(reply)).await {

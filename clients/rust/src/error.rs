@@ -24,6 +24,8 @@ pub enum Error {
     Stopped(StopReason),
     /// No answer within the request timeout.
     Timeout,
+    /// Too many requests already wait for their answers on this connection; retry later.
+    Busy,
     /// The pool had no connection free within its acquire timeout.
     PoolTimeout,
     /// The pool was closed.
@@ -74,6 +76,7 @@ impl std::fmt::Display for Error {
             Error::Disconnected => f.write_str("disconnected before the answer came"),
             Error::Stopped(r) => write!(f, "client stopped: {r:?}"),
             Error::Timeout => f.write_str("no answer in time"),
+            Error::Busy => f.write_str("too many requests waiting for answers"),
             Error::PoolTimeout => f.write_str("no pooled connection free in time"),
             Error::PoolClosed => f.write_str("pool closed"),
             Error::Config(s) => write!(f, "bad configuration: {s}"),
