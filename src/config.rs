@@ -171,6 +171,10 @@ pub struct ServerConfig {
     /// served on the client port. Default empty (development); production
     /// sets it to a private address.
     pub admin_listen: String,
+    /// HAProxy agent-check listener (`ip:port`): each connection is answered
+    /// `up N%` (N from the node's live headroom) or `drain`, then closed.
+    /// Empty = off. Default empty.
+    pub agent_listen: String,
     /// Serve `/metrics` and `/cluster` on the client port too. Default true;
     /// `false` answers them 404 there (`/health` and `/ready` stay for the
     /// balancer's checks).
@@ -207,6 +211,7 @@ impl Default for ServerConfig {
             handshake_timeout_ms: 5000,
             mailbox_capacity: 16384,
             admin_listen: String::new(),
+            agent_listen: String::new(),
             public_internal_endpoints: true,
             trusted_proxies: Vec::new(),
             allowed_origins: Vec::new(),
@@ -663,6 +668,31 @@ pub struct ClusterConfig {
     /// in Redis (conn keys, sessions, presence; in chunks of 2,000), so a
     /// key lost in Redis (a failover, a hand edit) comes back. Default 60.
     pub reconcile_intervals: u64,
+    /// Where `reconnect` hints (drain, rebalance) send clients: `peer` (the
+    /// target node's `server.advertise_url`) or `balancer` (`""`: the address
+    /// the client used, i.e. back through the load balancer). Default `peer`.
+    pub reconnect_via: ReconnectVia,
+    /// Rebalancing starts when this node's utilization (connections /
+    /// slots) is above this while a live peer is below `rebalance_low`.
+    /// Default 0.85 (seed 000); 1.0 or more turns rebalancing off.
+    pub rebalance_high: f64,
+    /// A peer below this utilization may receive moved clients. Default 0.30.
+    pub rebalance_low: f64,
+    /// At most this many clients are asked to move per second. Default 100.
+    pub migrate_rate: u32,
+    /// A client asked to move that has not left after this is closed (1001).
+    /// Default 5000 ms.
+    pub migrate_grace_ms: u64,
+}
+
+/// `cluster.reconnect_via`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReconnectVia {
+    /// The target node's own URL.
+    Peer,
+    /// `""`: through the balancer the client came from.
+    Balancer,
 }
 
 impl Default for ClusterConfig {
@@ -674,6 +704,11 @@ impl Default for ClusterConfig {
             affinity_ttl_secs: 1800,
             sample_size: 16,
             reconcile_intervals: 60,
+            reconnect_via: ReconnectVia::Peer,
+            rebalance_high: 0.85,
+            rebalance_low: 0.30,
+            migrate_rate: 100,
+            migrate_grace_ms: 5_000,
         }
     }
 }
@@ -863,7 +898,19 @@ impl Config {
             "server.admin_listen",
             "expected ip:port, e.g. 127.0.0.1:9090, or empty",
         )?;
+        check(
+            s.agent_listen.is_empty() || s.agent_listen.parse::<SocketAddr>().is_ok(),
+            "server.agent_listen",
+            "expected ip:port, e.g. 127.0.0.1:9091, or empty",
+        )?;
         check(self.cluster.sync_interval_ms >= 50, "cluster.sync_interval_ms", "at least 50")?;
+        let c = &self.cluster;
+        check(
+            (0.0..1.0).contains(&c.rebalance_low) && c.rebalance_low < c.rebalance_high,
+            "cluster.rebalance_low",
+            "between 0 and 1, and below cluster.rebalance_high",
+        )?;
+        check(c.migrate_rate >= 1, "cluster.migrate_rate", "at least 1")?;
         check(self.cluster.reconcile_intervals >= 1, "cluster.reconcile_intervals", "at least 1")?;
         let url = &self.cluster.redis_url;
         check(

@@ -156,6 +156,16 @@ pub enum AppMsg {
         /// Who asks.
         conn: ConnId,
     },
+    /// Rebalancing: ask up to `count` of this shard's least recently active
+    /// clients to move to node `target` at `url`.
+    Migrate {
+        /// How many.
+        count: usize,
+        /// Target node id.
+        target: Arc<str>,
+        /// Its URL ("" = through the balancer).
+        url: Arc<str>,
+    },
     /// Close `conn` with `code` (a newer connection took its client id).
     Kick {
         /// Connection to close.
@@ -184,6 +194,7 @@ impl crate::runtime::mailbox::Weigh for AppMsg {
             | AppMsg::PresenceChange { .. }
             | AppMsg::PresenceQuery { .. }
             | AppMsg::Replaced { .. }
+            | AppMsg::Migrate { .. }
             | AppMsg::Kick { .. } => None,
         }
     }
@@ -297,6 +308,9 @@ pub struct Edge {
     floors: RefCell<std::collections::HashMap<ConnId, Floors>>,
     /// Rooms whose home is this shard → client id → its sessions in the room (this node).
     presence: RefCell<std::collections::HashMap<Arc<str>, Present>>,
+    /// Clients asked to move (rebalancing) → shard clock (ms) at which they
+    /// are closed if still here.
+    moving: RefCell<std::collections::HashMap<ConnId, u64>>,
 }
 
 impl Edge {
@@ -314,6 +328,7 @@ impl Edge {
             pending: RefCell::default(),
             floors: RefCell::default(),
             presence: RefCell::default(),
+            moving: RefCell::default(),
         }
     }
 
@@ -471,6 +486,55 @@ impl Edge {
         }
     }
 
+    /// Rebalancing: hints `count` of the least recently active `/ws`
+    /// clients (not already moving) to `target`; each is closed 1001 after
+    /// `cluster.migrate_grace_ms` if it has not left by then.
+    fn migrate<C: Conns<Self>>(&self, cx: &C, count: usize, target: &str, url: &str) {
+        let grace = cx.node().config.cluster.migrate_grace_ms;
+        let picked = {
+            let moving = self.moving.borrow();
+            cx.least_active(count + moving.len(), |s| s.client_id.is_some())
+        };
+        let deadline = cx.now_ms() + grace;
+        let mut moved = 0;
+        for id in picked {
+            if moved == count {
+                break;
+            }
+            if self.moving.borrow().contains_key(&id) {
+                continue;
+            }
+            let after_ms = fastrand::u64(0..=HINT_JITTER_MS);
+            cx.send_text(id, &protocol::reconnect(url, after_ms, protocol::HintReason::Rebalance));
+            self.moving.borrow_mut().insert(id, deadline);
+            if let Some(Some(client)) = cx.state(id, |s| s.client_id.clone()) {
+                self.broker().moved(&client, target, "rebalance");
+            }
+            moved += 1;
+        }
+        tracing::info!(shard = self.shard, moved, target, "rebalancing: {moved} client(s) asked to move to {target}");
+    }
+
+    /// Closes (1001) the clients asked to move whose grace is over; forgets
+    /// those that left.
+    fn sweep_moving<C: Conns<Self>>(&self, cx: &C) {
+        let now = cx.now_ms();
+        let mut due = Vec::new();
+        self.moving.borrow_mut().retain(|id, deadline| {
+            if cx.state(*id, |_| ()).is_none() {
+                return false;
+            }
+            if *deadline <= now {
+                due.push(*id);
+                return false;
+            }
+            true
+        });
+        for id in due {
+            cx.close(id, crate::transport::close::GOING_AWAY, "rebalanced: reconnect to the hinted node");
+        }
+    }
+
     /// The `preempted` notice, then close 4004.
     fn preempt<C: Conns<Self>>(&self, cx: &C, id: ConnId) {
         let delay = cx.node().config.priority.preempt_reconnect_delay_ms;
@@ -599,6 +663,7 @@ impl App for Edge {
             }
             AppMsg::UnknownClient { conn } => self.send_error(cx, conn, ClientError::UnknownClient),
             AppMsg::Kick { conn, code, reason } => cx.close(conn, code, reason),
+            AppMsg::Migrate { count, target, url } => self.migrate(cx, count, &target, &url),
             AppMsg::Sequence { room, from, data, origin } => self.sequence(cx, &room, &from, &data, origin),
             AppMsg::Recover { room, conn, since } => self.recover(cx, room, conn, since),
             AppMsg::Replay { room, conn, replay, asked } => self.replayed(cx, &room, conn, *replay, asked),
@@ -616,13 +681,19 @@ impl App for Edge {
         }
         let spread = cx.node().config.shutdown.spread_ms();
         let after_ms = fastrand::u64(0..=HINT_JITTER_MS.min(spread));
-        let url = self.broker().reconnect_url();
+        let (target, url) = self.broker().reconnect_target();
         cx.send_text(id, &protocol::reconnect(&url, after_ms, protocol::HintReason::Drain));
+        if let Some(Some(client)) = cx.state(id, |s| s.client_id.clone().filter(|_| s.named)) {
+            self.broker().moved(&client, &target, "drain");
+        }
         true
     }
 
     fn on_sweep<C: Conns<Self>>(&self, cx: &C) -> Vec<ConnId> {
         self.expire_tokens(cx);
+        if !self.moving.borrow().is_empty() {
+            self.sweep_moving(cx);
+        }
         self.sweep_history(cx);
         let k = self.broker().sample_size();
         if k == 0 {
@@ -732,6 +803,37 @@ impl Sink for Delivery {
         let client_id: Arc<str> = Arc::from(client_id);
         let home = home_shard(&self.hash_key, &client_id, self.node.shards.len());
         self.to_shard(home, AppMsg::Replaced { client_id, conn })
+    }
+
+    fn rebalance(&self, count: usize, target: &str, url: &str) -> bool {
+        let conns: Vec<usize> =
+            self.node.shards.iter().map(|s| s.metrics.connections.load(std::sync::atomic::Ordering::Relaxed)).collect();
+        let total: usize = conns.iter().sum();
+        if total == 0 || count == 0 {
+            return false;
+        }
+        let (target, url): (Arc<str>, Arc<str>) = (Arc::from(target), Arc::from(url));
+        // Each shard's share of the move, by its share of the clients
+        // (largest remainders get the rest, so the shares add up to `count`).
+        let count = count.min(total);
+        let mut shares: Vec<usize> = conns.iter().map(|c| count * c / total).collect();
+        let mut by_remainder: Vec<usize> = (0..conns.len()).collect();
+        by_remainder.sort_by_key(|&i| std::cmp::Reverse((count * conns[i]) % total));
+        let mut left = count - shares.iter().sum::<usize>();
+        for i in by_remainder.into_iter().cycle().take(conns.len() * 2) {
+            if left == 0 {
+                break;
+            }
+            if shares[i] < conns[i] {
+                shares[i] += 1;
+                left -= 1;
+            }
+        }
+        let mut told = false;
+        for (i, share) in shares.into_iter().enumerate().filter(|(_, s)| *s > 0) {
+            told |= self.to_shard(i, AppMsg::Migrate { count: share, target: target.clone(), url: url.clone() });
+        }
+        told
     }
 
     fn affinity(&self, conn: ConnId, node: &str, url: &str) -> bool {

@@ -3,6 +3,7 @@
 //! application per shard, the broker (in memory, or Redis when
 //! `cluster.redis_url` is set), the shard threads, and the drain.
 
+pub mod agent;
 pub mod listen;
 
 use std::io;
@@ -29,6 +30,7 @@ pub struct Node {
     state: Arc<NodeState<AppMsg>>,
     shared: Arc<EdgeShared>,
     threads: Vec<JoinHandle<()>>,
+    cluster_thread: Option<JoinHandle<()>>,
     local_addr: SocketAddr,
 }
 
@@ -56,12 +58,13 @@ impl Node {
         let (state, receivers) = node_state(config, n, capacity, local_addr)?;
         let hash_key = std::collections::hash_map::RandomState::new();
         let sink: Arc<dyn Sink> = Arc::new(Delivery::new(state.clone(), hash_key.clone()));
-        let mut threads = Vec::with_capacity(n + 1);
+        let mut threads = Vec::with_capacity(n);
+        let mut cluster_thread = None;
         let broker: Arc<dyn Broker> = if state.config.cluster.redis_url.is_empty() {
             Arc::new(MemoryBroker::alone(sink))
         } else {
             let (b, t) = RedisBroker::start(&state.config.cluster, &state.node_id, sink)?;
-            threads.push(t);
+            cluster_thread = Some(t);
             Arc::new(b)
         };
         let mut shared = EdgeShared::new(broker, n, hash_key);
@@ -94,7 +97,12 @@ impl Node {
         if let Some(a) = admin_addr {
             tracing::info!(addr = %a, "internal endpoints (/metrics, /cluster) listening on {a}");
         }
-        Ok(Node { state, shared, threads, local_addr })
+        if !state.config.server.agent_listen.is_empty() {
+            let addr = state.config.server.agent_listen.parse().map_err(|_| io::Error::other("server.agent_listen"))?;
+            let a = agent::start(addr, state.clone())?;
+            tracing::info!(addr = %a, "HAProxy agent-check listening on {a}");
+        }
+        Ok(Node { state, shared, threads, cluster_thread, local_addr })
     }
 
     /// The address the shards listen on (port 0 resolved).
@@ -136,6 +144,13 @@ impl Node {
             }
         }
         self.shared.broker.shutdown();
+        if let Some(t) = self.cluster_thread {
+            // It deregisters the node; bounded by the Redis response timeout.
+            let until = Instant::now().max(deadline) + Duration::from_secs(1);
+            while !t.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let remaining = self.state.connections();
         let sum = |f: fn(&crate::runtime::metrics::ShardMetrics) -> u64| -> u64 {
             self.state.shards.iter().map(|s| f(&s.metrics)).sum()

@@ -70,7 +70,8 @@ impl DriverKind {
 }
 
 /// Handshake latency histogram bounds: 1 µs .. 60 s, 3 significant digits.
-fn new_histogram() -> Histogram<u64> {
+/// An empty latency histogram (µs, 1 µs to 60 s, 3 significant digits), as the shards keep.
+pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds are valid")
 }
 

@@ -152,6 +152,9 @@ pub trait Conns<A: App> {
     fn admission(&self, id: ConnId) -> Option<Rejection>;
     /// Up to `k` open connections, uniformly sampled.
     fn sample(&self, k: usize) -> Vec<Sampled>;
+    /// Up to `k` open WebSockets whose state passes `keep`, least recently
+    /// active first (rebalancing moves these).
+    fn least_active(&self, k: usize, keep: impl Fn(&A::Conn) -> bool) -> Vec<ConnId>;
     /// The shard's coarse clock, ms.
     fn now_ms(&self) -> u64;
     /// The connection's client address, whether it came from a trusted proxy,

@@ -375,4 +375,8 @@ impl<A: App> Conns<A> for Rc<Shard<A>> {
     fn sample(&self, k: usize) -> Vec<Sampled> {
         self.sample_open(k)
     }
+
+    fn least_active(&self, k: usize, keep: impl Fn(&A::Conn) -> bool) -> Vec<ConnId> {
+        self.least_active_open(k, keep)
+    }
 }
