@@ -218,7 +218,9 @@ export class Client {
     if (this.userClosed) return this.stop("closed");
     if (hint) {
       // A hint replaces backoff for this one reconnect.
-      if (hint.url) this.url = hint.url;
+      // "": the usual address (the configured URL, e.g. the balancer), not a node an
+      // earlier hint sent us to.
+      this.url = hint.url || this.urls[this.urlIndex];
       return this.retry(0, hint.afterMs, "hint");
     }
     const action = actionFor(code);

@@ -200,9 +200,9 @@ impl Driver {
             End::User => return Err(StopReason::Closed),
             End::Hint { url, after, reason } => {
                 self.shared.stats.hints_followed.fetch_add(1, Ordering::Relaxed);
-                if !url.is_empty() {
-                    self.url = url;
-                }
+                // "": the usual address (the configured endpoint, e.g. the balancer), not
+                // a node an earlier hint sent us to.
+                self.url = if url.is_empty() { self.cfg.urls[self.url_index].clone() } else { url };
                 self.emit(Event::Disconnected { code: Some(1000), reason: format!("following hint ({reason})") }).await;
                 self.announce(0, after, Cause::Hint(reason)).await;
                 return Ok(after);
