@@ -102,6 +102,7 @@ export class Client {
   on(name, fn) { (this.handlers[name] ??= []).push(fn); return this; }
   emit(name, ev) { for (const fn of this.handlers[name] ?? []) { try { fn(ev); } catch (e) { console.error(e); } } }
   later(ms, fn) { const t = setTimeout(() => { this.timers.delete(t); fn(); }, ms); this.timers.add(t); return t; }
+  cancel(t) { clearTimeout(t); this.timers.delete(t); }
 
   /** Starts connecting; resolves once the first connection is up (or rejects when stopped). */
   async start() {
@@ -139,14 +140,14 @@ export class Client {
       if (!welcomed) {
         if (msg.type !== "welcome") return;
         welcomed = true;
-        clearTimeout(timeout);
+        this.cancel(timeout);
         this.onWelcome(msg);
         return;
       }
       this.onMessage(msg);
     };
     ws.onclose = (e) => {
-      clearTimeout(timeout);
+      this.cancel(timeout);
       if (this.ws !== ws) return;
       this.ws = null;
       if (welcomed) this.onEnd(e.code, e.reason);
@@ -272,7 +273,7 @@ export class Client {
     for (const p of this.pending.splice(0)) { clearTimeout(p.timer); p.reject(new Error(why)); }
   }
 
-  clearRefresh() { if (this.refreshTimer) clearTimeout(this.refreshTimer); this.refreshTimer = null; }
+  clearRefresh() { if (this.refreshTimer) this.cancel(this.refreshTimer); this.refreshTimer = null; }
 
   scheduleRefresh() {
     this.clearRefresh();
