@@ -117,7 +117,22 @@ const count = async (page, pred) => (await events(page)).filter(pred).length;
 const offsets = async (page) =>
   (await events(page)).filter((e) => e.name === "message" && e.msg.type === "message").map((e) => e.msg.offset);
 
+/** The module's pure parts, in Node: backoff ceilings, the close-code table, exp. */
+async function unitChecks() {
+  const m = await import(path.join(root, "clients/js/ringside.js"));
+  const b = { baseMs: 100, capMs: 1000, jitter: false };
+  const ceilings = [0, 1, 2, 3, 4, 10].map((n) => m.backoffDelay(n, b));
+  if (JSON.stringify(ceilings) !== "[100,200,400,800,1000,1000]") fail(`ceilings ${ceilings}`);
+  const jittered = Array.from({ length: 500 }, () => m.backoffDelay(2, { ...b, jitter: true }));
+  if (jittered.some((d) => d < 0 || d > 400) || new Set(jittered).size < 50) fail("full jitter out of [0, 400] or not spread");
+  const table = Object.fromEntries([1000, 1001, 1006, 1008, 4000, 4001, 4003, 4004].map((c) => [c, m.actionFor(c)]));
+  const want = { 1000: "stop", 1001: "reconnect", 1006: "reconnect", 1008: "stop", 4000: "stop", 4001: "reconnect", 4003: "refresh", 4004: "preempted" };
+  if (JSON.stringify(table) !== JSON.stringify(want)) fail(`close table ${JSON.stringify(table)}`);
+  if (m.jwtExp(jwt("x", 100)) !== Math.floor(Date.now() / 1000) + 100) fail("jwtExp");
+}
+
 async function main() {
+  await unitChecks();
   if (!existsSync(bin)) fail(`${bin} is missing: build it first (cargo build --bin ringside)`);
   if (!existsSync(chromiumPath)) fail(`${chromiumPath} is missing: scripts/test installs Debian's chromium`);
   const redisPort = await freePort();
@@ -188,7 +203,11 @@ async function main() {
     const got = await offsets(sub);
     const want = Array.from({ length: sent }, (_, i) => i + 1);
     if (JSON.stringify(got) !== JSON.stringify(want)) fail(`offsets: got ${got.length} (${got.slice(0, 5)}...), want 1..${sent}`);
-    const backoff = (await events(sub)).filter((e) => e.name === "reconnecting" && e.cause === "backoff").map((e) => e.attempt);
+    const waits = (await events(sub)).filter((e) => e.name === "reconnecting" && e.cause === "backoff");
+    const backoff = waits.map((e) => e.attempt);
+    // While A was down: attempts 0, 1, 2, ... each within min(cap, base x 2^n) (base 100 ms).
+    if (backoff.length < 3 || backoff.some((a, i) => a !== i)) fail(`backoff attempts ${backoff}`);
+    if (waits.some((e) => e.delayMs > Math.min(30000, 100 * 2 ** e.attempt))) fail(`backoff delays ${JSON.stringify(waits)}`);
 
     // 5. Token page: a subprotocol token, refreshed ahead of exp, never closed.
     await waitFor("two refreshes", () => tok.evaluate(() => window.ringside.stats.refreshes >= 2), 15000);
