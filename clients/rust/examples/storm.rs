@@ -5,7 +5,9 @@
 //! attempts the clients made, and the connect rate the node saw (its
 //! `ringside_connections_accepted_total` / `_upgraded_total`, polled every 100 ms on the
 //! internal listener, which has no per-address limits). Run with jitter on and off to
-//! compare (scripts/bench-storm does both and writes results/).
+//! compare (scripts/bench-storm does both and writes results/). `--mode drain` is the
+//! planned restart instead: two nodes sharing a `redis-server`, SIGTERM on the first,
+//! whose drain hints send every client to the second (whose counters are polled).
 //!
 //! `cargo run --release -p ringside-client --example storm -- --node-bin target/release/ringside --clients 10000 --jitter on --out DIR`
 
@@ -49,6 +51,11 @@ struct Args {
     /// Give up waiting for the reconnects after this (s).
     #[arg(long, default_value_t = 180)]
     timeout_s: u64,
+    /// `kill`: SIGKILL the node and restart it after `down_ms` (clients back off).
+    /// `drain`: two nodes sharing a `redis-server`; SIGTERM the first: its drain hints send
+    /// every client to the second (the rates are the second node's).
+    #[arg(long, default_value = "kill")]
+    mode: String,
     /// Output directory (summary.json, reconnect.hgrm, node-rate.csv).
     #[arg(long)]
     out: String,
@@ -60,6 +67,7 @@ fn free_port() -> u16 {
 
 struct NodeProc {
     bin: String,
+    extra: Vec<String>,
     port: u16,
     admin: u16,
     shards: u32,
@@ -72,6 +80,7 @@ impl NodeProc {
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--shards", &self.shards.to_string()])
             .args(["--set", &format!("server.admin_listen=127.0.0.1:{}", self.admin)])
             .args(["--set", "server.pin_cores=false", "--log", "warn"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -81,6 +90,12 @@ impl NodeProc {
         while get(self.admin, "/health").is_none() {
             assert!(Instant::now() < end, "node did not start");
             std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn sigterm(&self) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         }
     }
 
@@ -123,6 +138,8 @@ struct Shared {
     /// Reconnect completion times after the kill (ms), for the client-side timeline.
     done_at: Mutex<Vec<u64>>,
     reconnected: AtomicU64,
+    /// Reconnect waits that came from a `reconnect` hint.
+    hinted: AtomicU64,
     attempts_failed: AtomicU64,
     connected_first: AtomicU64,
 }
@@ -135,14 +152,37 @@ fn main() {
 
 async fn run(args: Args) {
     std::fs::create_dir_all(&args.out).expect("out dir");
-    let mut node = NodeProc {
+    let drain = args.mode == "drain";
+    let redis = drain.then(start_redis);
+    let cluster = |id: &str| match &redis {
+        Some((_, port)) => ["--redis", &format!("redis://127.0.0.1:{port}"), "--node-id", id]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--set".into(), "cluster.sync_interval_ms=200".into()])
+            .collect(),
+        None => Vec::new(),
+    };
+    let new_node = |extra| NodeProc {
         bin: args.node_bin.clone(),
+        extra,
         port: free_port(),
         admin: free_port(),
         shards: args.shards,
         child: None,
     };
+    let mut node = new_node(cluster("a"));
     node.start();
+    // Drain mode: the peer the hints name; its counters are the ones polled.
+    let mut peer = drain.then(|| new_node(cluster("b")));
+    if let Some(p) = peer.as_mut() {
+        p.start();
+        let want = format!("127.0.0.1:{}", p.port);
+        let end = Instant::now() + Duration::from_secs(20);
+        while !get(node.admin, "/cluster").is_some_and(|t| t.contains(&want)) {
+            assert!(Instant::now() < end, "the nodes did not see each other");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     let url = format!("ws://127.0.0.1:{}/ws", node.port);
     let shared = Arc::new(Shared {
         hist: Mutex::new(Some(Histogram::new_with_bounds(1, 600_000, 3).unwrap())),
@@ -169,12 +209,19 @@ async fn run(args: Args) {
         let kill = kill_at.clone();
         tokio::spawn(async move {
             let mut lost: Option<Instant> = None;
+            let debug = i == 0 && std::env::var_os("STORM_DEBUG").is_some();
             while let Some(ev) = events.recv().await {
+                if debug {
+                    eprintln!("client 0: {ev:?}");
+                }
                 match ev {
                     Event::Connected { reconnect: false, .. } => {
                         sh.connected_first.fetch_add(1, Ordering::Relaxed);
                     }
                     Event::Disconnected { .. } => lost = lost.or(Some(Instant::now())),
+                    Event::Reconnecting { cause: ringside_client::Cause::Hint(_), .. } => {
+                        sh.hinted.fetch_add(1, Ordering::Relaxed);
+                    }
                     Event::ConnectFailed { .. } => {
                         sh.attempts_failed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -206,15 +253,19 @@ async fn run(args: Args) {
         assert!(Instant::now() < end, "only {} connected", shared.connected_first.load(Ordering::Relaxed));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!("{} clients connected; killing the node", args.clients);
+    eprintln!("{} clients connected; {} the node", args.clients, if drain { "draining" } else { "killing" });
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Poll the node's counters every 100 ms (after the restart: a new process from 0).
     let samples: Arc<Mutex<Vec<(u64, f64, f64)>>> = Arc::default();
-    let admin = node.admin;
+    let admin = peer.as_ref().map_or(node.admin, |p| p.admin);
     let t0 = Instant::now();
     *kill_at.lock().unwrap() = Some(t0);
-    node.kill();
+    if drain {
+        node.sigterm();
+    } else {
+        node.kill();
+    }
     let poll = {
         let samples = samples.clone();
         let sh = shared.clone();
@@ -239,17 +290,48 @@ async fn run(args: Args) {
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(args.down_ms)).await;
-    let restart_ms = t0.elapsed().as_millis() as u64;
-    tokio::task::block_in_place(|| node.start());
-    let up_ms = t0.elapsed().as_millis() as u64;
-    // The new process counts from 0 when it starts listening.
-    samples.lock().unwrap().push((restart_ms, 0.0, 0.0));
-    eprintln!("node restarted at {restart_ms} ms, serving at {up_ms} ms");
+    let (mut restart_ms, mut up_ms) = (0, 0);
+    if !drain {
+        tokio::time::sleep(Duration::from_millis(args.down_ms)).await;
+        restart_ms = t0.elapsed().as_millis() as u64;
+        tokio::task::block_in_place(|| node.start());
+        up_ms = t0.elapsed().as_millis() as u64;
+        // The new process counts from 0 when it starts listening.
+        samples.lock().unwrap().push((restart_ms, 0.0, 0.0));
+        eprintln!("node restarted at {restart_ms} ms, serving at {up_ms} ms");
+    }
     let _ = tokio::task::spawn_blocking(move || poll.join()).await;
     let wall_ms = t0.elapsed().as_millis() as u64;
+    // Drain mode: the peer had every client already; count only the rise after the SIGTERM.
+    let first = samples.lock().unwrap().first().copied();
+    if let (Some(_), Some(first)) = (&peer, first) {
+        for s in samples.lock().unwrap().iter_mut() {
+            (s.1, s.2) = (s.1 - first.1, s.2 - first.2);
+        }
+    }
     report(&args, &shared, &samples.lock().unwrap(), restart_ms, up_ms, wall_ms);
     drop(clients);
+    drop(peer.take());
+    if let Some((mut child, _)) = redis {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A `redis-server` on a free port (drain mode).
+fn start_redis() -> (Child, u16) {
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let end = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < end, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, port)
 }
 
 fn report(args: &Args, sh: &Shared, samples: &[(u64, f64, f64)], restart_ms: u64, up_ms: u64, wall_ms: u64) {
@@ -314,7 +396,9 @@ fn report(args: &Args, sh: &Shared, samples: &[(u64, f64, f64)], restart_ms: u64
     };
     let summary = serde_json::json!({
         "clients": args.clients,
+        "mode": args.mode,
         "jitter": args.jitter == "on",
+        "followed_hints": sh.hinted.load(Ordering::Relaxed),
         "backoff": {"base_ms": args.base_ms, "cap_ms": args.cap_ms},
         "down_ms": args.down_ms,
         "node_restarted_at_ms": restart_ms,
