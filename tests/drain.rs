@@ -44,9 +44,25 @@ async fn the_direct_socket_path_drains_the_same_way() {
     drain_with("direct").await;
 }
 
+/// HAProxy's agent check: one line, then the socket closes.
+fn agent_says(port: u16) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("agent port");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 async fn drain_with(io: &str) {
     let io = format!("server.io={io}");
+    let agent_port = free_port();
+    let agent = format!("server.agent_listen=127.0.0.1:{agent_port}");
     let mut node = NodeProc::start(&[
+        "--set",
+        &agent,
+        "--set",
+        "server.max_connections_per_shard=50",
         "--shards",
         "2",
         "--set",
@@ -70,11 +86,17 @@ async fn drain_with(io: &str) {
     }
     let mut echo = [connect(&node.url("/echo")).await, connect(&node.url("/echo")).await];
     assert_eq!(node.get("/ready").0, 200);
+    // 22 of 100 slots used: at most 78 % of the weight (less if the last
+    // second's handshakes were slow; at least a tenth of that).
+    let up = agent_says(agent_port);
+    let pct: u32 = up.strip_prefix("up ").and_then(|r| r.strip_suffix("%\n")).and_then(|n| n.parse().ok()).expect(&up);
+    assert!((7..=78).contains(&pct), "{up}");
 
     let t0 = Instant::now();
     node.signal(SIGTERM);
     // /ready: 503 at once, and still 503 (not refused) well into the drain.
     assert!(eventually(|| node.get("/ready").0 == 503), "/ready did not turn 503");
+    assert_eq!(agent_says(agent_port), "drain\n");
     // An upgrade during the drain: 503 draining.
     let (_s, head) = raw_upgrade(node.addr, "/ws?client_id=late", "");
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");

@@ -106,6 +106,7 @@ impl Harness {
             capacity_per_shard: 100,
             shards: handles,
             draining: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
             started_at: 0,
             ip_table: None,
             trusted: Default::default(),

@@ -55,10 +55,10 @@ pub fn weight(shard_conns: &[usize], per_shard: usize, recent_p99_us: Option<u64
     (100.0 * headroom * shard_factor * latency_factor).round().clamp(0.0, 100.0) as u32
 }
 
-/// Binds `addr` (fails the start when it cannot) and serves it on a thread
-/// named `ringside-agent` for the life of the process.
-pub fn start(addr: SocketAddr, state: Arc<NodeState<AppMsg>>) -> io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+/// Serves `listener` on a thread named `ringside-agent` for the life of the
+/// process.
+pub fn start(listener: TcpListener, state: Arc<NodeState<AppMsg>>) -> io::Result<SocketAddr> {
+    listener.set_nonblocking(false)?;
     let local = listener.local_addr()?;
     std::thread::Builder::new().name("ringside-agent".into()).spawn(move || serve(listener, state))?;
     Ok(local)

@@ -5,9 +5,11 @@
 
 pub mod agent;
 pub mod listen;
+pub mod upgrade;
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -38,6 +40,13 @@ impl Node {
     /// Validates `config`, binds, and starts every shard. Returns once every
     /// shard is serving, or the first shard's reason for not starting.
     pub fn start(config: Config) -> io::Result<Node> {
+        Node::start_inherited(config, None)
+    }
+
+    /// [`Node::start`], on listeners taken over from a running process
+    /// (`--upgrade-from`) when `inherited` is given; then asks that process
+    /// for its connections.
+    pub fn start_inherited(config: Config, inherited: Option<upgrade::Inherited>) -> io::Result<Node> {
         config.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let n = match config.server.shards {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -48,11 +57,31 @@ impl Node {
         let handshakes = config.limits.max_handshakes_per_shard;
         let direct = s.io == IoChoice::Direct && s.driver != DriverChoice::Epoll;
         let capacity = listen::capacity_per_shard(s.max_connections_per_shard, handshakes, n, direct);
-        let listeners = listen::bind_all(s.listen, n, s.backlog)?;
+        let (listeners, mut admin, agent_listener, inherited) = match inherited {
+            Some(mut inh) => {
+                let public = std::mem::take(&mut inh.public);
+                for l in &public {
+                    l.set_nonblocking(true)?;
+                }
+                if let Some(a) = &inh.admin {
+                    a.set_nonblocking(true)?;
+                }
+                (public, inh.admin.take(), inh.agent.take(), Some(inh))
+            }
+            None => {
+                let public = listen::bind_all(s.listen, n, s.backlog)?;
+                let admin = match s.admin_listen.as_str() {
+                    "" => None,
+                    a => Some(listen::bind_admin(a.parse().map_err(|_| io::Error::other("server.admin_listen"))?)?),
+                };
+                (public, admin, None, None)
+            }
+        };
         let local_addr = listeners[0].local_addr()?;
-        let mut admin = match s.admin_listen.as_str() {
-            "" => None,
-            a => Some(listen::bind_admin(a.parse().map_err(|_| io::Error::other("server.admin_listen"))?)?),
+        let old = upgrade::OldListeners {
+            public: listeners.iter().map(|l| l.as_raw_fd()).collect(),
+            admin: admin.as_ref().map(|l| l.as_raw_fd()),
+            agent: None,
         };
         let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
         let (state, receivers) = node_state(config, n, capacity, local_addr)?;
@@ -72,6 +101,7 @@ impl Node {
             let v = Verifier::new(&state.config.auth).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             shared.verifier = Some(Arc::new(v));
         }
+        shared.backend = crate::app::backend::Backend::start(state.clone())?;
         let shared = Arc::new(shared);
         let (ready_tx, ready_rx) = mpsc::channel();
         for (i, (public, rx)) in listeners.into_iter().zip(receivers).enumerate() {
@@ -97,10 +127,31 @@ impl Node {
         if let Some(a) = admin_addr {
             tracing::info!(addr = %a, "internal endpoints (/metrics, /cluster) listening on {a}");
         }
+        let mut old = old;
         if !state.config.server.agent_listen.is_empty() {
-            let addr = state.config.server.agent_listen.parse().map_err(|_| io::Error::other("server.agent_listen"))?;
-            let a = agent::start(addr, state.clone())?;
+            let listener = match agent_listener {
+                Some(l) => l,
+                None => std::net::TcpListener::bind(
+                    state
+                        .config
+                        .server
+                        .agent_listen
+                        .parse::<SocketAddr>()
+                        .map_err(|_| io::Error::other("server.agent_listen"))?,
+                )?,
+            };
+            old.agent = Some(listener.as_raw_fd());
+            let a = agent::start(listener, state.clone())?;
             tracing::info!(addr = %a, "HAProxy agent-check listening on {a}");
+        }
+        if let Some(inh) = inherited {
+            upgrade::take_over(inh, state.clone(), shared.clone())?;
+            tracing::info!("upgrade: serving the inherited listeners; taking the connections over");
+        }
+        if !state.config.server.upgrade_socket.is_empty() {
+            let path = std::path::PathBuf::from(&state.config.server.upgrade_socket);
+            upgrade::serve(path.clone(), state.clone(), old)?;
+            tracing::info!(path = %path.display(), "zero-disconnect upgrades: ringside --upgrade-from {}", path.display());
         }
         Ok(Node { state, shared, threads, cluster_thread, local_addr })
     }
@@ -126,8 +177,10 @@ impl Node {
         let timeout = Duration::from_millis(self.state.config.shutdown.drain_timeout_ms);
         let deadline = started + timeout;
         let open = self.state.connections();
+        let handed_over = self.state.handed_over.load(Ordering::Acquire);
         self.state.draining.store(true, Ordering::Release);
-        for s in &self.state.shards {
+        // After a handover the shards stop by themselves, empty.
+        for s in self.state.shards.iter().filter(|_| !handed_over) {
             while s.mailbox.send(ShardMsg::Shutdown).is_err() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -159,6 +212,16 @@ impl Node {
         let closed = sum(|m| m.drain_closed.get());
         let gone = (open as u64).saturating_sub(closed + remaining as u64);
         let elapsed_ms = started.elapsed().as_millis() as u64;
+        if handed_over {
+            let moved = sum(|m| m.handed_over.get());
+            tracing::info!(
+                handed_over = moved,
+                connections_left = remaining,
+                elapsed_ms,
+                "upgrade: stopped after handing {moved} connection(s) to the new process, {remaining} left"
+            );
+            return;
+        }
         tracing::info!(
             connections_at_start = open,
             hinted,
@@ -231,6 +294,7 @@ fn node_state(
         capacity_per_shard: capacity,
         shards,
         draining: AtomicBool::new(false),
+        handed_over: AtomicBool::new(false),
         started_at,
         ip_table,
         trusted,

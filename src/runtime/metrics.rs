@@ -111,6 +111,10 @@ pub struct ShardMetrics {
     pub slow_consumer_closed: Counter,
     /// Server pings sent.
     pub pings_sent: Counter,
+    /// Upgrade: connections handed to the new process.
+    pub handed_over: Counter,
+    /// Upgrade: connections taken over from the old process.
+    pub resumed: Counter,
     /// Drain: open WebSockets that got a reconnect hint.
     pub drain_hinted: Counter,
     /// Drain: WebSockets still open at its end, closed with 1001.
@@ -178,6 +182,8 @@ impl Default for ShardMetrics {
             send_queue_dropped: Counter::default(),
             slow_consumer_closed: Counter::default(),
             pings_sent: Counter::default(),
+            handed_over: Counter::default(),
+            resumed: Counter::default(),
             drain_hinted: Counter::default(),
             drain_closed: Counter::default(),
             unfinished_closed: Counter::default(),
@@ -340,6 +346,12 @@ pub fn render(t: &mut Text, shards: &[&ShardMetrics], mailbox_depth: &[(usize, u
     let help = "Connections closed 1008 for slow reading (policy close).";
     per_shard(t, shards, "slow_consumer_closed_total", C, help, |m| m.slow_consumer_closed.get());
     per_shard(t, shards, "pings_sent_total", C, "Server pings sent to quiet clients.", |m| m.pings_sent.get());
+    per_shard(t, shards, "upgrade_handed_over_total", C, "Upgrade: connections handed to the new process.", |m| {
+        m.handed_over.get()
+    });
+    per_shard(t, shards, "upgrade_resumed_total", C, "Upgrade: connections taken over from the old process.", |m| {
+        m.resumed.get()
+    });
     per_shard(t, shards, "drain_hinted_total", C, "Drain: open WebSockets sent a reconnect hint.", |m| {
         m.drain_hinted.get()
     });

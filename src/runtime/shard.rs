@@ -46,6 +46,10 @@ pub struct Shard<A: App> {
     pub draining: Cell<bool>,
     /// Set at the end of a drain: the accept loops return.
     pub accepting_stopped: Cell<bool>,
+    /// Set when a handover to a new process starts: readers stop reading.
+    pub frozen: Cell<bool>,
+    /// Handover barrier markers received, per round.
+    pub barriers: RefCell<[usize; super::handover::ROUNDS as usize]>,
     /// Cancels the pending accept on shutdown.
     pub accept_cancel: RefCell<Option<Canceller>>,
     /// Cancels the internal listener's pending accept on shutdown.
@@ -90,6 +94,8 @@ impl<A: App> Shard<A> {
             ws_config,
             draining: Cell::new(false),
             accepting_stopped: Cell::new(false),
+            frozen: Cell::new(false),
+            barriers: RefCell::new([0; super::handover::ROUNDS as usize]),
             accept_cancel: RefCell::new(None),
             admin_cancel: RefCell::new(None),
             ring: std::cell::OnceCell::new(),
@@ -231,6 +237,19 @@ impl<A: App> Shard<A> {
                 }
             }
             ShardMsg::Stop => return false,
+            ShardMsg::Handover { tx } => {
+                if !self.frozen.get() && !self.draining.get() {
+                    monoio::spawn(self.clone().hand_over(tx));
+                }
+            }
+            ShardMsg::Barrier { round } => {
+                if let Some(n) = self.barriers.borrow_mut().get_mut(round as usize - 1) {
+                    *n += 1;
+                }
+            }
+            ShardMsg::Resume { handed } => {
+                self.resume(*handed);
+            }
         }
         true
     }
@@ -265,6 +284,21 @@ impl<A: App> Shard<A> {
     /// The end of a drain: no more accepts, every open WebSocket closed
     /// with 1001. Returns how many got the close.
     pub fn stop_accepting(self: &Rc<Self>) -> usize {
+        self.cancel_accepts();
+        // Sockets still in their HTTP request finish it: /ready and upgrades
+        // get 503 draining (bounded by the handshake timeout). Open
+        // WebSockets get 1001.
+        let ids: Vec<ConnId> =
+            self.table.borrow_mut().iter_mut().filter(|(_, c)| c.phase == Phase::Open).map(|(id, _)| id).collect();
+        for &id in &ids {
+            self.start_close(id, close::GOING_AWAY, "server shutting down", false);
+        }
+        ids.len()
+    }
+
+    /// Stops the accept loops (the listeners themselves stay open until
+    /// the process exits: a new process may be serving them).
+    pub fn cancel_accepts(&self) {
         self.accepting_stopped.set(true);
         if let Some(c) = self.accept_cancel.borrow_mut().take() {
             c.cancel();
@@ -277,15 +311,6 @@ impl<A: App> Shard<A> {
                 ring.cancel_fd(fd);
             }
         }
-        // Sockets still in their HTTP request finish it: /ready and upgrades
-        // get 503 draining (bounded by the handshake timeout). Open
-        // WebSockets get 1001.
-        let ids: Vec<ConnId> =
-            self.table.borrow_mut().iter_mut().filter(|(_, c)| c.phase == Phase::Open).map(|(id, _)| id).collect();
-        for &id in &ids {
-            self.start_close(id, close::GOING_AWAY, "server shutting down", false);
-        }
-        ids.len()
     }
 
     /// Open WebSockets (upgraded, not closing).
