@@ -51,13 +51,16 @@ const REFUSALS = {
   echo: ["too_large"],
   refreshed: ["invalid_token", "forbidden", "unknown_type", "missing_field", "rate_limited"],
   pong: [],
+  rpc_result: [], // rpc errors carry the call's id and are matched by it
 };
 
 /** A server refusal: `code` is the server's stable error code. */
 export class RingsideError extends Error {
-  constructor(code, message) {
+  constructor(code, message, backend = null) {
     super(`${code}: ${message}`);
     this.code = code;
+    /** For a failed rpc: the backend's own {code, reason}, when it gave them. */
+    this.backend = backend;
   }
 }
 
@@ -86,7 +89,9 @@ export class Client {
     this.WS = opts.WebSocket ?? globalThis.WebSocket;
     /** room -> {offset, epoch} | null: where each room resumes from. */
     this.rooms = new Map();
-    this.stats = { connects: 0, connectFailures: 0, hintsFollowed: 0, duplicatesDropped: 0, refreshes: 0 };
+    this.stats = { connects: 0, connectFailures: 0, hintsFollowed: 0, duplicatesDropped: 0, refreshes: 0, gapsRecovered: 0 };
+    /** Rooms left to re-join after a gap, until their `left`. */
+    this.recovering = new Set();
     this.state = "idle"; // idle | connecting | connected | stopped
     this.handlers = {};
     this.pending = [];
@@ -156,6 +161,7 @@ export class Client {
   }
 
   onWelcome(msg) {
+    this.recovering.clear(); // the resume joins below recover every room
     this.failed = 0;
     this.state = "connected";
     this.stats.connects++;
@@ -168,10 +174,14 @@ export class Client {
 
   onMessage(msg) {
     if (msg.type === "message" && typeof msg.offset === "number") {
+      if (this.recovering.has(msg.room)) return; // the replay after the gap brings it
       const since = this.rooms.get(msg.room);
       if (since && msg.offset <= since.offset) { this.stats.duplicatesDropped++; return; }
+      if (since && msg.offset > since.offset + 1) return this.recoverGap(msg.room, since);
       if (since) since.offset = msg.offset;
     }
+    // After the gap's leave, the room's messages are the replay: in order again.
+    if (msg.type === "left" && this.recovering.delete(msg.room)) return;
     if (msg.type === "joined") this.onJoined(msg);
     if (msg.type === "preempted") this.preemptMs = msg.reconnect_delay_ms;
     if (!this.answer(msg)) this.emit("message", msg);
@@ -190,16 +200,26 @@ export class Client {
 
   /** Gives an answer to the oldest request waiting for it; false when nobody waits. */
   answer(msg) {
+    const byId = (p) => p.expect === "pong" || p.expect === "rpc_result";
     const i = this.pending.findIndex((p) =>
-      msg.type === "error" ? REFUSALS[p.expect].includes(msg.code)
-        : msg.type === p.expect && (p.key === undefined || (p.expect === "pong" ? msg.id === p.key : msg.room === p.key)));
+      msg.type === "error"
+        ? (msg.id !== undefined ? p.expect === "rpc_result" && msg.id === p.key : REFUSALS[p.expect].includes(msg.code))
+        : msg.type === p.expect && (p.key === undefined || (byId(p) ? msg.id === p.key : msg.room === p.key)));
     if (i < 0) return false;
     const [p] = this.pending.splice(i, 1);
     clearTimeout(p.timer);
     if (msg.type === "refreshed" && p.token) { this.token = p.token; this.stats.refreshes++; this.scheduleRefresh(); }
-    if (msg.type === "error") p.reject(new RingsideError(msg.code, msg.message));
+    if (msg.type === "error") p.reject(new RingsideError(msg.code, msg.message, msg.backend));
     else p.resolve(msg);
     return !p.internal;
+  }
+
+  /** A gap in a room's offsets (a message lost on the way): leave, join again with `since`. */
+  recoverGap(room, since) {
+    this.recovering.add(room);
+    this.stats.gapsRecovered++;
+    this.ws.send(JSON.stringify({ type: "leave", room }));
+    this.send({ type: "join", room, since: { ...since } }, "joined", room, true);
   }
 
   followHint(msg) {
@@ -317,6 +337,8 @@ export class Client {
   presence(room) { return this.send({ type: "presence", room }, "presence", room).then((m) => m.clients); }
   echo(data) { return this.send({ type: "echo", data }, "echo").then((m) => m.data); }
   ping() { const id = ++this.pingSeq, t0 = performance.now(); return this.send({ type: "ping", id }, "pong", id).then(() => performance.now() - t0); }
+  /** Calls `method` on the backend the node's [[proxy.rpc]] routes it to; answers match by id. */
+  rpc(method, data) { const id = ++this.pingSeq; return this.send({ type: "rpc", id, method, data }, "rpc_result", id).then((m) => m.data); }
   refresh(token) { return this.send({ type: "refresh", token }, "refreshed", undefined, false, token).then((m) => m.exp); }
 
   /** Closes normally and stops reconnecting. */

@@ -6,12 +6,14 @@
 //   3. A gets SIGTERM: the page follows the drain hint to B and resumes there;
 //   4. every offset published arrived exactly once;
 //   5. a page on a token-mode node passes its token as a subprotocol and refreshes it
-//      (fetched from this server's /token) ahead of exp without being closed.
+//      (fetched from this server's /token) ahead of exp without being closed;
+//   6. that page calls rpc through the node to the project's Python HTTP backend.
 // Usage: node tests/browser/run.mjs   (RINGSIDE_BIN, CHROMIUM override the binaries)
 
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { createServer } from "node:http";
 import net from "node:net";
 import path from "node:path";
@@ -56,8 +58,8 @@ async function healthy(port) {
   }
 }
 
-function start(cmd, args) {
-  const child = spawn(cmd, args, { stdio: ["ignore", "ignore", "pipe"] });
+function start(cmd, args, stdout = false) {
+  const child = spawn(cmd, args, { stdio: ["ignore", stdout ? "pipe" : "ignore", "pipe"] });
   child.log = [];
   child.stderr.on("data", (d) => child.log.push(...d.toString().split("\n").filter(Boolean)));
   children.add(child);
@@ -145,7 +147,17 @@ async function main() {
     "--set", "shutdown.reconnect_spread_ms=300", "--set", "shutdown.drain_timeout_ms=4000"];
   const a = new Node(await freePort(), cluster("a"));
   const b = new Node(await freePort(), cluster("b"));
-  const t = new Node(await freePort(), ["--set", "auth.mode=token", "--set", `auth.hmac_secret=${SECRET}`,
+  // The token node also routes rpc "app.*" to the project's Python HTTP backend.
+  const backend = start("python3", [path.join(root, "tests/python/upstream_backend.py"), "--port", "0"], true);
+  const backendPort = await new Promise((resolve, reject) => {
+    backend.stdout.on("data", (d) => { const m = /PORT (\d+)/.exec(d.toString()); if (m) resolve(Number(m[1])); });
+    backend.on("exit", () => reject(new Error("the Python backend exited")));
+  });
+  const tomlDir = mkdtempSync(path.join(tmpdir(), "ringside-browser-"));
+  const toml = path.join(tomlDir, "node.toml");
+  writeFileSync(toml, `[[upstream]]\nname = "app"\nurl = "http://127.0.0.1:${backendPort}"\nretry_attempts = 1\n`
+    + `[[proxy.rpc]]\nmethods = "app.*"\nupstream = "app"\n`);
+  const t = new Node(await freePort(), ["--config", toml, "--set", "auth.mode=token", "--set", `auth.hmac_secret=${SECRET}`,
     "--set", "auth.leeway_secs=0", "--set", "websocket.sweep_interval_ms=100"]);
   await Promise.all([a.start(), b.start(), t.start()]);
   await waitFor("a to see b in /cluster", async () =>
@@ -198,11 +210,25 @@ async function main() {
 
     // 4. Nothing lost, nothing twice.
     await sleep(200);
-    const sent = await pub.evaluate(() => { clearInterval(window.pubTimer); return window.ringside.ping().then(() => window.sent); });
+    // Stop; one last message (a loss of the one before it then shows as a gap); the room's
+    // last offset as the node says it (leave and join again: joined carries it).
+    const sent = await pub.evaluate(async () => {
+      clearInterval(window.pubTimer);
+      await window.ringside.publish("feed", "last");
+      await window.ringside.leave("feed");
+      return (await window.ringside.join("feed")).offset;
+    });
     await waitFor(`offset ${sent}`, async () => (await offsets(sub)).at(-1) === sent);
     const got = await offsets(sub);
     const want = Array.from({ length: sent }, (_, i) => i + 1);
-    if (JSON.stringify(got) !== JSON.stringify(want)) fail(`offsets: got ${got.length} (${got.slice(0, 5)}...), want 1..${sent}`);
+    if (JSON.stringify(got) !== JSON.stringify(want)) {
+      const missing = want.filter((o) => !got.includes(o));
+      const twice = got.filter((o, i) => got.indexOf(o) !== i);
+      const trail = (await events(sub)).map((e) => e.name === "message"
+        ? `${e.msg.type}${e.msg.offset ?? ""}${e.msg.recovered !== undefined ? ` recovered=${e.msg.recovered} offset=${e.msg.offset}` : ""}`
+        : `${e.name}${e.code ? ` ${e.code}` : ""}${e.cause ? ` ${e.cause}` : ""}`);
+      fail(`offsets: got ${got.length}, want 1..${sent}; missing ${missing}, twice ${twice}; trail: ${trail.join(", ")}`);
+    }
     const waits = (await events(sub)).filter((e) => e.name === "reconnecting" && e.cause === "backoff");
     const backoff = waits.map((e) => e.attempt);
     // While A was down: attempts 0, 1, 2, ... each within min(cap, base x 2^n) (base 100 ms).
@@ -216,8 +242,17 @@ async function main() {
     if (who !== "tok-user") fail(`token page connected as ${who}`);
     if (tokEvents.some((e) => e.name === "disconnected")) fail(`token page was disconnected: ${JSON.stringify(tokEvents)}`);
 
+    // 6. RPC from the page through the token node to the backend, and a backend error.
+    const rpc = await tok.evaluate(async () => {
+      const sum = await window.ringside.rpc("app.add", [2, 3]);
+      const err = await window.ringside.rpc("app.fail", null).then(() => null, (e) => ({ code: e.code, backend: e.backend }));
+      return { sum, err };
+    });
+    if (rpc.sum !== 5 || rpc.err?.code !== "rpc_failed" || rpc.err?.backend?.code !== "boom") fail(`rpc: ${JSON.stringify(rpc)}`);
+
     console.log(JSON.stringify({ ok: true, messages: sent, backoff_attempts: backoff, hint_followed_to: b.url,
-      refreshes: await tok.evaluate(() => window.ringside.stats.refreshes) }));
+      refreshes: await tok.evaluate(() => window.ringside.stats.refreshes),
+      gaps_recovered: await sub.evaluate(() => window.ringside.stats.gapsRecovered) }));
   } catch (e) {
     for (const page of browser.contexts().flatMap((c) => c.pages())) {
       const evs = await events(page).catch(() => []);

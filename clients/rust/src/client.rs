@@ -173,6 +173,8 @@ pub struct Stats {
     pub duplicates_dropped: AtomicU64,
     /// Tokens refreshed on a live connection.
     pub refreshes: AtomicU64,
+    /// Gaps in a room's offsets recovered by re-joining with `since`.
+    pub gaps_recovered: AtomicU64,
 }
 
 impl Stats {
@@ -199,6 +201,8 @@ pub(crate) enum Expect {
     Pong(Value),
     /// `refreshed`.
     Refreshed,
+    /// `rpc_result` (or an error) with this id.
+    Rpc(Value),
 }
 
 /// A command to the driver.
@@ -362,6 +366,19 @@ impl Client {
     pub async fn refresh(&self, token: &str) -> Result<u64> {
         match self.request(ClientMsg::Refresh { token: token.into() }, Expect::Refreshed).await? {
             ServerMsg::Refreshed { exp } => Ok(exp),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Calls `method` on the backend that the node's `[[proxy.rpc]]` routes it to; returns
+    /// its answer. Refusals: `rpc_failed` (no route, or the backend's own error, in
+    /// `backend`), `backend_unavailable`, `rate_limited` (past
+    /// `proxy.max_in_flight_per_connection`). Answers are matched by id, in any order.
+    pub async fn rpc(&self, method: &str, data: Value) -> Result<Value> {
+        let id = Value::from(self.shared.ping_seq.fetch_add(1, Ordering::Relaxed));
+        let msg = ClientMsg::Rpc { id: id.clone(), method: method.into(), data };
+        match self.request(msg, Expect::Rpc(id)).await? {
+            ServerMsg::RpcResult { data, .. } => Ok(data),
             other => Err(unexpected(other)),
         }
     }

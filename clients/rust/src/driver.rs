@@ -44,6 +44,18 @@ struct Pending {
     deadline: Instant,
 }
 
+/// A room message's offset against the room's position.
+enum Offset {
+    /// The next one: deliver.
+    Next,
+    /// Already delivered (a replay overlapping live messages): drop.
+    Seen,
+    /// The room is being left to re-join after a gap: drop (the replay brings it).
+    Recovering,
+    /// Past the next one: some were lost; recover from this position.
+    Gap(Since),
+}
+
 /// How a live connection ended.
 enum End {
     Closed { code: Option<u16>, reason: String },
@@ -72,6 +84,8 @@ pub(crate) struct Driver {
     hint: Option<(String, Duration, String)>,
     refresh_at: Option<Instant>,
     ever_connected: bool,
+    /// Rooms left to re-join after a gap, until their `left`.
+    recovering: std::collections::HashSet<String>,
 }
 
 impl Driver {
@@ -97,6 +111,7 @@ impl Driver {
             hint: None,
             refresh_at: None,
             ever_connected: false,
+            recovering: std::collections::HashSet::new(),
         }
     }
 
@@ -280,6 +295,7 @@ impl Driver {
     /// Serves one live connection until it ends.
     async fn live(&mut self, mut ws: Ws, welcome: Welcome) -> End {
         let Welcome { client_id, node } = welcome;
+        self.recovering.clear(); // the resume joins below recover every room
         self.shared.stats.connects.fetch_add(1, Ordering::Relaxed);
         let _ = self.state.send(ConnState::Connected { client_id: client_id.clone(), url: self.url.clone() });
         let reconnect = std::mem::replace(&mut self.ever_connected, true);
@@ -394,11 +410,28 @@ impl Driver {
     async fn on_text(&mut self, text: &str, ws: &mut Ws) -> Option<End> {
         let Ok(msg) = serde_json::from_str::<ServerMsg>(text) else { return None };
         match &msg {
-            ServerMsg::Message { room, offset: Some(o), .. } if self.is_duplicate(room, *o) => {
-                self.shared.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
-                return None;
+            ServerMsg::Message { room, offset: Some(o), .. } => match self.classify(room, *o) {
+                Offset::Next => {}
+                Offset::Seen => {
+                    self.shared.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                Offset::Recovering => return None,
+                Offset::Gap(since) => {
+                    let room = room.clone();
+                    return self
+                        .recover_gap(ws, room, since)
+                        .await
+                        .err()
+                        .map(|e| End::Closed { code: None, reason: e });
+                }
+            },
+            // After the gap's leave the room's messages are the replay: in order again.
+            ServerMsg::Left { room } => {
+                self.recovering.remove(room);
             }
             ServerMsg::Joined { room, offset, epoch, recovered } => {
+                self.recovering.remove(room);
                 self.on_joined(room, *offset, epoch.as_deref(), *recovered);
             }
             ServerMsg::Preempted { reconnect_delay_ms, .. } => {
@@ -426,18 +459,39 @@ impl Driver {
         End::Hint { url, after, reason }
     }
 
-    /// True when `offset` of `room` was already delivered (a replay overlapping live
-    /// messages); otherwise records it as the room's position.
-    fn is_duplicate(&mut self, room: &str, offset: u64) -> bool {
-        let Ok(mut rooms) = self.shared.rooms.lock() else { return false };
+    /// Where `offset` of `room` stands against the last one delivered.
+    fn classify(&mut self, room: &str, offset: u64) -> Offset {
+        if self.recovering.contains(room) {
+            return Offset::Recovering;
+        }
+        let Ok(mut rooms) = self.shared.rooms.lock() else { return Offset::Next };
         match rooms.get_mut(room) {
-            Some(Some(since)) if offset <= since.offset => true,
+            Some(Some(since)) if offset <= since.offset => Offset::Seen,
+            Some(Some(since)) if offset > since.offset + 1 => Offset::Gap(since.clone()),
             Some(Some(since)) => {
                 since.offset = offset;
-                false
+                Offset::Next
             }
-            _ => false,
+            _ => Offset::Next,
         }
+    }
+
+    /// A gap in a room's offsets (a message lost on the way: a full mailbox, the Redis
+    /// path): leave and join again with `since` at the last offset delivered; the replay
+    /// brings the missing ones, in order. Until the `left`, live messages of the room are
+    /// dropped (the replay has them too).
+    async fn recover_gap(&mut self, ws: &mut Ws, room: String, since: Since) -> std::result::Result<(), String> {
+        self.recovering.insert(room.clone());
+        self.shared.stats.gaps_recovered.fetch_add(1, Ordering::Relaxed);
+        for msg in [ClientMsg::Leave { room: room.clone() }, ClientMsg::Join { room: room.clone(), since: Some(since) }]
+        {
+            let text = serde_json::to_string(&msg).map_err(|e| e.to_string())?;
+            ws.send(Message::Text(text.into())).await.map_err(|e| e.to_string())?;
+        }
+        let deadline = Instant::now() + self.cfg.request_timeout;
+        self.pending.push_back(Pending { expect: Expect::Left(room.clone()), token: None, reply: None, deadline });
+        self.pending.push_back(Pending { expect: Expect::Joined(room), token: None, reply: None, deadline });
+        Ok(())
     }
 
     fn on_joined(&mut self, room: &str, offset: Option<u64>, epoch: Option<&str>, recovered: Option<bool>) {
@@ -490,7 +544,7 @@ impl Driver {
             self.on_refreshed();
         }
         let result = match msg {
-            ServerMsg::Error { code, message } => Err(Error::Server { code, message }),
+            ServerMsg::Error { code, message, backend, .. } => Err(Error::Server { code, message, backend }),
             other => Ok(other),
         };
         match p.reply {
@@ -498,10 +552,14 @@ impl Driver {
                 let _ = r.send(result);
                 None
             }
+            // The leave of a gap recovery is the client's business only.
+            None if matches!(p.expect, Expect::Left(_)) => None,
             // The client's own requests (resume joins, refresh ahead): the application hears them.
             None => match result {
                 Ok(m) => Some(m),
-                Err(Error::Server { code, message }) => Some(ServerMsg::Error { code, message }),
+                Err(Error::Server { code, message, backend }) => {
+                    Some(ServerMsg::Error { code, message, id: None, backend })
+                }
                 Err(_) => None,
             },
         }
@@ -520,13 +578,17 @@ fn answers(expect: &Expect, msg: &ServerMsg) -> bool {
         (Expect::Echo, ServerMsg::Echo { .. }) => true,
         (Expect::Pong(id), ServerMsg::Pong { id: got }) => id == got,
         (Expect::Refreshed, ServerMsg::Refreshed { .. }) => true,
+        (Expect::Rpc(want), ServerMsg::RpcResult { id, .. }) => want == id,
+        // An error with an id answers that rpc and nothing else.
+        (Expect::Rpc(want), ServerMsg::Error { id: Some(id), .. }) => want == id,
+        (_, ServerMsg::Error { id: Some(_), .. }) => false,
         (e, ServerMsg::Error { code, .. }) => match e {
             Expect::Joined(_) => matches!(code, Forbidden | TooManyRooms | BadRoom | RateLimited | MissingField),
             Expect::Left(_) => matches!(code, BadRoom | MissingField),
             Expect::Presence(_) => matches!(code, Forbidden | BadRoom | MissingField),
             Expect::Echo => matches!(code, TooLarge),
             Expect::Refreshed => matches!(code, InvalidToken | Forbidden | UnknownType | MissingField | RateLimited),
-            Expect::Pong(_) | Expect::Written => false,
+            Expect::Pong(_) | Expect::Written | Expect::Rpc(_) => false,
         },
         _ => false,
     }

@@ -15,6 +15,8 @@ pub enum Error {
         code: ErrorCode,
         /// The server's text.
         message: String,
+        /// For a failed `rpc`: the backend's own `code`/`reason`, when it gave them.
+        backend: Option<serde_json::Value>,
     },
     /// Not connected right now (reconnecting); try again after [`crate::Event::Connected`].
     NotConnected,
@@ -71,7 +73,7 @@ impl Error {
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Error::Server { code, message } => write!(f, "server error {code}: {message}"),
+            Error::Server { code, message, .. } => write!(f, "server error {code}: {message}"),
             Error::NotConnected => f.write_str("not connected"),
             Error::Disconnected => f.write_str("disconnected before the answer came"),
             Error::Stopped(r) => write!(f, "client stopped: {r:?}"),

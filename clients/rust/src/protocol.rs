@@ -68,6 +68,15 @@ pub enum ClientMsg {
         /// The new JWT.
         token: String,
     },
+    /// A call to the backend that `[[proxy.rpc]]` routes `method` to.
+    Rpc {
+        /// Any JSON, echoed in the answer (answers may come in any order).
+        id: Value,
+        /// Method name (1-128 of `[A-Za-z0-9_.:-]`).
+        method: String,
+        /// Any JSON.
+        data: Value,
+    },
 }
 
 /// A message the server sends. Field order on the wire is not fixed; this is parsed.
@@ -84,6 +93,9 @@ pub enum ServerMsg {
         /// The shard serving the connection.
         #[serde(default)]
         shard: u32,
+        /// What the connect proxy's backend added (`proxy.connect`), else `null`.
+        #[serde(default)]
+        data: Value,
     },
     /// Answer to `join`.
     Joined {
@@ -192,6 +204,15 @@ pub enum ServerMsg {
         #[serde(default)]
         reason: String,
     },
+    /// Answer to `rpc`.
+    RpcResult {
+        /// The request's id.
+        #[serde(default)]
+        id: Value,
+        /// The backend's answer.
+        #[serde(default)]
+        data: Value,
+    },
     /// A message was refused; the connection stays open.
     Error {
         /// Stable code.
@@ -199,6 +220,12 @@ pub enum ServerMsg {
         /// Human-readable text (not stable).
         #[serde(default)]
         message: String,
+        /// The `id` of the `rpc` refused (absent for other messages).
+        #[serde(default)]
+        id: Option<Value>,
+        /// The backend's own `code`/`reason`, when it gave them.
+        #[serde(default)]
+        backend: Option<Value>,
     },
     /// A message type this client does not know.
     #[serde(other)]
@@ -238,6 +265,12 @@ pub enum ErrorCode {
     Forbidden,
     /// A refresh token that does not verify.
     InvalidToken,
+    /// An `rpc` without a route, or the backend answered an error.
+    RpcFailed,
+    /// The backend could not be asked.
+    BackendUnavailable,
+    /// The publish proxy's backend rejected a publish.
+    PublishRejected,
     /// A code this client does not know.
     Other(String),
 }
@@ -261,6 +294,9 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::RpcFailed => "rpc_failed",
+            ErrorCode::BackendUnavailable => "backend_unavailable",
+            ErrorCode::PublishRejected => "publish_rejected",
             ErrorCode::Other(s) => s,
         }
     }
@@ -283,6 +319,9 @@ impl ErrorCode {
             "rate_limited" => ErrorCode::RateLimited,
             "forbidden" => ErrorCode::Forbidden,
             "invalid_token" => ErrorCode::InvalidToken,
+            "rpc_failed" => ErrorCode::RpcFailed,
+            "backend_unavailable" => ErrorCode::BackendUnavailable,
+            "publish_rejected" => ErrorCode::PublishRejected,
             other => ErrorCode::Other(other.to_string()),
         }
     }
@@ -315,6 +354,8 @@ mod tests {
         );
         let j = ClientMsg::Join { room: "a".into(), since: None };
         assert_eq!(serde_json::to_value(&j).unwrap(), json!({"type":"join","room":"a"}));
+        let c = ClientMsg::Rpc { id: json!(3), method: "user.get".into(), data: json!({"a":1}) };
+        assert_eq!(serde_json::to_value(&c).unwrap(), json!({"type":"rpc","id":3,"method":"user.get","data":{"a":1}}));
         let p = ClientMsg::Publish { room: "a".into(), data: json!([1]) };
         assert_eq!(serde_json::to_value(&p).unwrap(), json!({"type":"publish","room":"a","data":[1]}));
         let r = ClientMsg::Refresh { token: "t".into() };
@@ -327,7 +368,14 @@ mod tests {
             serde_json::from_str(r#"{"offset":3,"data":{"x":1},"from":"b","room":"r","type":"message"}"#).unwrap();
         assert_eq!(m, ServerMsg::Message { room: "r".into(), from: "b".into(), data: json!({"x":1}), offset: Some(3) });
         let e: ServerMsg = serde_json::from_str(r#"{"code":"not_joined","message":"m","type":"error"}"#).unwrap();
-        assert_eq!(e, ServerMsg::Error { code: ErrorCode::NotJoined, message: "m".into() });
+        assert_eq!(e, ServerMsg::Error { code: ErrorCode::NotJoined, message: "m".into(), id: None, backend: None });
+        let r: ServerMsg = serde_json::from_str(r#"{"type":"rpc_result","id":7,"data":{"ok":1}}"#).unwrap();
+        assert_eq!(r, ServerMsg::RpcResult { id: json!(7), data: json!({"ok":1}) });
+        let f: ServerMsg = serde_json::from_str(
+            r#"{"type":"error","code":"rpc_failed","id":7,"message":"m","backend":{"code":"nope","reason":"r"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(f, ServerMsg::Error { code: ErrorCode::RpcFailed, id: Some(_), backend: Some(_), .. }));
         let h: ServerMsg =
             serde_json::from_str(r#"{"type":"reconnect","url":"ws://x/ws","after_ms":250,"reason":"drain"}"#).unwrap();
         assert_eq!(h, ServerMsg::Reconnect { url: "ws://x/ws".into(), after_ms: 250, reason: "drain".into() });
@@ -335,10 +383,18 @@ mod tests {
 
     #[test]
     fn unknown_types_and_codes_do_not_fail() {
-        let u: ServerMsg = serde_json::from_str(r#"{"type":"rpc_result","id":1}"#).unwrap();
+        let u: ServerMsg = serde_json::from_str(r#"{"type":"brand_new_kind","id":1}"#).unwrap();
         assert_eq!(u, ServerMsg::Unknown);
         let e: ServerMsg = serde_json::from_str(r#"{"type":"error","code":"brand_new"}"#).unwrap();
-        assert_eq!(e, ServerMsg::Error { code: ErrorCode::Other("brand_new".into()), message: String::new() });
+        assert_eq!(
+            e,
+            ServerMsg::Error {
+                code: ErrorCode::Other("brand_new".into()),
+                message: String::new(),
+                id: None,
+                backend: None
+            }
+        );
         for code in ["bad_json", "forbidden", "invalid_token", "rate_limited", "unavailable"] {
             assert_eq!(ErrorCode::parse(code).as_str(), code);
         }

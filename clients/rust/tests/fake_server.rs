@@ -238,3 +238,45 @@ async fn backoff_gives_up_after_max_attempts() {
     }
     assert!(client.wait_connected(Duration::from_secs(1)).await.is_err());
 }
+
+/// A gap in a room's offsets (5, 6, then 8): the client drops 8, leaves and joins again
+/// with `since` 6, and the replay's 7 and 8 are delivered in order; live messages that
+/// arrive before the `joined` are dropped (the replay has them).
+#[tokio::test]
+async fn a_gap_in_offsets_is_recovered_by_rejoining_with_since() {
+    let mut a = Fake::start().await;
+    let (client, mut events) = Client::start(ClientConfig::new(a.url.clone())).unwrap();
+    let mut c = a.accept().await;
+    c.welcome("g1", "a").await;
+    client.wait_connected(Duration::from_secs(5)).await.unwrap();
+    let join = tokio::spawn({
+        let client = client.clone();
+        async move { client.join("feed").await }
+    });
+    assert_eq!(c.recv().await.unwrap()["type"], "join");
+    c.send(json!({"type":"joined","room":"feed","offset":4,"epoch":"E"})).await;
+    join.await.unwrap().unwrap();
+    for o in [5, 6, 8] {
+        c.send(json!({"type":"message","room":"feed","from":"p","data":o,"offset":o})).await;
+    }
+    assert_eq!(c.recv().await.unwrap(), json!({"type":"leave","room":"feed"}));
+    assert_eq!(c.recv().await.unwrap(), json!({"type":"join","room":"feed","since":{"offset":6,"epoch":"E"}}));
+    c.send(json!({"type":"message","room":"feed","from":"p","data":9,"offset":9})).await; // before left: dropped
+    c.send(json!({"type":"left","room":"feed"})).await;
+    for o in [7, 8, 9] {
+        c.send(json!({"type":"message","room":"feed","from":"p","data":o,"offset":o})).await;
+    }
+    c.send(json!({"type":"joined","room":"feed","offset":9,"epoch":"E","recovered":true})).await;
+    c.send(json!({"type":"message","room":"feed","from":"p","data":10,"offset":10})).await;
+    let mut got = Vec::new();
+    while got.last() != Some(&10) {
+        match events.recv_timeout(Duration::from_secs(5)).await.expect("events") {
+            Event::Message(ServerMsg::Message { offset: Some(o), .. }) => got.push(o),
+            Event::Message(ServerMsg::Left { .. }) => panic!("the gap's leave reached the application"),
+            _ => {}
+        }
+    }
+    assert_eq!(got, [5, 6, 7, 8, 9, 10]);
+    assert_eq!(client.stats().gaps_recovered.load(std::sync::atomic::Ordering::Relaxed), 1);
+    client.close().await;
+}

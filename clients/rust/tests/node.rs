@@ -82,12 +82,17 @@ impl Publisher {
         Publisher { stop, sent, task, client }
     }
 
-    async fn stop(self) -> u64 {
+    /// Stops, publishes one last message (so that a loss of the one before it shows as a
+    /// gap to the subscriber), and returns the room's last offset as the node says it
+    /// (leave and join again: `joined` carries it), whatever publishes were refused.
+    async fn stop(self, room: &str) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.unwrap();
-        // A ping round trip: every publish before it was processed by the node.
-        self.client.ping().await.unwrap();
-        self.sent.load(Ordering::Relaxed)
+        self.client.publish(room, json!("last")).await.unwrap();
+        self.client.leave(room).await.unwrap();
+        let last = self.client.join(room).await.unwrap().offset.expect("a room with history");
+        assert!(last > self.sent.load(Ordering::Relaxed) / 2, "most publishes were refused");
+        last
     }
 }
 
@@ -138,7 +143,7 @@ async fn node_killed_and_restarted_mid_stream_loses_nothing() {
     let recovered = |e: &Event| matches!(e, Event::Message(ServerMsg::Joined { recovered: Some(true), .. }));
     assert!(eventually(Duration::from_secs(10), || log.count(recovered) == 1).await, "{}", log.dump());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let sent = publisher.stop().await;
+    let sent = publisher.stop("feed").await;
     assert!(eventually(Duration::from_secs(10), || log.offsets().last() == Some(&sent)).await, "{}", log.dump());
 
     assert_eq!(log.offsets(), (1..=sent).collect::<Vec<_>>(), "lost or duplicated offsets");
@@ -197,7 +202,7 @@ async fn drain_hint_moves_the_client_to_the_peer() {
     assert_eq!(log.count(|e| matches!(e, Event::Reconnecting { cause: Cause::Hint(_), .. })), 1);
     let recovered = |e: &Event| matches!(e, Event::Message(ServerMsg::Joined { recovered: Some(true), .. }));
     assert!(eventually(Duration::from_secs(10), || log.count(recovered) == 1).await, "{}", log.dump());
-    let sent = publisher.stop().await;
+    let sent = publisher.stop("moving").await;
     assert!(eventually(Duration::from_secs(10), || log.offsets().last() == Some(&sent)).await, "{}", log.dump());
     assert_eq!(log.offsets(), (1..=sent).collect::<Vec<_>>(), "lost or duplicated offsets");
     // It left on its own: no 1001, no backoff reconnect.
@@ -344,4 +349,63 @@ async fn pool_caps_waits_times_out_and_replaces() {
     drop((c, d));
     pool.close();
     assert_eq!(pool.acquire().await.unwrap_err(), Error::PoolClosed);
+}
+
+/// RPC through the node's `[[proxy.rpc]]` to a real HTTP backend (the project's Python
+/// one): answers matched by id although they come back out of order, and the backend's
+/// own error code reaches the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_answers_match_their_calls_in_any_order() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/upstream_backend.py");
+    let mut backend = std::process::Command::new("python3")
+        .args([script, "--port", "0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 must be installed (scripts/test installs it)");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(backend.stdout.take().unwrap()), &mut line).unwrap();
+    let port: u16 =
+        line.trim().strip_prefix("PORT ").unwrap_or_else(|| panic!("backend said {line:?}")).parse().unwrap();
+    let dir = std::env::temp_dir().join(format!("ringside-client-rpc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("node.toml");
+    let toml = format!(
+        "[[upstream]]\nname = \"app\"\nurl = \"http://127.0.0.1:{port}\"\nretry_attempts = 1\n\
+         [[proxy.rpc]]\nmethods = \"app.*\"\nupstream = \"app\"\n"
+    );
+    std::fs::write(&file, toml).unwrap();
+    let cfg_path = file.display().to_string();
+    let node = blocking(move || Node::start_on(free_port(), &["--config", &cfg_path], &[])).await;
+
+    let mut cfg = ClientConfig::new(node.url());
+    cfg.client_id = Some("caller".into());
+    let (client, _events) = Client::start(cfg).unwrap();
+    client.wait_connected(Duration::from_secs(10)).await.unwrap();
+    let order = Mutex::new(Vec::new());
+    let (slow, fast) = tokio::join!(
+        async {
+            let r = client.rpc("app.slow", json!({"ms": 1500})).await;
+            order.lock().unwrap().push("slow");
+            r
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let r = client.rpc("app.add", json!([2, 3])).await;
+            order.lock().unwrap().push("fast");
+            r
+        }
+    );
+    assert_eq!(fast.unwrap(), json!(5));
+    assert_eq!(slow.unwrap(), json!("slept"));
+    assert_eq!(*order.lock().unwrap(), ["fast", "slow"], "the second call's answer came first");
+    let failed = client.rpc("app.fail", json!(null)).await;
+    assert!(
+        matches!(&failed, Err(Error::Server { code: ringside_client::ErrorCode::RpcFailed, backend: Some(b), .. }) if b["code"] == "boom"),
+        "{failed:?}"
+    );
+    let unrouted = client.rpc("other.thing", json!(null)).await;
+    assert!(matches!(unrouted, Err(Error::Server { code: ringside_client::ErrorCode::RpcFailed, .. })), "{unrouted:?}");
+    let _ = backend.kill();
+    let _ = backend.wait();
+    let _ = std::fs::remove_dir_all(&dir);
 }
