@@ -206,7 +206,15 @@ impl Node {
             }
         });
         let addr = rx.recv_timeout(Duration::from_secs(10)).expect("node did not print its address");
-        Node { child, id: id.to_string(), addr: addr.parse().expect("address"), log }
+        let node = Node { child, id: id.to_string(), addr: addr.parse().expect("address"), log };
+        // Until its cluster thread reaches Redis a node answers cross-node
+        // operations "unavailable" (a join: epoch "none"). Tests start from a
+        // connected node; one whose Redis is down on purpose waits 3 s here.
+        let end = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < end && node.breaker() != "closed" {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        node
     }
 
     /// Sends signal `sig` (15: SIGTERM, a drain).
