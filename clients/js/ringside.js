@@ -190,6 +190,9 @@ export class Client {
 
   onJoined(msg) {
     const old = this.rooms.get(msg.room);
+    // Epoch "none": the node cannot reach its store right now (e.g. just restarted). Keep
+    // the position: the room's next message shows as a gap and recovers from it.
+    if (msg.epoch === "none" && old) return;
     if (typeof msg.offset === "number" && msg.epoch && msg.epoch !== "none") {
       const keep = msg.recovered === true && old && old.epoch === msg.epoch;
       this.rooms.set(msg.room, { offset: keep ? Math.max(old.offset, msg.offset) : msg.offset, epoch: msg.epoch });

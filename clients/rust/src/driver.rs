@@ -496,6 +496,11 @@ impl Driver {
 
     fn on_joined(&mut self, room: &str, offset: Option<u64>, epoch: Option<&str>, recovered: Option<bool>) {
         let Ok(mut rooms) = self.shared.rooms.lock() else { return };
+        // Epoch "none": the node cannot reach its store right now (e.g. just restarted).
+        // Keep the position: the room's next message shows as a gap and recovers from it.
+        if epoch == Some("none") && rooms.get(room).is_some_and(Option::is_some) {
+            return;
+        }
         let since = match (offset, epoch) {
             (Some(o), Some(e)) if e != "none" => {
                 let keep = rooms.get(room).cloned().flatten();
