@@ -116,6 +116,12 @@ pub struct Worker<C: Connector> {
     /// forwarded). Duplicates are dropped; a gap is repaired from the
     /// room's stream before anything newer is forwarded.
     ordered: HashMap<Arc<str>, (String, u64)>,
+    /// Rooms with history nothing was forwarded for yet, since their
+    /// subscription started: the lowest offset a join's recovery answered
+    /// (every local member has what lies up to it). The first message off the
+    /// subscription is checked against it, so one the new subscription
+    /// missed (published between the answer and the SUBSCRIBE) is fetched.
+    recovered_floor: HashMap<Arc<str>, (String, u64)>,
     /// Rooms whose gap is being repaired: (room, epoch, last forwarded).
     repairs: Vec<(Arc<str>, String, u64)>,
     /// Prompt writes (`ZREM`s of closed sessions, presence entries), sent
@@ -176,6 +182,7 @@ impl<C: Connector> Worker<C> {
             publish_seq: 0,
             closes: Vec::new(),
             ordered: HashMap::new(),
+            recovered_floor: HashMap::new(),
             repairs: Vec::new(),
             ever_connected: false,
             incoming: Budget::new(super::INCOMING_BYTES),
@@ -461,6 +468,14 @@ impl<C: Connector> Worker<C> {
             let asked = since.is_some();
             let r = match replies.as_mut().and_then(Iterator::next) {
                 Some(Reply::Recovery(epoch, offset, recovered, messages)) => {
+                    if !self.ordered.contains_key(&room) && !epoch.is_empty() {
+                        let floor = self.recovered_floor.entry(room.clone()).or_insert((epoch.clone(), offset));
+                        *floor = if floor.0 == epoch {
+                            (epoch.clone(), floor.1.min(offset))
+                        } else {
+                            (epoch.clone(), offset)
+                        };
+                    }
                     Recovery { epoch, offset, recovered, messages, asked }
                 }
                 // Redis away: the join stands, nothing can be recovered.
@@ -680,6 +695,17 @@ impl<C: Connector> Worker<C> {
                 true
             }
             None => {
+                match self.recovered_floor.remove(room) {
+                    Some((e, floor)) if e == epoch && offset <= floor => {
+                        self.recovered_floor.insert(Arc::from(room), (e, floor));
+                        return false; // every member here has it
+                    }
+                    Some((e, floor)) if e == epoch && offset > floor + 1 => {
+                        self.repairs.push((Arc::from(room), e, floor));
+                        return false;
+                    }
+                    _ => {}
+                }
                 self.ordered.insert(Arc::from(room), (epoch.to_string(), offset));
                 true
             }
@@ -839,6 +865,7 @@ impl<C: Connector> Worker<C> {
                 }
                 for room in &off {
                     self.ordered.remove(room);
+                    self.recovered_floor.remove(room);
                 }
                 conn.unsubscribe(&chans(&off)).await.map(|()| self.state.subscribed(&off, false))
             }
