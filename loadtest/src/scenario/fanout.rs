@@ -227,15 +227,22 @@ pub(super) async fn publisher(
     settled: Rc<Cell<u64>>,
     name: fn(u64) -> String,
 ) {
-    let ws = open_conn(&ctx, pid, mono_us()).await;
-    settled.set(settled.get() + 1);
-    let Some(mut ws) = ws else { return };
+    let Some(mut ws) = open_conn(&ctx, pid, mono_us()).await else {
+        settled.set(settled.get() + 1);
+        return;
+    };
+    // One join at a time, each answered before the next: joins of rooms with
+    // history are limited per connection (`rooms.max_pending_joins`). Settled
+    // (for the barrier) once all are joined.
     for r in 0..ctx.p().rooms {
-        let join = serde_json::json!({"type": "join", "room": name(r)});
-        if ws.send(Message::text(join.to_string())).await.is_err() {
+        if let Err(reason) = join(&ctx, &mut ws, &name(r)).await {
+            settled.set(settled.get() + 1);
+            ctx.stats.borrow_mut().fail(reason, false);
+            ctx.open.set(ctx.open.get() - 1);
             return;
         }
     }
+    settled.set(settled.get() + 1);
     let go_us = match go.wait_for(|g| *g > 0).await {
         Ok(g) => *g,
         Err(_) => return,
