@@ -38,6 +38,13 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Capacity per priority class: reservations, waiting, preemption.
     pub priority: PriorityConfig,
+    /// What the node asks the application behind it (connect, RPC,
+    /// publish, disconnect), through the pools of `[[upstream]]`.
+    pub proxy: ProxyConfig,
+    /// Outbound HTTP pools to the application's backends, `[[upstream]]`
+    /// entries (docs/configuration.md). Last: TOML writes arrays of tables
+    /// after the plain tables.
+    pub upstream: Vec<UpstreamConfig>,
 }
 
 /// Which io driver a shard runs.
@@ -171,6 +178,14 @@ pub struct ServerConfig {
     /// served on the client port. Default empty (development); production
     /// sets it to a private address.
     pub admin_listen: String,
+    /// HAProxy agent-check listener (`ip:port`): each connection is answered
+    /// `up N%` (N from the node's live headroom) or `drain`, then closed.
+    /// Empty = off. Default empty.
+    pub agent_listen: String,
+    /// Unix socket path a running node listens on for a zero-disconnect
+    /// upgrade: `ringside --upgrade-from PATH` takes over its listeners and
+    /// open WebSockets. Empty = off. Default empty.
+    pub upgrade_socket: String,
     /// Serve `/metrics` and `/cluster` on the client port too. Default true;
     /// `false` answers them 404 there (`/health` and `/ready` stay for the
     /// balancer's checks).
@@ -207,6 +222,8 @@ impl Default for ServerConfig {
             handshake_timeout_ms: 5000,
             mailbox_capacity: 16384,
             admin_listen: String::new(),
+            agent_listen: String::new(),
+            upgrade_socket: String::new(),
             public_internal_endpoints: true,
             trusted_proxies: Vec::new(),
             allowed_origins: Vec::new(),
@@ -410,14 +427,27 @@ impl RoomsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
-    /// On SIGTERM/SIGINT: stop accepting, close every connection with 1001,
-    /// and exit within this. Default 10000 ms.
+    /// On SIGTERM/SIGINT: `/ready` and upgrades answer 503 at once, open
+    /// WebSockets get a `reconnect` hint (spread over `reconnect_spread_ms`),
+    /// those still open at 3/4 of this get 1001, and the node exits within
+    /// this. Default 10000 ms.
     pub drain_timeout_ms: u64,
+    /// Hints of a drain go out spread evenly over this (in random order), so
+    /// clients do not come back in the same second. 0 sends them all at once;
+    /// at most half of `drain_timeout_ms` is used. Default 5000 ms.
+    pub reconnect_spread_ms: u64,
+}
+
+impl ShutdownConfig {
+    /// The spread a drain uses: `reconnect_spread_ms`, at most half the drain.
+    pub fn spread_ms(&self) -> u64 {
+        self.reconnect_spread_ms.min(self.drain_timeout_ms / 2)
+    }
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        Self { drain_timeout_ms: 10_000 }
+        Self { drain_timeout_ms: 10_000, reconnect_spread_ms: 5_000 }
     }
 }
 
@@ -650,6 +680,31 @@ pub struct ClusterConfig {
     /// in Redis (conn keys, sessions, presence; in chunks of 2,000), so a
     /// key lost in Redis (a failover, a hand edit) comes back. Default 60.
     pub reconcile_intervals: u64,
+    /// Where `reconnect` hints (drain, rebalance) send clients: `peer` (the
+    /// target node's `server.advertise_url`) or `balancer` (`""`: the address
+    /// the client used, i.e. back through the load balancer). Default `peer`.
+    pub reconnect_via: ReconnectVia,
+    /// Rebalancing starts when this node's utilization (connections /
+    /// slots) is above this while a live peer is below `rebalance_low`.
+    /// Default 0.85 (seed 000); 1.0 or more turns rebalancing off.
+    pub rebalance_high: f64,
+    /// A peer below this utilization may receive moved clients. Default 0.30.
+    pub rebalance_low: f64,
+    /// At most this many clients are asked to move per second. Default 100.
+    pub migrate_rate: u32,
+    /// A client asked to move that has not left after this is closed (1001).
+    /// Default 5000 ms.
+    pub migrate_grace_ms: u64,
+}
+
+/// `cluster.reconnect_via`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReconnectVia {
+    /// The target node's own URL.
+    Peer,
+    /// `""`: through the balancer the client came from.
+    Balancer,
 }
 
 impl Default for ClusterConfig {
@@ -661,6 +716,11 @@ impl Default for ClusterConfig {
             affinity_ttl_secs: 1800,
             sample_size: 16,
             reconcile_intervals: 60,
+            reconnect_via: ReconnectVia::Peer,
+            rebalance_high: 0.85,
+            rebalance_low: 0.30,
+            migrate_rate: 100,
+            migrate_grace_ms: 5_000,
         }
     }
 }
@@ -677,6 +737,280 @@ pub enum RedisMode {
 
 /// Environment variables are read with this prefix.
 pub const ENV_PREFIX: &str = "RINGSIDE_";
+
+/// `[[upstream]]`: one backend and its connection pool (seed 002's knobs).
+/// Every duration is in milliseconds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// What `proxy.*` entries call it: 1-64 of `[A-Za-z0-9_-]`. Required.
+    pub name: String,
+    /// `http://host:port` (no path, no TLS: a backend on the same host or
+    /// a private network). Required.
+    pub url: String,
+    /// Connections kept open even when idle (refilled after failures). Default 1.
+    pub min_connections: usize,
+    /// Connections to this backend from the whole node, never exceeded
+    /// (one pool per node, not per shard). Default 10.
+    pub max_connections: usize,
+    /// How long a call waits for a connection (queued FIFO when all are
+    /// busy) before it fails with `backend_unavailable`. Default 1000: an
+    /// upgrade waits for it and must stay well inside
+    /// `server.handshake_timeout_ms`.
+    pub acquire_timeout_ms: u64,
+    /// How long one request may take once it has a connection (the
+    /// connection is closed when it runs past). Default 5000.
+    pub request_timeout_ms: u64,
+    /// An idle connection above `min_connections` is closed after this. Default 120000 (2 min).
+    pub idle_timeout_ms: u64,
+    /// A connection is retired after this long (when next idle). Default 1800000 (30 min).
+    pub max_lifetime_ms: u64,
+    /// `GET` this on every idle connection each `health_check_interval_ms`;
+    /// a transport error, timeout or 5xx fails it (the connection is
+    /// replaced and the pool reported unhealthy). Empty: no checks. Default `/health`.
+    pub health_check_path: String,
+    /// Default 60000.
+    pub health_check_interval_ms: u64,
+    /// Retries of a call after a transport failure, timeout or 5xx (not
+    /// after a 4xx, nor an acquire timeout). Calls are then at least once:
+    /// a backend that did the work but whose answer was lost sees it again.
+    /// Default 2.
+    pub retry_attempts: u32,
+    /// First retry delay; doubled per retry, with jitter (50%-150%). Default 50.
+    pub retry_delay_ms: u64,
+    /// Consecutive failed attempts that open the breaker (calls then fail
+    /// at once); 0 = no breaker. Default 5.
+    pub circuit_breaker_threshold: u32,
+    /// Open time before one half-open probe is let through. Default 5000.
+    pub circuit_breaker_cooldown_ms: u64,
+    /// A connection checked out longer than this is logged and counted as
+    /// a leak (seed 003); 0 = off. Default 10000 (twice the request timeout:
+    /// a checkout that long is a bug, not a slow backend).
+    pub leak_detection_ms: u64,
+    /// Largest response body read; a larger one fails the call. Default 65536.
+    pub max_response_bytes: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            url: String::new(),
+            min_connections: 1,
+            max_connections: 10,
+            acquire_timeout_ms: 1000,
+            request_timeout_ms: 5000,
+            idle_timeout_ms: 120_000,
+            max_lifetime_ms: 1_800_000,
+            health_check_path: "/health".into(),
+            health_check_interval_ms: 60_000,
+            retry_attempts: 2,
+            retry_delay_ms: 50,
+            circuit_breaker_threshold: 5,
+            circuit_breaker_cooldown_ms: 5000,
+            leak_detection_ms: 10_000,
+            max_response_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// `host:port` of `url` (`http://host:port`, optional trailing `/`).
+    pub fn authority(&self) -> Option<&str> {
+        let rest = self.url.strip_prefix("http://")?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (host, port) = rest.rsplit_once(':')?;
+        (!host.is_empty() && !rest.contains('/') && port.parse::<u16>().is_ok()).then_some(rest)
+    }
+}
+
+/// What a dead connect proxy means for an upgrade.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectFallback {
+    /// Answer 503 with `Retry-After`.
+    Refuse,
+    /// Admit the client on its verified token alone (`auth.mode = "token"`);
+    /// without a token, 503.
+    Token,
+}
+
+impl ConnectFallback {
+    /// The accepted spellings.
+    pub const NAMES: [&'static str; 2] = ["refuse", "token"];
+}
+
+/// `[[proxy.rpc]]`: which upstream answers which RPC methods.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RpcRoute {
+    /// An exact method name or a prefix followed by `*` (`*`: every method).
+    pub methods: String,
+    /// The `[[upstream]]` name.
+    pub upstream: String,
+    /// Path POSTed to. Default `/rpc`.
+    #[serde(default = "default_rpc_path")]
+    pub path: String,
+}
+
+/// `[[proxy.publish]]`: publishes to matching rooms are first asked of the backend.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRoute {
+    /// An exact room name or a prefix followed by `*`.
+    pub rooms: String,
+    /// The `[[upstream]]` name.
+    pub upstream: String,
+    /// Path POSTed to. Default `/publish`.
+    #[serde(default = "default_publish_path")]
+    pub path: String,
+}
+
+fn default_rpc_path() -> String {
+    "/rpc".into()
+}
+
+fn default_publish_path() -> String {
+    "/publish".into()
+}
+
+/// `[proxy]`: the calls to the application (docs/protocol.md, "Backend proxy").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Upstream asked on every `/ws` upgrade (empty: off). Its answer sets
+    /// the client id, rooms, class and welcome data, or refuses with 403.
+    pub connect: String,
+    /// Path POSTed to. Default `/connect`.
+    pub connect_path: String,
+    /// Request headers passed to the connect backend (lower case). Default
+    /// `["origin", "user-agent"]`.
+    pub connect_headers: Vec<String>,
+    /// `refuse` (503 + Retry-After, the default) or `token` (admit on the
+    /// token alone) when the connect backend cannot answer.
+    pub connect_fallback: ConnectFallback,
+    /// RPC routes, first match wins. Default none (every `rpc` fails).
+    pub rpc: Vec<RpcRoute>,
+    /// Publish routes, first match wins. Default none.
+    pub publish: Vec<PublishRoute>,
+    /// Upstream told who disconnected (empty: off), in batches, best effort.
+    pub disconnect: String,
+    /// Path POSTed to. Default `/disconnect`.
+    pub disconnect_path: String,
+    /// Notices per POST at most. Default 100.
+    pub disconnect_batch: usize,
+    /// A partial batch is sent after this, ms. Default 200.
+    pub disconnect_flush_ms: u64,
+    /// Notices waiting to be sent at most; more are dropped (counted). Default 10000.
+    pub disconnect_queue: usize,
+    /// Calls waiting for the upstream thread, node-wide; past it a call
+    /// fails at once with `backend_unavailable`. Default 8192.
+    pub queue_capacity: usize,
+    /// RPCs and proxied publishes one connection may have outstanding;
+    /// more answer `rate_limited`. Default 16.
+    pub max_in_flight_per_connection: u8,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            connect: String::new(),
+            connect_path: "/connect".into(),
+            connect_headers: vec!["origin".into(), "user-agent".into()],
+            connect_fallback: ConnectFallback::Refuse,
+            rpc: Vec::new(),
+            publish: Vec::new(),
+            disconnect: String::new(),
+            disconnect_path: "/disconnect".into(),
+            disconnect_batch: 100,
+            disconnect_flush_ms: 200,
+            disconnect_queue: 10_000,
+            queue_capacity: 8192,
+            max_in_flight_per_connection: 16,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// The route for RPC `method`, if any.
+    pub fn rpc_route(&self, method: &str) -> Option<&RpcRoute> {
+        self.rpc.iter().find(|r| pattern_matches(&r.methods, method))
+    }
+
+    /// The publish route for `room`, if any.
+    pub fn publish_route(&self, room: &str) -> Option<&PublishRoute> {
+        self.publish.iter().find(|r| pattern_matches(&r.rooms, room))
+    }
+}
+
+impl Config {
+    /// The `[[upstream]]` and `[proxy]` checks.
+    fn validate_upstreams(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| Err(ConfigError::new(key, why));
+        for (i, u) in self.upstream.iter().enumerate() {
+            let key = |k: &str| format!("upstream[{i}].{k}");
+            if !valid_id(&u.name) {
+                return bad(&key("name"), format!("{:?}: 1-64 of [A-Za-z0-9_-]", u.name));
+            }
+            if self.upstream[..i].iter().any(|o| o.name == u.name) {
+                return bad(&key("name"), format!("{:?} is used twice", u.name));
+            }
+            if u.authority().is_none() {
+                return bad(&key("url"), format!("{:?}: expected http://host:port", u.url));
+            }
+            if u.max_connections == 0 || u.min_connections > u.max_connections {
+                return bad(&key("max_connections"), "at least 1 and at least min_connections".into());
+            }
+            if u.acquire_timeout_ms == 0 || u.request_timeout_ms == 0 {
+                return bad(&key("acquire_timeout_ms"), "acquire and request timeouts must be at least 1".into());
+            }
+            if u.health_check_interval_ms < 10 || u.idle_timeout_ms < 10 || u.max_lifetime_ms < 10 {
+                return bad(&key("idle_timeout_ms"), "idle, lifetime and health intervals at least 10".into());
+            }
+            if !(u.health_check_path.is_empty() || u.health_check_path.starts_with('/')) {
+                return bad(&key("health_check_path"), "empty or a path starting with /".into());
+            }
+            if u.retry_attempts > 10 || u.max_response_bytes < 64 {
+                return bad(&key("retry_attempts"), "at most 10 (and max_response_bytes at least 64)".into());
+            }
+        }
+        let p = &self.proxy;
+        let known = |name: &str| self.upstream.iter().any(|u| u.name == name);
+        for (key, name) in [("proxy.connect", &p.connect), ("proxy.disconnect", &p.disconnect)] {
+            if !name.is_empty() && !known(name) {
+                return bad(key, format!("{name:?} is no [[upstream]] name"));
+            }
+        }
+        for r in &p.rpc {
+            if !known(&r.upstream) || !valid_pattern(&r.methods) || !r.path.starts_with('/') {
+                return bad("proxy.rpc", format!("{r:?}: methods a name or prefix*, a known upstream, a /path"));
+            }
+        }
+        for r in &p.publish {
+            if !known(&r.upstream) || !valid_pattern(&r.rooms) || !r.path.starts_with('/') {
+                return bad("proxy.publish", format!("{r:?}: rooms a name or prefix*, a known upstream, a /path"));
+            }
+        }
+        for (key, path) in [("proxy.connect_path", &p.connect_path), ("proxy.disconnect_path", &p.disconnect_path)] {
+            if !path.starts_with('/') {
+                return bad(key, format!("{path:?}: a path starting with /"));
+            }
+        }
+        if p.connect_fallback == ConnectFallback::Token && self.auth.mode != AuthMode::Token {
+            return bad("proxy.connect_fallback", "\"token\" needs auth.mode = \"token\"".into());
+        }
+        if p.disconnect_batch == 0 || p.disconnect_queue < p.disconnect_batch || p.disconnect_flush_ms == 0 {
+            return bad(
+                "proxy.disconnect_batch",
+                "at least 1, at most proxy.disconnect_queue; flush at least 1 ms".into(),
+            );
+        }
+        if p.queue_capacity == 0 || p.max_in_flight_per_connection == 0 {
+            return bad("proxy.queue_capacity", "queue_capacity and max_in_flight_per_connection at least 1".into());
+        }
+        Ok(())
+    }
+}
 
 impl Config {
     /// Loads defaults, then `file`, then `RINGSIDE_*` from `env`.
@@ -850,7 +1184,24 @@ impl Config {
             "server.admin_listen",
             "expected ip:port, e.g. 127.0.0.1:9090, or empty",
         )?;
+        check(
+            s.agent_listen.is_empty() || s.agent_listen.parse::<SocketAddr>().is_ok(),
+            "server.agent_listen",
+            "expected ip:port, e.g. 127.0.0.1:9091, or empty",
+        )?;
+        check(
+            s.upgrade_socket.is_empty() || self.cluster.redis_url.is_empty(),
+            "server.upgrade_socket",
+            "zero-disconnect upgrades are not supported in cluster mode in this version (drain instead)",
+        )?;
         check(self.cluster.sync_interval_ms >= 50, "cluster.sync_interval_ms", "at least 50")?;
+        let c = &self.cluster;
+        check(
+            (0.0..1.0).contains(&c.rebalance_low) && c.rebalance_low < c.rebalance_high,
+            "cluster.rebalance_low",
+            "between 0 and 1, and below cluster.rebalance_high",
+        )?;
+        check(c.migrate_rate >= 1, "cluster.migrate_rate", "at least 1")?;
         check(self.cluster.reconcile_intervals >= 1, "cluster.reconcile_intervals", "at least 1")?;
         let url = &self.cluster.redis_url;
         check(
@@ -869,7 +1220,7 @@ impl Config {
             "cluster.redis_url",
             "several URLs are the seeds of a Redis Cluster: set cluster.redis_mode = \"cluster\"",
         )?;
-        Ok(())
+        self.validate_upstreams()
     }
 
     /// The effective configuration as TOML (printed by `--check-config`).
@@ -924,6 +1275,13 @@ fn check_leaf(key: &str, value: toml::Value) -> Result<toml::Value, ConfigError>
         "server.driver" => &DriverChoice::NAMES,
         "server.io" => &IoChoice::NAMES,
         "websocket.slow_consumer" => &SlowConsumerPolicy::NAMES,
+        "proxy.connect_fallback" => &ConnectFallback::NAMES,
+        // `[[upstream]]` entries are read whole (and checked by validate()).
+        "upstream" => {
+            return Vec::<UpstreamConfig>::deserialize(value.clone())
+                .map(|_| value)
+                .map_err(|e| ConfigError::new(key, one_line(e.message())));
+        }
         _ => &[],
     };
     if !allowed.is_empty() {
@@ -1169,6 +1527,33 @@ mod tests {
         let text = e.to_string();
         assert!(!text.contains('\n'), "not one line: {text:?}");
         text
+    }
+
+    #[test]
+    fn upstreams_are_read_whole_and_checked_by_name() {
+        let f = file(
+            "up.toml",
+            "[proxy]\nconnect = \"app\"\n[[proxy.rpc]]\nmethods = \"chat.*\"\nupstream = \"app\"\n\n\
+             [[upstream]]\nname = \"app\"\nurl = \"http://127.0.0.1:3000\"\nmax_connections = 4\n",
+        );
+        let c = Config::load(Some(&f), vec![]).unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.upstream.len(), c.upstream[0].max_connections, c.upstream[0].min_connections), (1, 4, 1));
+        assert_eq!(c.upstream[0].authority(), Some("127.0.0.1:3000"));
+        assert_eq!(c.proxy.rpc_route("chat.send").map(|r| r.path.as_str()), Some("/rpc"));
+        assert!(c.proxy.rpc_route("other").is_none());
+        assert_eq!(Config::load(Some(&f), vec![]).unwrap().to_toml().matches("[[upstream]]").count(), 1);
+        let mut bad = c.clone();
+        bad.proxy.connect = "nope".into();
+        assert!(one(bad.validate().unwrap_err()).contains("proxy.connect"));
+        let mut bad = c.clone();
+        bad.upstream[0].url = "https://x:1".into();
+        assert!(one(bad.validate().unwrap_err()).contains("upstream[0].url"));
+        let mut bad = c.clone();
+        bad.upstream[0].min_connections = 5;
+        assert!(one(bad.validate().unwrap_err()).contains("upstream[0].max_connections"));
+        let f = file("up-typo.toml", "[[upstream]]\nname = \"a\"\nurl = \"http://h:1\"\nmax_conections = 4\n");
+        assert!(one(Config::load(Some(&f), vec![]).unwrap_err()).contains("max_conections"));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! 2. [`transport`]: sockets, the HTTP head, WebSocket framing;
 //! 3. [`runtime`]: shards, the slab table, mailboxes, timers, backpressure,
 //!    the close path; it serves an application through a trait;
-//! 4. [`broker`]: what crosses nodes (in memory, or Redis);
+//! 4. [`broker`]: what crosses nodes (in memory, or Redis), and beside it
+//!    [`upstream`]: outbound HTTP pools to the application's backends;
 //! 5. [`app`]: the `/ws` protocol, `/echo` and the HTTP endpoints;
 //! 6. [`node`]: wires them together, starts and drains.
 
@@ -19,6 +20,7 @@ pub mod node;
 pub mod prom;
 pub mod runtime;
 pub mod transport;
+pub mod upstream;
 
 pub use config::Config;
 pub use node::Node;

@@ -54,6 +54,10 @@ struct Args {
     /// Validate the configuration, print it, and exit (non-zero and the offending key on error).
     #[arg(long)]
     check_config: bool,
+    /// Take over a running node's listeners and open WebSockets through its
+    /// `server.upgrade_socket` (zero-disconnect upgrade; same settings).
+    #[arg(long, value_name = "PATH")]
+    upgrade_from: Option<std::path::PathBuf>,
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -148,7 +152,27 @@ fn main() -> ExitCode {
         }
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "ringside starting");
-    let node = match Node::start(config) {
+    let inherited = match &args.upgrade_from {
+        None => None,
+        Some(_) if !config.cluster.redis_url.is_empty() => {
+            tracing::error!("--upgrade-from is not supported in cluster mode in this version (drain instead)");
+            return ExitCode::from(2);
+        }
+        Some(path) => {
+            let shards = match config.server.shards {
+                0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                n => n,
+            };
+            match ringside::node::upgrade::connect(path, shards) {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    tracing::error!("upgrade from {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    let node = match Node::start_inherited(config, inherited) {
         Ok(n) => n,
         Err(e) => {
             tracing::error!("failed to start: {e}");

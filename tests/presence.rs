@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use futures_util::StreamExt;
-use tokio_tungstenite::tungstenite::Message;
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 
 async fn join(ws: &mut Ws, room: &str) {
     send_json(ws, json!({"type": "join", "room": room})).await;
@@ -53,7 +53,7 @@ async fn presence_lists_clients_across_shards_and_events_follow_first_and_last_s
     // Nothing about itself. amy's join, ordered on the room's home shard,
     // may still reach bo, who joined right after it (docs/protocol.md).
     no_event_but_maybe(&mut b, 150, "amy").await;
-                                       // A second session of amy (another tab): present already, no event.
+    // A second session of amy (another tab): present already, no event.
     let (mut a2, _) = rooms_client(&node, "amy").await;
     join(&mut a2, "ev.1").await;
     expect_silence(&mut b, 150).await;

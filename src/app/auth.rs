@@ -147,6 +147,17 @@ impl Patterns {
         Patterns { all: true, ..Patterns::default() }
     }
 
+    /// Back to a list that [`Patterns::parse`] reads as the same patterns.
+    pub fn to_list(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        if self.all {
+            out.push("*".into());
+        }
+        out.extend(self.exact.iter().map(|e| e.to_string()));
+        out.extend(self.prefixes.iter().map(|p| format!("{p}*")));
+        out
+    }
+
     /// From a list of patterns; `None` if one is invalid (neither a room name
     /// nor a room-name prefix followed by a single trailing `*`) or there are
     /// more than [`MAX_PATTERNS`].

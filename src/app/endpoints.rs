@@ -15,6 +15,7 @@ use crate::transport::proxy;
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
+const HTML: &str = "text/html; charset=utf-8";
 const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The node as connection `id` sees it: a socket kept past capacity
@@ -36,6 +37,8 @@ impl<C: Conns<Edge>> Responder for View<'_, C> {
             Endpoint::Ready => ready(node, self.shared),
             Endpoint::Metrics => (200, PROMETHEUS, metrics(node, self.shared)),
             Endpoint::Cluster => (200, JSON, format!("{}\n", self.shared.broker.cluster_json())),
+            Endpoint::Pools => (200, JSON, format!("{}\n", super::dashboard::pools(node, self.shared))),
+            Endpoint::Dashboard => (200, HTML, super::dashboard::PAGE.to_string()),
         }
     }
 
@@ -137,5 +140,8 @@ fn metrics<M>(node: &NodeState<M>, shared: &EdgeShared) -> String {
     crate::runtime::priority::render(&mut t, node);
     super::metrics::render(&mut t, &shared.metrics, &node.node_id, node.is_draining());
     shared.broker.render_metrics(&mut t);
+    if let Some(b) = &shared.backend {
+        b.upstreams.render(&mut t);
+    }
     t.finish()
 }

@@ -58,6 +58,19 @@ pub struct Replay {
     pub epoch: Arc<str>,
 }
 
+/// One room's log on its way to another process (zero-disconnect upgrade).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Exported {
+    /// Room.
+    pub room: String,
+    /// Its epoch.
+    pub epoch: String,
+    /// Offset of its last message.
+    pub last: u64,
+    /// Kept messages: (offset, frame bytes, age in ms).
+    pub entries: Vec<(u64, Vec<u8>, u64)>,
+}
+
 /// The sequencers of the rooms whose home is this shard.
 #[derive(Default)]
 pub struct History {
@@ -165,6 +178,46 @@ impl History {
             self.expire_room(&room, ttl_of(&room), now_ms);
         }
         self.logs.retain(|_, l| !l.entries.is_empty() || l.touched_ms + idle_ms > now_ms);
+    }
+
+    /// Every room's log, to move to another process: (room, epoch, last
+    /// offset, kept messages as (offset, frame, age ms)).
+    pub fn export(&self, now_ms: u64) -> Vec<Exported> {
+        self.logs
+            .iter()
+            .map(|(room, l)| Exported {
+                room: room.to_string(),
+                epoch: l.epoch.to_string(),
+                last: l.last,
+                entries: l
+                    .entries
+                    .iter()
+                    .map(|e| (e.offset, e.frame.to_vec(), now_ms.saturating_sub(e.at_ms)))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Takes over a room's log from another process (replacing any here).
+    pub fn import(&mut self, x: Exported, now_ms: u64) {
+        if let Some(old) = self.logs.remove(x.room.as_str()) {
+            self.bytes -= old.bytes;
+            self.messages -= old.entries.len();
+        }
+        let mut log = Log {
+            epoch: Arc::from(x.epoch.as_str()),
+            last: x.last,
+            entries: VecDeque::with_capacity(x.entries.len()),
+            bytes: 0,
+            touched_ms: now_ms,
+        };
+        for (offset, frame, age) in x.entries {
+            log.bytes += frame.len();
+            log.entries.push_back(Entry { offset, frame: Bytes::from(frame), at_ms: now_ms.saturating_sub(age) });
+        }
+        self.bytes += log.bytes;
+        self.messages += log.entries.len();
+        self.logs.insert(Arc::from(x.room.as_str()), log);
     }
 
     /// Bytes kept on this shard.

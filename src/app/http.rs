@@ -55,6 +55,10 @@ pub enum Endpoint {
     Metrics,
     /// `GET /cluster`
     Cluster,
+    /// `GET /pools`: shards and upstream pools as JSON (internal).
+    Pools,
+    /// `GET /dashboard`: the HTML page over `/pools` (internal).
+    Dashboard,
 }
 
 /// Answers for plain endpoints and for the node's state at upgrade time.
@@ -112,6 +116,8 @@ pub fn decide(head: &[u8], max_request: usize, node: &impl Responder) -> Decisio
         "/ready" => Some(Endpoint::Ready),
         "/metrics" if internal => Some(Endpoint::Metrics),
         "/cluster" if internal => Some(Endpoint::Cluster),
+        "/pools" if internal => Some(Endpoint::Pools),
+        "/dashboard" if internal => Some(Endpoint::Dashboard),
         // Test-only (the `fault-injection` feature, off by default and in
         // release builds): lets tests/ops_fault.rs prove that a panicking
         // shard aborts the whole process.
@@ -120,7 +126,7 @@ pub fn decide(head: &[u8], max_request: usize, node: &impl Responder) -> Decisio
         _ => {
             return refuse(
                 Rejection::NotFound,
-                "no such path; try /ws, /echo, /health, /ready, /metrics, /cluster",
+                "no such path; try /ws, /echo, /health, /ready, /metrics, /cluster, /pools, /dashboard",
                 node,
             )
         }

@@ -19,6 +19,9 @@ pub struct AppMetrics {
     pub tokens_expired: Counter,
     /// Tokens refreshed on a live connection.
     pub tokens_refreshed: Counter,
+    /// Upgrades admitted on their token alone because the connect backend
+    /// could not answer (`proxy.connect_fallback = "token"`).
+    pub connect_fallbacks: Counter,
     /// Joins with `since`: [recovered, not recovered].
     pub recoveries: [Counter; 2],
     /// Bytes of room history kept by this shard (updated at each sweep).
@@ -47,6 +50,9 @@ pub fn render(t: &mut Text, shards: &[AppMetrics], node_id: &str, draining: bool
     t.single("tokens_expired_total", Kind::Counter, "Connections closed 4003: token expired without a refresh.", n);
     let n: u64 = shards.iter().map(|m| m.tokens_refreshed.get()).sum();
     t.single("tokens_refreshed_total", Kind::Counter, "Tokens refreshed on live connections.", n);
+    let n: u64 = shards.iter().map(|m| m.connect_fallbacks.get()).sum();
+    let help = "Upgrades admitted on their token alone: the connect backend could not answer.";
+    t.single("connect_fallbacks_total", Kind::Counter, help, n);
     t.family(
         "room_recoveries_total",
         Kind::Counter,

@@ -9,8 +9,11 @@
 //! [`Broker`], whose deliveries come back through [`Delivery`].
 
 pub mod auth;
+pub mod backend;
+pub mod dashboard;
 pub mod directory;
 pub mod endpoints;
+pub mod handover;
 pub mod history;
 pub mod http;
 pub mod metrics;
@@ -31,7 +34,7 @@ use tungstenite::Message;
 use crate::broker::{Broker, LocalNode, Sink};
 use crate::runtime::limits::TokenBucket;
 use crate::runtime::table::ConnId;
-use crate::runtime::{Answer, App, Conns, NodeState};
+use crate::runtime::{Answer, App, Conns, Deferred, NodeState};
 use crate::transport::frame;
 use http::Route;
 use metrics::AppMetrics;
@@ -148,6 +151,8 @@ pub enum AppMsg {
         on: bool,
         /// The session (a joiner gets no event about itself).
         conn: ConnId,
+        /// Count it, announce nothing (a session resumed after an upgrade).
+        quiet: bool,
     },
     /// To a room's home shard: `conn` asks who is in the room.
     PresenceQuery {
@@ -155,6 +160,24 @@ pub enum AppMsg {
         room: Arc<str>,
         /// Who asks.
         conn: ConnId,
+    },
+    /// Upgrade (new process): a room's history from the old process, for
+    /// its home shard.
+    RestoreHistory {
+        /// The room's log.
+        history: Box<history::Exported>,
+    },
+    /// A backend's answer (connect, rpc, publish) for a connection of this shard.
+    Backend(Box<backend::Answered>),
+    /// Rebalancing: ask up to `count` of this shard's least recently active
+    /// clients to move to node `target` at `url`.
+    Migrate {
+        /// How many.
+        count: usize,
+        /// Target node id.
+        target: Arc<str>,
+        /// Its URL ("" = through the balancer).
+        url: Arc<str>,
     },
     /// Close `conn` with `code` (a newer connection took its client id).
     Kick {
@@ -184,6 +207,11 @@ impl crate::runtime::mailbox::Weigh for AppMsg {
             | AppMsg::PresenceChange { .. }
             | AppMsg::PresenceQuery { .. }
             | AppMsg::Replaced { .. }
+            // Bounded by proxy.max_in_flight_per_connection per connection
+            // (and one connect per pending upgrade).
+            | AppMsg::Backend(_)
+            | AppMsg::Migrate { .. }
+            | AppMsg::RestoreHistory { .. }
             | AppMsg::Kick { .. } => None,
         }
     }
@@ -207,6 +235,10 @@ pub struct Session {
     /// The client id came from its token or the client, not from this node
     /// (only such ids get session affinity: a generated one never comes back).
     pub named: bool,
+    /// RPCs and proxied publishes waiting for the backend.
+    pub in_flight: u8,
+    /// What the connect backend said to do on open (rooms, welcome data).
+    pub connect: Option<Box<backend::Grant>>,
 }
 
 /// What a connection's token allows, until when.
@@ -250,12 +282,20 @@ pub struct EdgeShared {
     pub hash_key: RandomState,
     /// Token verification (`auth.mode = "token"`).
     pub verifier: Option<Arc<auth::Verifier>>,
+    /// The application's backends (`[[upstream]]`), if any.
+    pub backend: Option<Arc<backend::Backend>>,
 }
 
 impl EdgeShared {
     /// Shared state for `shards` shards over `broker`, with the node's hash key.
     pub fn new(broker: Arc<dyn Broker>, shards: usize, hash_key: RandomState) -> Self {
-        EdgeShared { broker, metrics: (0..shards).map(|_| AppMetrics::default()).collect(), hash_key, verifier: None }
+        EdgeShared {
+            broker,
+            metrics: (0..shards).map(|_| AppMetrics::default()).collect(),
+            hash_key,
+            verifier: None,
+            backend: None,
+        }
     }
 
     /// The shard that keeps `client_id`'s directory entry.
@@ -297,6 +337,11 @@ pub struct Edge {
     floors: RefCell<std::collections::HashMap<ConnId, Floors>>,
     /// Rooms whose home is this shard → client id → its sessions in the room (this node).
     presence: RefCell<std::collections::HashMap<Arc<str>, Present>>,
+    /// Upgrades parked on the connect backend.
+    connects: backend::Connects,
+    /// Clients asked to move (rebalancing) → shard clock (ms) at which they
+    /// are closed if still here.
+    moving: RefCell<std::collections::HashMap<ConnId, u64>>,
 }
 
 impl Edge {
@@ -314,6 +359,8 @@ impl Edge {
             pending: RefCell::default(),
             floors: RefCell::default(),
             presence: RefCell::default(),
+            connects: backend::Connects::default(),
+            moving: RefCell::default(),
         }
     }
 
@@ -471,6 +518,55 @@ impl Edge {
         }
     }
 
+    /// Rebalancing: hints `count` of the least recently active `/ws`
+    /// clients (not already moving) to `target`; each is closed 1001 after
+    /// `cluster.migrate_grace_ms` if it has not left by then.
+    fn migrate<C: Conns<Self>>(&self, cx: &C, count: usize, target: &str, url: &str) {
+        let grace = cx.node().config.cluster.migrate_grace_ms;
+        let picked = {
+            let moving = self.moving.borrow();
+            cx.least_active(count + moving.len(), |s| s.client_id.is_some())
+        };
+        let deadline = cx.now_ms() + grace;
+        let mut moved = 0;
+        for id in picked {
+            if moved == count {
+                break;
+            }
+            if self.moving.borrow().contains_key(&id) {
+                continue;
+            }
+            let after_ms = fastrand::u64(0..=HINT_JITTER_MS);
+            cx.send_text(id, &protocol::reconnect(url, after_ms, protocol::HintReason::Rebalance));
+            self.moving.borrow_mut().insert(id, deadline);
+            if let Some(Some(client)) = cx.state(id, |s| s.client_id.clone()) {
+                self.broker().moved(&client, target, "rebalance");
+            }
+            moved += 1;
+        }
+        tracing::info!(shard = self.shard, moved, target, "rebalancing: {moved} client(s) asked to move to {target}");
+    }
+
+    /// Closes (1001) the clients asked to move whose grace is over; forgets
+    /// those that left.
+    fn sweep_moving<C: Conns<Self>>(&self, cx: &C) {
+        let now = cx.now_ms();
+        let mut due = Vec::new();
+        self.moving.borrow_mut().retain(|id, deadline| {
+            if cx.state(*id, |_| ()).is_none() {
+                return false;
+            }
+            if *deadline <= now {
+                due.push(*id);
+                return false;
+            }
+            true
+        });
+        for id in due {
+            cx.close(id, crate::transport::close::GOING_AWAY, "rebalanced: reconnect to the hinted node");
+        }
+    }
+
     /// The `preempted` notice, then close 4004.
     fn preempt<C: Conns<Self>>(&self, cx: &C, id: ConnId) {
         let delay = cx.node().config.priority.preempt_reconnect_delay_ms;
@@ -480,38 +576,106 @@ impl Edge {
     }
 }
 
+impl Edge {
+    /// The connect backend's part of an upgrade: `Ok(grant)` to go on,
+    /// `Err(answer)` to park the upgrade (asking) or refuse it.
+    #[allow(clippy::too_many_arguments)]
+    fn connect_verdict<C: Conns<Self>>(
+        &self,
+        cx: &C,
+        id: ConnId,
+        pool: usize,
+        head: &[u8],
+        verdict: Option<backend::Verdict>,
+        claims: &Option<auth::Claims>,
+        client_id: &Option<String>,
+    ) -> Result<Option<Box<backend::Grant>>, Answer> {
+        let cfg = &cx.node().config;
+        let refuse = |why: crate::transport::http::Rejection, text: &str| Answer::Respond {
+            bytes: crate::transport::http::refusal(why, text, cfg.server.retry_after_secs),
+            rejected: Some(why),
+        };
+        match verdict {
+            None => {
+                let addr = cx.peer(id).map(|p| p.client);
+                let body =
+                    backend::connect_body(cfg, head, addr, claims.as_ref(), client_id.as_deref(), &cx.node().node_id);
+                let wait = self.ask_connect(pool, id, &cfg.proxy.connect_path, body, backend::connect_budget(cfg));
+                Err(Answer::Wait(Deferred(Box::pin(wait))))
+            }
+            Some(backend::Verdict::Allow(g)) => Ok(Some(g)),
+            Some(backend::Verdict::Deny(text)) => Err(refuse(
+                crate::transport::http::Rejection::ConnectDenied,
+                &format!("refused by the application: {text}"),
+            )),
+            Some(backend::Verdict::Unavailable(why)) => {
+                if cfg.proxy.connect_fallback == crate::config::ConnectFallback::Token && claims.is_some() {
+                    self.shared.metrics[self.shard].connect_fallbacks.inc();
+                    return Ok(None);
+                }
+                Err(refuse(
+                    crate::transport::http::Rejection::BackendUnavailable,
+                    &format!("the application cannot be asked now ({why}); retry later"),
+                ))
+            }
+        }
+    }
+}
+/// The most a hint asks a client to wait on top of when it got the hint
+/// (hints themselves are spread over `shutdown.reconnect_spread_ms`).
+pub const HINT_JITTER_MS: u64 = 1_000;
+
 impl App for Edge {
     type Msg = AppMsg;
     type Conn = Session;
 
     fn on_request<C: Conns<Self>>(&self, cx: &C, id: ConnId, head: &[u8]) -> Answer {
+        // Taken first: whatever is decided below, a verdict is used once.
+        let verdict = self.take_verdict(id);
         let max = cx.node().config.server.max_request_bytes;
         let view = endpoints::View { cx, id, shared: &self.shared };
         match http::decide(head, max, &view) {
             http::Decision::NeedMore => Answer::NeedMore,
             http::Decision::Respond { bytes, rejected } => Answer::Respond { bytes, rejected },
             http::Decision::Upgrade { route, client_id, claims, response, consumed } => {
+                let grant = match (route, self.connect_pool()) {
+                    (Route::Rooms, Some(pool)) => {
+                        match self.connect_verdict(cx, id, pool, head, verdict, &claims, &client_id) {
+                            Ok(g) => g,
+                            Err(answer) => return answer,
+                        }
+                    }
+                    _ => None,
+                };
                 // With a token the id is its `sub`; without, a chosen id is
                 // honoured only when the operator allows it: otherwise anyone
-                // could take over another client's id.
-                let chosen = match &claims {
-                    Some(c) => Some(c.sub.to_string()),
-                    None => client_id.filter(|_| cx.node().config.auth.allow_client_ids),
+                // could take over another client's id. The connect backend's
+                // answer comes before both.
+                let chosen = match (&grant, &claims) {
+                    (Some(g), _) if g.client_id.is_some() => g.client_id.clone(),
+                    (_, Some(c)) => Some(c.sub.to_string()),
+                    _ => client_id.filter(|_| cx.node().config.auth.allow_client_ids),
                 };
                 let named = chosen.is_some();
                 let client_id: Option<Arc<str>> = match route {
                     Route::Rooms => Some(chosen.unwrap_or_else(|| self.generate_client_id()).into()),
                     Route::Echo => None,
                 };
-                let class = claims.as_ref().map(|c| c.class).unwrap_or(cx.node().config.priority.default_class);
+                let class = grant
+                    .as_ref()
+                    .and_then(|g| g.class)
+                    .or(claims.as_ref().map(|c| c.class))
+                    .unwrap_or(cx.node().config.priority.default_class);
                 if let Some(c) = &claims {
                     self.expiries.borrow_mut().insert((c.exp, id));
                 }
+                let grant = grant.filter(|g| !g.rooms.is_empty() || g.data.is_some());
                 cx.state(id, |s| {
                     s.route = route;
                     s.client_id = client_id;
                     s.named = named;
                     s.grants = claims.as_ref().map(Grants::of);
+                    s.connect = grant;
                 });
                 Answer::Upgrade { response, consumed, class }
             }
@@ -521,9 +685,16 @@ impl App for Edge {
     fn on_open<C: Conns<Self>>(&self, cx: &C, id: ConnId) {
         let Some((Some(cid), named)) = cx.state(id, |s| (s.client_id.clone(), s.named)) else { return };
         let node = cx.node();
-        cx.send_text(id, &protocol::welcome(&cid, &node.node_id, self.shard));
+        let grant = cx.state(id, |s| s.connect.take()).flatten();
+        let data = grant.as_ref().and_then(|g| g.data.as_deref());
+        cx.send_text(id, &protocol::welcome_with(&cid, &node.node_id, self.shard, data));
         let home = self.shared.home_shard(&cid, node.shards.len());
         let _ = cx.send_to(home, AppMsg::Register { client_id: cid, conn: id, named });
+        // The connect backend's rooms, joined as if the client had asked
+        // (its token's grants still apply).
+        for room in grant.iter().flat_map(|g| g.rooms.iter()) {
+            self.join(cx, id, room, None);
+        }
     }
 
     fn on_message<C: Conns<Self>>(&self, cx: &C, id: ConnId, msg: Message) {
@@ -559,7 +730,7 @@ impl App for Edge {
         }
         if let Some(client) = &state.client_id {
             for room in &state.rooms {
-                self.presence_change(cx, room, client, false, id);
+                self.presence_change(cx, room, client, false, id, false);
             }
         }
         for room in emptied {
@@ -572,6 +743,7 @@ impl App for Edge {
             self.floors.borrow_mut().remove(&id);
         }
         if let Some(client_id) = state.client_id {
+            self.notify_disconnect(&client_id, id, &cx.node().node_id);
             let home = self.shared.home_shard(&client_id, cx.node().shards.len());
             let _ = cx.send_to(home, AppMsg::Unregister { client_id, conn: id });
         }
@@ -581,7 +753,9 @@ impl App for Edge {
         match msg {
             AppMsg::Room { room, frame, origin, offset } => self.deliver_room(cx, &room, &frame, origin, offset),
             AppMsg::Unavailable { conn } => self.send_error(cx, conn, ClientError::Unavailable),
-            AppMsg::PresenceChange { room, client, on, conn } => self.presence_changed(cx, room, client, on, conn),
+            AppMsg::PresenceChange { room, client, on, conn, quiet } => {
+                self.presence_changed(cx, room, client, on, conn, quiet)
+            }
             AppMsg::PresenceQuery { room, conn } => self.presence_query(cx, &room, conn),
             AppMsg::Register { client_id, conn, named } => self.register(cx, client_id, conn, named),
             AppMsg::Unregister { client_id, conn } => {
@@ -595,6 +769,9 @@ impl App for Edge {
             }
             AppMsg::UnknownClient { conn } => self.send_error(cx, conn, ClientError::UnknownClient),
             AppMsg::Kick { conn, code, reason } => cx.close(conn, code, reason),
+            AppMsg::Backend(a) => self.answered(cx, *a),
+            AppMsg::Migrate { count, target, url } => self.migrate(cx, count, &target, &url),
+            AppMsg::RestoreHistory { history } => self.restore_history(cx, *history),
             AppMsg::Sequence { room, from, data, origin } => self.sequence(cx, &room, &from, &data, origin),
             AppMsg::Recover { room, conn, since } => self.recover(cx, room, conn, since),
             AppMsg::Replay { room, conn, replay, asked } => self.replayed(cx, &room, conn, *replay, asked),
@@ -605,8 +782,42 @@ impl App for Edge {
         self.preempt(cx, id);
     }
 
+    fn on_handover<C: Conns<Self>>(&self, cx: &C, id: ConnId) -> Option<Vec<u8>> {
+        self.handover_state(cx, id)
+    }
+
+    fn on_resume<C: Conns<Self>>(&self, cx: &C, id: ConnId, state: &[u8]) {
+        self.resume_state(cx, id, state);
+    }
+
+    fn handover_shard<C: Conns<Self>>(&self, cx: &C) -> Vec<Vec<u8>> {
+        self.handover_histories(cx)
+    }
+
+    fn on_upgrade_close<C: Conns<Self>>(&self, cx: &C, id: ConnId) {
+        self.upgrade_hint(cx, id);
+    }
+
+    fn on_drain<C: Conns<Self>>(&self, cx: &C, id: ConnId) -> bool {
+        // /echo has no messages of its own: it only gets the 1001.
+        if cx.state(id, |s| s.client_id.is_some()) != Some(true) {
+            return false;
+        }
+        let spread = cx.node().config.shutdown.spread_ms();
+        let after_ms = fastrand::u64(0..=HINT_JITTER_MS.min(spread));
+        let (target, url) = self.broker().reconnect_target();
+        cx.send_text(id, &protocol::reconnect(&url, after_ms, protocol::HintReason::Drain));
+        if let Some(Some(client)) = cx.state(id, |s| s.client_id.clone().filter(|_| s.named)) {
+            self.broker().moved(&client, &target, "drain");
+        }
+        true
+    }
+
     fn on_sweep<C: Conns<Self>>(&self, cx: &C) -> Vec<ConnId> {
         self.expire_tokens(cx);
+        if !self.moving.borrow().is_empty() {
+            self.sweep_moving(cx);
+        }
         self.sweep_history(cx);
         let k = self.broker().sample_size();
         if k == 0 {
@@ -716,6 +927,37 @@ impl Sink for Delivery {
         let client_id: Arc<str> = Arc::from(client_id);
         let home = home_shard(&self.hash_key, &client_id, self.node.shards.len());
         self.to_shard(home, AppMsg::Replaced { client_id, conn })
+    }
+
+    fn rebalance(&self, count: usize, target: &str, url: &str) -> bool {
+        let conns: Vec<usize> =
+            self.node.shards.iter().map(|s| s.metrics.connections.load(std::sync::atomic::Ordering::Relaxed)).collect();
+        let total: usize = conns.iter().sum();
+        if total == 0 || count == 0 {
+            return false;
+        }
+        let (target, url): (Arc<str>, Arc<str>) = (Arc::from(target), Arc::from(url));
+        // Each shard's share of the move, by its share of the clients
+        // (largest remainders get the rest, so the shares add up to `count`).
+        let count = count.min(total);
+        let mut shares: Vec<usize> = conns.iter().map(|c| count * c / total).collect();
+        let mut by_remainder: Vec<usize> = (0..conns.len()).collect();
+        by_remainder.sort_by_key(|&i| std::cmp::Reverse((count * conns[i]) % total));
+        let mut left = count - shares.iter().sum::<usize>();
+        for i in by_remainder.into_iter().cycle().take(conns.len() * 2) {
+            if left == 0 {
+                break;
+            }
+            if shares[i] < conns[i] {
+                shares[i] += 1;
+                left -= 1;
+            }
+        }
+        let mut told = false;
+        for (i, share) in shares.into_iter().enumerate().filter(|(_, s)| *s > 0) {
+            told |= self.to_shard(i, AppMsg::Migrate { count: share, target: target.clone(), url: url.clone() });
+        }
+        told
     }
 
     fn affinity(&self, conn: ConnId, node: &str, url: &str) -> bool {

@@ -53,6 +53,16 @@ pub enum Request<'a> {
     Presence(Cow<'a, str>),
     /// `{"type":"refresh","token":T}`
     Refresh(Cow<'a, str>),
+    /// `{"type":"rpc","id":X,"method":M,"data":D}`: asked of the backend
+    /// that `[[proxy.rpc]]` routes `M` to.
+    Rpc {
+        /// The client's id for the answer (raw JSON, echoed back).
+        id: &'a str,
+        /// Method name (checked against [`valid_room`]'s charset).
+        method: Cow<'a, str>,
+        /// Raw JSON.
+        data: &'a str,
+    },
 }
 
 #[derive(Deserialize)]
@@ -69,6 +79,8 @@ struct Wire<'a> {
     id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    method: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     since: Option<Since<'a>>,
 }
@@ -114,6 +126,11 @@ pub fn parse(text: &str, max_payload: usize) -> Result<Request<'_>, ClientError>
         "presence" => Request::Presence(room_of(w.room)?),
         "ping" => Request::Ping(strict(w.id.map(RawValue::get).unwrap_or("null"))?),
         "refresh" => Request::Refresh(w.token.ok_or(ClientError::MissingField)?),
+        "rpc" => Request::Rpc {
+            id: strict(w.id.map(RawValue::get).unwrap_or("null"))?,
+            method: w.method.ok_or(ClientError::MissingField)?,
+            data: data()?,
+        },
         _ => return Err(ClientError::UnknownType),
     })
 }
@@ -156,6 +173,32 @@ pub fn valid_client_id(s: &str) -> bool {
 /// `{"type":"welcome","client_id":ID,"node":NODE,"shard":N}`
 pub fn welcome(client_id: &str, node: &str, shard: usize) -> String {
     format!(r#"{{"type":"welcome","client_id":"{client_id}","node":"{node}","shard":{shard}}}"#)
+}
+
+/// The welcome with the connect backend's `data` (raw JSON) added.
+pub fn welcome_with(client_id: &str, node: &str, shard: usize, data: Option<&str>) -> String {
+    match data {
+        None => welcome(client_id, node, shard),
+        Some(d) => {
+            format!(r#"{{"type":"welcome","client_id":"{client_id}","node":"{node}","shard":{shard},"data":{d}}}"#)
+        }
+    }
+}
+
+/// `{"type":"rpc_result","id":X,"data":R}` (`id` and `data` raw JSON).
+pub fn rpc_result(id: &str, data: &str) -> String {
+    format!(r#"{{"type":"rpc_result","id":{id},"data":{data}}}"#)
+}
+
+/// An error answering request `id` (raw JSON), with the backend's own
+/// `{"code":..,"reason":..}` when it gave one.
+pub fn error_for(e: ClientError, id: &str, message: &str, backend: Option<&serde_json::Value>) -> String {
+    let id: serde_json::Value = serde_json::from_str(id).unwrap_or(serde_json::Value::Null);
+    let mut v = serde_json::json!({"type": "error", "code": e.code(), "id": id, "message": message});
+    if let Some(b) = backend {
+        v["backend"] = b.clone();
+    }
+    v.to_string()
 }
 
 /// `{"type":"joined","room":R}` / `{"type":"left","room":R}`
@@ -251,6 +294,34 @@ pub fn preempted(reason: &str, reconnect_delay_ms: u64) -> String {
     serde_json::json!({"type": "preempted", "reason": reason, "reconnect_delay_ms": reconnect_delay_ms}).to_string()
 }
 
+/// Why a client is asked to reconnect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HintReason {
+    /// The node is shutting down.
+    Drain,
+    /// The node is overloaded and a peer has room (cluster rebalancing).
+    Rebalance,
+    /// The node is being replaced by a new process.
+    Upgrade,
+}
+
+impl HintReason {
+    /// The wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            HintReason::Drain => "drain",
+            HintReason::Rebalance => "rebalance",
+            HintReason::Upgrade => "upgrade",
+        }
+    }
+}
+
+/// `{"type":"reconnect","url":U,"after_ms":J,"reason":R}`: go to `url` (""
+/// = the same address, through the balancer) after `after_ms`.
+pub fn reconnect(url: &str, after_ms: u64, reason: HintReason) -> String {
+    serde_json::json!({"type": "reconnect", "url": url, "after_ms": after_ms, "reason": reason.name()}).to_string()
+}
+
 /// `{"type":"affinity","node":N,"url":U}`: this client's affinity node is another one.
 pub fn affinity(node: &str, url: &str) -> String {
     serde_json::json!({"type": "affinity", "node": node, "url": url}).to_string()
@@ -298,11 +369,19 @@ pub enum ClientError {
     /// other nodes (a room with history: nobody), or a direct message could
     /// not be looked up.
     Unavailable,
+    /// An `rpc` failed: no route for its method, or the backend answered
+    /// an error (its `code` and `reason` are passed on).
+    RpcFailed,
+    /// The backend could not be asked (no connection in time, breaker
+    /// open, timeout, connection refused); nothing was done.
+    BackendUnavailable,
+    /// The publish backend rejected the message; nobody got it.
+    PublishRejected,
 }
 
 impl ClientError {
     /// Every variant, for metrics.
-    pub const ALL: [ClientError; 15] = [
+    pub const ALL: [ClientError; 18] = [
         ClientError::BadJson,
         ClientError::UnknownType,
         ClientError::MissingField,
@@ -318,6 +397,9 @@ impl ClientError {
         ClientError::Forbidden,
         ClientError::InvalidToken,
         ClientError::Unavailable,
+        ClientError::RpcFailed,
+        ClientError::BackendUnavailable,
+        ClientError::PublishRejected,
     ];
 
     /// The stable `code` string.
@@ -338,6 +420,9 @@ impl ClientError {
             ClientError::Forbidden => "forbidden",
             ClientError::InvalidToken => "invalid_token",
             ClientError::Unavailable => "unavailable",
+            ClientError::RpcFailed => "rpc_failed",
+            ClientError::BackendUnavailable => "backend_unavailable",
+            ClientError::PublishRejected => "publish_rejected",
         }
     }
 
@@ -367,6 +452,11 @@ pub fn error_text(e: ClientError) -> &'static str {
         ClientError::Unavailable => {
             "the cluster's store is unreachable: the message did not reach other nodes (in a room with history: nobody)"
         }
+        ClientError::RpcFailed => "the RPC failed: no backend for this method, or the backend answered an error",
+        ClientError::BackendUnavailable => {
+            "the application's backend could not be asked; nothing was done; retry later"
+        }
+        ClientError::PublishRejected => "the application's backend rejected this publish; nobody got it",
     }
 }
 

@@ -59,6 +59,13 @@ impl Conns<Edge> for MemConns {
     fn sample(&self, _k: usize) -> Vec<Sampled> {
         Vec::new()
     }
+    fn least_active(&self, k: usize, keep: impl Fn(&Session) -> bool) -> Vec<ConnId> {
+        let mut ids: Vec<ConnId> =
+            self.conns.borrow().iter().filter(|(_, (s, _))| keep(s)).map(|(id, _)| *id).collect();
+        ids.sort_by_key(|id| id.raw());
+        ids.truncate(k);
+        ids
+    }
     fn now_ms(&self) -> u64 {
         *self.clock.borrow()
     }
@@ -99,6 +106,7 @@ impl Harness {
             capacity_per_shard: 100,
             shards: handles,
             draining: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
             started_at: 0,
             ip_table: None,
             trusted: Default::default(),

@@ -39,6 +39,7 @@ impl Edge {
                 cx.send_text(id, &protocol::pong(x));
             }
             Request::Refresh(token) => self.refresh(cx, id, &from, &token),
+            Request::Rpc { id: rid, method, data } => self.rpc(cx, id, &from, rid, &method, data),
         }
     }
 
@@ -99,7 +100,7 @@ impl Edge {
     /// offset and epoch) comes from the room's home shard, after the
     /// messages after `since`; until then the member is held back from
     /// live delivery. A repeated join of a room answers a plain `joined`.
-    fn join<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str, since: Option<(u64, &str)>) {
+    pub(super) fn join<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str, since: Option<(u64, &str)>) {
         if !self.allowed(cx, id, room, false) {
             return self.send_error(cx, id, ClientError::Forbidden);
         }
@@ -130,7 +131,7 @@ impl Edge {
             self.broker().room_interest(self.shard, room, true);
         }
         if let Some(Some(client)) = client {
-            self.presence_change(cx, room, &client, true, id);
+            self.presence_change(cx, room, &client, true, id, false);
         }
         if !with_history {
             if since.is_some() {
@@ -266,14 +267,15 @@ impl Edge {
         client: &Arc<str>,
         on: bool,
         conn: ConnId,
+        quiet: bool,
     ) {
         let room: Arc<str> = Arc::from(room);
         let home = self.shared.home_shard(&room, cx.node().shards.len());
         if home == self.shard {
-            self.presence_changed(cx, room, client.clone(), on, conn);
+            self.presence_changed(cx, room, client.clone(), on, conn, quiet);
         } else {
             // Control (never refused): one per join or leave.
-            let _ = cx.send_to(home, AppMsg::PresenceChange { room, client: client.clone(), on, conn });
+            let _ = cx.send_to(home, AppMsg::PresenceChange { room, client: client.clone(), on, conn, quiet });
         }
     }
 
@@ -287,6 +289,7 @@ impl Edge {
         client: Arc<str>,
         on: bool,
         conn: ConnId,
+        quiet: bool,
     ) {
         let changed = {
             let mut p = self.presence.borrow_mut();
@@ -307,7 +310,7 @@ impl Edge {
             return;
         }
         self.broker().presence_changed(&room, &client, on);
-        if !cx.node().config.rooms.presence_events_of(&room) {
+        if quiet || !cx.node().config.rooms.presence_events_of(&room) {
             return;
         }
         let payload = protocol::presence_event(on, &room, &client);
@@ -373,7 +376,7 @@ impl Edge {
         });
         if was_member == Some(true) {
             if let Some(Some(client)) = cx.state(id, |s| s.client_id.clone()) {
-                self.presence_change(cx, room, &client, false, id);
+                self.presence_change(cx, room, &client, false, id, false);
             }
             self.forget_pending(cx, id, room);
             let mut floors = self.floors.borrow_mut();
@@ -406,6 +409,15 @@ impl Edge {
                 return self.send_error(cx, id, ClientError::NotJoined);
             }
         }
+        if self.publish_via_backend(cx, id, room, from, data) {
+            return; // delivered (or not) when the backend has answered
+        }
+        self.publish_now(cx, id, room, from, data);
+    }
+
+    /// Delivers a publish that passed every check (the publish backend's
+    /// too, with its rewritten data, when a route applies).
+    pub(super) fn publish_now<C: Conns<Self>>(&self, cx: &C, id: ConnId, room: &str, from: &Arc<str>, data: &str) {
         let (size, ttl) = cx.node().config.rooms.history_of(room);
         if size > 0 && self.broker().orders_rooms() {
             // The cluster numbers it; every node (this one too) delivers it.

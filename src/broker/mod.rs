@@ -75,6 +75,16 @@ pub trait Broker: Send + Sync {
     fn presence(&self, _room: Arc<str>, _conn: ConnId) -> bool {
         false
     }
+    /// Where a client asked to leave this node should go: the least-loaded
+    /// live peer's node id and `url`; the url is "" (the same address,
+    /// through the balancer) alone or with `cluster.reconnect_via = "balancer"`.
+    fn reconnect_target(&self) -> (String, String) {
+        (String::new(), String::new())
+    }
+    /// A client of this node was asked to move to `target` (node id, "" when
+    /// unknown) for `reason` (`drain`, `rebalance`): its affinity now points
+    /// there, and the move is counted.
+    fn moved(&self, _client_id: &Arc<str>, _target: &str, _reason: &'static str) {}
     /// How many connections per shard the broker wants in each sample (0 = none).
     fn sample_size(&self) -> usize;
     /// A shard's periodic sample of its connections.
@@ -105,6 +115,12 @@ pub trait Sink: Send + Sync + 'static {
     fn replaced(&self, client_id: &str, conn: ConnId) -> bool;
     /// `conn`'s affinity node is another live one, reachable at `url`.
     fn affinity(&self, conn: ConnId, node: &str, url: &str) -> bool;
+    /// Rebalancing: ask up to `count` of this node's least recently active
+    /// clients to move to node `target` at `url` ("" = through the
+    /// balancer). False when no shard could be told.
+    fn rebalance(&self, _count: usize, _target: &str, _url: &str) -> bool {
+        false
+    }
     /// This node's own figures, for the registry.
     fn local(&self) -> LocalNode;
     /// A message of a room with history, numbered `offset` by the cluster;

@@ -3,10 +3,13 @@
 //! application per shard, the broker (in memory, or Redis when
 //! `cluster.redis_url` is set), the shard threads, and the drain.
 
+pub mod agent;
 pub mod listen;
+pub mod upgrade;
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -29,6 +32,7 @@ pub struct Node {
     state: Arc<NodeState<AppMsg>>,
     shared: Arc<EdgeShared>,
     threads: Vec<JoinHandle<()>>,
+    cluster_thread: Option<JoinHandle<()>>,
     local_addr: SocketAddr,
 }
 
@@ -36,6 +40,13 @@ impl Node {
     /// Validates `config`, binds, and starts every shard. Returns once every
     /// shard is serving, or the first shard's reason for not starting.
     pub fn start(config: Config) -> io::Result<Node> {
+        Node::start_inherited(config, None)
+    }
+
+    /// [`Node::start`], on listeners taken over from a running process
+    /// (`--upgrade-from`) when `inherited` is given; then asks that process
+    /// for its connections.
+    pub fn start_inherited(config: Config, inherited: Option<upgrade::Inherited>) -> io::Result<Node> {
         config.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let n = match config.server.shards {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -46,22 +57,43 @@ impl Node {
         let handshakes = config.limits.max_handshakes_per_shard;
         let direct = s.io == IoChoice::Direct && s.driver != DriverChoice::Epoll;
         let capacity = listen::capacity_per_shard(s.max_connections_per_shard, handshakes, n, direct);
-        let listeners = listen::bind_all(s.listen, n, s.backlog)?;
+        let (listeners, mut admin, agent_listener, inherited) = match inherited {
+            Some(mut inh) => {
+                let public = std::mem::take(&mut inh.public);
+                for l in &public {
+                    l.set_nonblocking(true)?;
+                }
+                if let Some(a) = &inh.admin {
+                    a.set_nonblocking(true)?;
+                }
+                (public, inh.admin.take(), inh.agent.take(), Some(inh))
+            }
+            None => {
+                let public = listen::bind_all(s.listen, n, s.backlog)?;
+                let admin = match s.admin_listen.as_str() {
+                    "" => None,
+                    a => Some(listen::bind_admin(a.parse().map_err(|_| io::Error::other("server.admin_listen"))?)?),
+                };
+                (public, admin, None, None)
+            }
+        };
         let local_addr = listeners[0].local_addr()?;
-        let mut admin = match s.admin_listen.as_str() {
-            "" => None,
-            a => Some(listen::bind_admin(a.parse().map_err(|_| io::Error::other("server.admin_listen"))?)?),
+        let old = upgrade::OldListeners {
+            public: listeners.iter().map(|l| l.as_raw_fd()).collect(),
+            admin: admin.as_ref().map(|l| l.as_raw_fd()),
+            agent: None,
         };
         let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
         let (state, receivers) = node_state(config, n, capacity, local_addr)?;
         let hash_key = std::collections::hash_map::RandomState::new();
         let sink: Arc<dyn Sink> = Arc::new(Delivery::new(state.clone(), hash_key.clone()));
-        let mut threads = Vec::with_capacity(n + 1);
+        let mut threads = Vec::with_capacity(n);
+        let mut cluster_thread = None;
         let broker: Arc<dyn Broker> = if state.config.cluster.redis_url.is_empty() {
             Arc::new(MemoryBroker::alone(sink))
         } else {
             let (b, t) = RedisBroker::start(&state.config.cluster, &state.node_id, sink)?;
-            threads.push(t);
+            cluster_thread = Some(t);
             Arc::new(b)
         };
         let mut shared = EdgeShared::new(broker, n, hash_key);
@@ -69,6 +101,7 @@ impl Node {
             let v = Verifier::new(&state.config.auth).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             shared.verifier = Some(Arc::new(v));
         }
+        shared.backend = crate::app::backend::Backend::start(state.clone())?;
         let shared = Arc::new(shared);
         let (ready_tx, ready_rx) = mpsc::channel();
         for (i, (public, rx)) in listeners.into_iter().zip(receivers).enumerate() {
@@ -94,7 +127,33 @@ impl Node {
         if let Some(a) = admin_addr {
             tracing::info!(addr = %a, "internal endpoints (/metrics, /cluster) listening on {a}");
         }
-        Ok(Node { state, shared, threads, local_addr })
+        let mut old = old;
+        if !state.config.server.agent_listen.is_empty() {
+            let listener = match agent_listener {
+                Some(l) => l,
+                None => std::net::TcpListener::bind(
+                    state
+                        .config
+                        .server
+                        .agent_listen
+                        .parse::<SocketAddr>()
+                        .map_err(|_| io::Error::other("server.agent_listen"))?,
+                )?,
+            };
+            old.agent = Some(listener.as_raw_fd());
+            let a = agent::start(listener, state.clone())?;
+            tracing::info!(addr = %a, "HAProxy agent-check listening on {a}");
+        }
+        if let Some(inh) = inherited {
+            upgrade::take_over(inh, state.clone(), shared.clone())?;
+            tracing::info!("upgrade: serving the inherited listeners; taking the connections over");
+        }
+        if !state.config.server.upgrade_socket.is_empty() {
+            let path = std::path::PathBuf::from(&state.config.server.upgrade_socket);
+            upgrade::serve(path.clone(), state.clone(), old)?;
+            tracing::info!(path = %path.display(), "zero-disconnect upgrades: ringside --upgrade-from {}", path.display());
+        }
+        Ok(Node { state, shared, threads, cluster_thread, local_addr })
     }
 
     /// The address the shards listen on (port 0 resolved).
@@ -107,20 +166,25 @@ impl Node {
         &self.state
     }
 
-    /// Drains: stop accepting, close every connection with 1001, and wait
-    /// up to `shutdown.drain_timeout_ms` for the shards to finish.
+    /// Drains (docs/design.md, "Drain"): `/ready` and upgrades answer 503 at
+    /// once, open WebSockets get a reconnect hint spread over
+    /// `shutdown.reconnect_spread_ms`, those still open at 3/4 of
+    /// `shutdown.drain_timeout_ms` get 1001; waits up to the drain timeout
+    /// for the shards to finish, then stops the cluster thread (which keeps
+    /// routing for the shards until then). Logs one summary line.
     pub fn shutdown(self) {
         let started = Instant::now();
         let timeout = Duration::from_millis(self.state.config.shutdown.drain_timeout_ms);
         let deadline = started + timeout;
         let open = self.state.connections();
+        let handed_over = self.state.handed_over.load(Ordering::Acquire);
         self.state.draining.store(true, Ordering::Release);
-        for s in &self.state.shards {
+        // After a handover the shards stop by themselves, empty.
+        for s in self.state.shards.iter().filter(|_| !handed_over) {
             while s.mailbox.send(ShardMsg::Shutdown).is_err() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        self.shared.broker.shutdown();
         let mut left = 0;
         for t in self.threads {
             while !t.is_finished() && Instant::now() < deadline {
@@ -132,14 +196,42 @@ impl Node {
                 left += 1;
             }
         }
+        self.shared.broker.shutdown();
+        if let Some(t) = self.cluster_thread {
+            // It deregisters the node; bounded by the Redis response timeout.
+            let until = Instant::now().max(deadline) + Duration::from_secs(1);
+            while !t.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let remaining = self.state.connections();
+        let sum = |f: fn(&crate::runtime::metrics::ShardMetrics) -> u64| -> u64 {
+            self.state.shards.iter().map(|s| f(&s.metrics)).sum()
+        };
+        let hinted = sum(|m| m.drain_hinted.get());
+        let closed = sum(|m| m.drain_closed.get());
+        let gone = (open as u64).saturating_sub(closed + remaining as u64);
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        if handed_over {
+            let moved = sum(|m| m.handed_over.get());
+            tracing::info!(
+                handed_over = moved,
+                connections_left = remaining,
+                elapsed_ms,
+                "upgrade: stopped after handing {moved} connection(s) to the new process, {remaining} left"
+            );
+            return;
+        }
         tracing::info!(
             connections_at_start = open,
+            hinted,
+            left_on_their_own = gone,
+            closed_1001 = closed,
             connections_left = remaining,
             threads_left = left,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "drain finished: {open} connection(s) closed with 1001 in {} ms, {remaining} left",
-            started.elapsed().as_millis()
+            elapsed_ms,
+            "drain finished in {elapsed_ms} ms: {open} connection(s); {hinted} hinted, {gone} left on their own, \
+             {closed} closed with 1001, {remaining} still open"
         );
     }
 }
@@ -202,6 +294,7 @@ fn node_state(
         capacity_per_shard: capacity,
         shards,
         draining: AtomicBool::new(false),
+        handed_over: AtomicBool::new(false),
         started_at,
         ip_table,
         trusted,

@@ -41,7 +41,7 @@ pub async fn accept_loop<A: App>(shard: Rc<Shard<A>>, listener: TcpListener, kin
             Listener::Public => *shard.accept_cancel.borrow_mut() = Some(canceller),
             Listener::Admin => *shard.admin_cancel.borrow_mut() = Some(canceller),
         }
-        if shard.draining.get() {
+        if shard.accepting_stopped.get() {
             return;
         }
         match listener.cancelable_accept(handle).await {
@@ -49,7 +49,7 @@ pub async fn accept_loop<A: App>(shard: Rc<Shard<A>>, listener: TcpListener, kin
                 start_conn(&shard, stream, Instant::now(), peer.ip(), kind)
             }
             Ok((stream, peer)) => on_accept(&shard, stream, peer.ip()),
-            Err(_) if shard.draining.get() => return,
+            Err(_) if shard.accepting_stopped.get() => return,
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off briefly instead of spinning;
                 // the kernel keeps the queue meanwhile.
@@ -71,12 +71,12 @@ pub async fn accept_direct<A: App>(shard: Rc<Shard<A>>, ring: Rc<Ring>, listener
     let fd = listener.as_raw_fd();
     shard.direct_listener.set(fd);
     loop {
-        if shard.draining.get() {
+        if shard.accepting_stopped.get() {
             return;
         }
         match ring.accept(fd).await {
             Ok((slot, peer)) => on_accept_direct(&shard, DirectStream::new(ring.clone(), slot), peer.ip()),
-            Err(_) if shard.draining.get() => return,
+            Err(_) if shard.accepting_stopped.get() => return,
             Err(e) => {
                 // ENFILE: the ring's file table is full; EMFILE/ENOBUFS as
                 // below. The kernel keeps the queue meanwhile.

@@ -58,15 +58,40 @@ pub enum ShardMsg<M> {
         /// Close reason.
         reason: &'static str,
     },
-    /// Start draining: stop accepting, close everything with 1001.
+    /// Start draining: refuse upgrades, hint open WebSockets to reconnect
+    /// elsewhere, then close the rest with 1001.
     Shutdown,
+    /// The drain is over: leave the mailbox loop (sent by the shard to itself).
+    Stop,
+    /// Zero-disconnect upgrade (old process): freeze and hand every open
+    /// WebSocket to the upgrade thread ([`super::handover`]).
+    Handover {
+        /// Where the connections go.
+        tx: crossbeam_channel::Sender<super::handover::Item>,
+    },
+    /// A handover barrier marker from another shard.
+    Barrier {
+        /// Round, from 1.
+        round: u8,
+    },
+    /// Zero-disconnect upgrade (new process): a connection of the old one.
+    Resume {
+        /// Its socket and state.
+        handed: Box<super::handover::Handed>,
+    },
 }
 
 impl<M: Weigh> Weigh for ShardMsg<M> {
     fn weight(&self) -> Option<usize> {
         match self {
             ShardMsg::App(m) => m.weight(),
-            ShardMsg::Adopt { .. } | ShardMsg::Kick { .. } | ShardMsg::Shutdown => None,
+            ShardMsg::Adopt { .. }
+            | ShardMsg::Kick { .. }
+            | ShardMsg::Shutdown
+            | ShardMsg::Stop
+            | ShardMsg::Handover { .. }
+            | ShardMsg::Barrier { .. }
+            | ShardMsg::Resume { .. } => None,
         }
     }
 }

@@ -70,7 +70,8 @@ impl DriverKind {
 }
 
 /// Handshake latency histogram bounds: 1 µs .. 60 s, 3 significant digits.
-fn new_histogram() -> Histogram<u64> {
+/// An empty latency histogram (µs, 1 µs to 60 s, 3 significant digits), as the shards keep.
+pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds are valid")
 }
 
@@ -110,6 +111,14 @@ pub struct ShardMetrics {
     pub slow_consumer_closed: Counter,
     /// Server pings sent.
     pub pings_sent: Counter,
+    /// Upgrade: connections handed to the new process.
+    pub handed_over: Counter,
+    /// Upgrade: connections taken over from the old process.
+    pub resumed: Counter,
+    /// Drain: open WebSockets that got a reconnect hint.
+    pub drain_hinted: Counter,
+    /// Drain: WebSockets still open at its end, closed with 1001.
+    pub drain_closed: Counter,
     /// Connections closed 1013 because the shard's unfinished-bytes budget was spent.
     pub unfinished_closed: Counter,
     /// Connections closed 1008 because a frame or message did not complete in time.
@@ -173,6 +182,10 @@ impl Default for ShardMetrics {
             send_queue_dropped: Counter::default(),
             slow_consumer_closed: Counter::default(),
             pings_sent: Counter::default(),
+            handed_over: Counter::default(),
+            resumed: Counter::default(),
+            drain_hinted: Counter::default(),
+            drain_closed: Counter::default(),
             unfinished_closed: Counter::default(),
             message_timeouts: Counter::default(),
             read_paused: Counter::default(),
@@ -333,6 +346,18 @@ pub fn render(t: &mut Text, shards: &[&ShardMetrics], mailbox_depth: &[(usize, u
     let help = "Connections closed 1008 for slow reading (policy close).";
     per_shard(t, shards, "slow_consumer_closed_total", C, help, |m| m.slow_consumer_closed.get());
     per_shard(t, shards, "pings_sent_total", C, "Server pings sent to quiet clients.", |m| m.pings_sent.get());
+    per_shard(t, shards, "upgrade_handed_over_total", C, "Upgrade: connections handed to the new process.", |m| {
+        m.handed_over.get()
+    });
+    per_shard(t, shards, "upgrade_resumed_total", C, "Upgrade: connections taken over from the old process.", |m| {
+        m.resumed.get()
+    });
+    per_shard(t, shards, "drain_hinted_total", C, "Drain: open WebSockets sent a reconnect hint.", |m| {
+        m.drain_hinted.get()
+    });
+    per_shard(t, shards, "drain_closed_total", C, "Drain: WebSockets still open at its end, closed with 1001.", |m| {
+        m.drain_closed.get()
+    });
     let help = "Connections closed 1013: the shard's budget for unfinished frames and messages was spent.";
     per_shard(t, shards, "unfinished_budget_closed_total", C, help, |m| m.unfinished_closed.get());
     let help = "Connections closed 1008: a frame or message did not complete within websocket.message_timeout_ms.";

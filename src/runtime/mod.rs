@@ -13,6 +13,7 @@
 //!   channel, and the single-writer counters.
 
 pub mod accept;
+pub mod handover;
 pub mod limits;
 pub mod mailbox;
 pub mod metrics;
@@ -71,6 +72,27 @@ pub enum Answer {
         /// The connection's priority class.
         class: crate::config::Class,
     },
+    /// Not yet: await this (the application is asking someone, without
+    /// blocking the shard), then call `on_request` again with the same
+    /// head. Bounded by the handshake timeout: past it the upgrade is
+    /// answered 503 without asking again.
+    Wait(Deferred),
+}
+
+/// A future the runtime awaits before asking the application again.
+pub struct Deferred(pub std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>);
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Deferred")
+    }
+}
+
+impl PartialEq for Deferred {
+    /// Two waits are never the same.
+    fn eq(&self, _: &Self) -> bool {
+        false
+    }
 }
 
 /// Where a connection comes from.
@@ -125,6 +147,26 @@ pub trait App: Sized + 'static {
     /// `id` is preempted for an upgrade of a higher class: tell it, then
     /// close it (4004).
     fn on_preempt<C: Conns<Self>>(&self, cx: &C, id: ConnId);
+    /// The node drains and it is `id`'s turn: queue a reconnect hint if the
+    /// connection's protocol has one (true), or do nothing (false; it gets
+    /// 1001 at the end of the drain).
+    fn on_drain<C: Conns<Self>>(&self, cx: &C, id: ConnId) -> bool;
+    /// Upgrade (old process): `id` moves to the new process; its state as
+    /// bytes for [`App::on_resume`], or `None` when it cannot move yet (an
+    /// answer is outstanding: asked again a moment later; past the
+    /// handover's deadline it is hinted and closed). Nothing is torn down:
+    /// this process ends.
+    fn on_handover<C: Conns<Self>>(&self, cx: &C, id: ConnId) -> Option<Vec<u8>>;
+    /// Upgrade (new process): `id` arrived from the old process with
+    /// `state` (from [`App::on_handover`]); restore it, quietly (the peer
+    /// saw nothing happen).
+    fn on_resume<C: Conns<Self>>(&self, cx: &C, id: ConnId, state: &[u8]);
+    /// Upgrade (old process): the shard's own state that must move too
+    /// (room histories), one blob each, for the new process's application.
+    fn handover_shard<C: Conns<Self>>(&self, cx: &C) -> Vec<Vec<u8>>;
+    /// Upgrade (old process): `id` cannot move; tell it (hint), it is
+    /// closed 1001 next.
+    fn on_upgrade_close<C: Conns<Self>>(&self, cx: &C, id: ConnId);
 }
 
 /// What the application may do with the connections of its shard: the only
@@ -148,6 +190,9 @@ pub trait Conns<A: App> {
     fn admission(&self, id: ConnId) -> Option<Rejection>;
     /// Up to `k` open connections, uniformly sampled.
     fn sample(&self, k: usize) -> Vec<Sampled>;
+    /// Up to `k` open WebSockets whose state passes `keep`, least recently
+    /// active first (rebalancing moves these).
+    fn least_active(&self, k: usize, keep: impl Fn(&A::Conn) -> bool) -> Vec<ConnId>;
     /// The shard's coarse clock, ms.
     fn now_ms(&self) -> u64;
     /// The connection's client address, whether it came from a trusted proxy,
@@ -186,6 +231,9 @@ pub struct NodeState<M> {
     pub shards: Vec<ShardHandle<M>>,
     /// Set once on SIGTERM/SIGINT.
     pub draining: AtomicBool,
+    /// Set when this process hands its connections to a new one
+    /// (zero-disconnect upgrade): its stop is then not a drain.
+    pub handed_over: AtomicBool,
     /// Unix seconds at start.
     pub started_at: u64,
     /// Per-address limits shared by all shards (`None` when both are off).

@@ -39,6 +39,9 @@ enum Next {
     Continue,
     /// Flush, half-close, and wait for the peer's EOF.
     Linger,
+    /// The shard is handing its connections to a new process: stop reading,
+    /// touch nothing (the socket may already be the new process's).
+    Frozen,
 }
 
 /// Runs one accepted connection to the end.
@@ -65,10 +68,39 @@ pub async fn run<A: App>(shard: Rc<Shard<A>>, stream: Rc<SharedStream>, id: Conn
         None => Next::Linger,
     };
     let next = if next == Next::Continue { read_loop(&shard, &stream, id).await } else { next };
-    if next == Next::Linger {
-        Box::pin(linger(&shard, &stream, id)).await;
+    finish(&shard, &stream, id, next).await;
+}
+
+async fn finish<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId, next: Next) {
+    match next {
+        Next::Frozen => {}
+        Next::Linger => {
+            Box::pin(linger(shard, stream, id)).await;
+            shard.remove_conn(id);
+        }
+        Next::Continue => shard.remove_conn(id),
     }
-    shard.remove_conn(id);
+}
+
+/// The rest of a connection's life after it came from another process (or
+/// after a handover left it here): write what it had queued, then read.
+pub async fn resumed<A: App>(shard: Rc<Shard<A>>, stream: Rc<SharedStream>, id: ConnId) {
+    let closing = {
+        let mut table = shard.table.borrow_mut();
+        let Some(c) = table.get_mut(id) else { return };
+        shard.kick_writer(id, c);
+        c.phase == Phase::Closing
+    };
+    let next = if closing { Next::Linger } else { read_loop(&shard, &stream, id).await };
+    finish(&shard, &stream, id, next).await;
+}
+
+/// Input for `id` that arrived another way (a frame the old process had
+/// begun reading): handled as if just read.
+pub fn feed<A: App>(shard: &Rc<Shard<A>>, id: ConnId, data: &[u8]) {
+    if process_input(shard, id, data) == Next::Linger {
+        shard.start_close(id, close::PROTOCOL, "protocol violation", true);
+    }
 }
 
 /// Reads the request head and lets the application answer it.
@@ -104,7 +136,23 @@ async fn http_phase<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id:
             continue;
         }
         first = false;
-        match shard.app.on_request(shard, id, &head) {
+        let mut answer = shard.app.on_request(shard, id, &head);
+        while let Answer::Wait(super::Deferred(wait)) = answer {
+            answer = match deferred(shard, id, wait).await {
+                Some(true) => shard.app.on_request(shard, id, &head),
+                Some(false) => Answer::Respond {
+                    bytes: crate::transport::http::refusal(
+                        Rejection::BackendUnavailable,
+                        "the application did not answer in time",
+                        shard.node.config.server.retry_after_secs,
+                    ),
+                    rejected: Some(Rejection::BackendUnavailable),
+                },
+                None => return None,
+            };
+        }
+        match answer {
+            Answer::Wait(_) => unreachable!("waited for above"),
             Answer::NeedMore => continue,
             Answer::Respond { bytes, rejected } => {
                 if let Some(r) = rejected {
@@ -131,6 +179,23 @@ async fn http_phase<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id:
             }
         }
     }
+}
+
+/// Awaits the application's `wait` until the handshake deadline (less the
+/// margin a 503 needs). `Some(true)`: done, ask again; `Some(false)`: timed
+/// out; `None`: the connection is gone.
+async fn deferred<A: App>(
+    shard: &Rc<Shard<A>>,
+    id: ConnId,
+    wait: std::pin::Pin<Box<dyn Future<Output = ()>>>,
+) -> Option<bool> {
+    let accepted = shard.table.borrow().get(id).map(|c| c.accepted_at)?;
+    let end = accepted + Duration::from_millis(shard.node.config.server.handshake_timeout_ms);
+    let left =
+        end.checked_sub(Duration::from_millis(WAIT_MARGIN_MS)).map(|t| t.saturating_duration_since(Instant::now()));
+    let done = monoio::time::timeout(left.unwrap_or_default(), wait).await.is_ok();
+    let alive = shard.table.borrow().get(id).is_some_and(|c| c.phase == Phase::Http);
+    alive.then_some(done)
 }
 
 /// Strips a PROXY protocol header sent by a trusted proxy and takes its
@@ -355,6 +420,12 @@ async fn read_loop<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: 
             Err(_) => return Next::Linger,
         }
         loop {
+            // Not a byte more once the shard hands its connections over, and
+            // nothing at all for a connection that already went (its socket
+            // is the new process's now).
+            if shard.frozen.get() || !shard.table.borrow().get(id).is_some_and(|c| c.phase != Phase::Http) {
+                return Next::Frozen;
+            }
             let next = {
                 let mut buf = shard.read_buf.borrow_mut();
                 match stream.try_recv(&mut buf) {

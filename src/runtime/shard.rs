@@ -44,6 +44,12 @@ pub struct Shard<A: App> {
     pub ws_config: WsConfig,
     /// Set when draining started.
     pub draining: Cell<bool>,
+    /// Set at the end of a drain: the accept loops return.
+    pub accepting_stopped: Cell<bool>,
+    /// Set when a handover to a new process starts: readers stop reading.
+    pub frozen: Cell<bool>,
+    /// Handover barrier markers received, per round.
+    pub barriers: RefCell<[usize; super::handover::ROUNDS as usize]>,
     /// Cancels the pending accept on shutdown.
     pub accept_cancel: RefCell<Option<Canceller>>,
     /// Cancels the internal listener's pending accept on shutdown.
@@ -87,6 +93,9 @@ impl<A: App> Shard<A> {
             read_buf: RefCell::new(vec![0u8; READ_BUF].into_boxed_slice()),
             ws_config,
             draining: Cell::new(false),
+            accepting_stopped: Cell::new(false),
+            frozen: Cell::new(false),
+            barriers: RefCell::new([0; super::handover::ROUNDS as usize]),
             accept_cancel: RefCell::new(None),
             admin_cancel: RefCell::new(None),
             ring: std::cell::OnceCell::new(),
@@ -209,7 +218,7 @@ impl<A: App> Shard<A> {
         self.app.on_close(self, id, c.app);
     }
 
-    /// Handles one mailbox message. Returns false on `Shutdown`.
+    /// Handles one mailbox message. Returns false on `Stop` (the drain is over).
     pub fn handle(self: &Rc<Self>, msg: ShardMsg<A::Msg>) -> bool {
         self.metrics().cross_shard_received.inc();
         match msg {
@@ -222,7 +231,25 @@ impl<A: App> Shard<A> {
             }
             ShardMsg::App(m) => self.app.on_mail(self, m),
             ShardMsg::Kick { conn, code, reason } => self.start_close(conn, code, reason, false),
-            ShardMsg::Shutdown => return false,
+            ShardMsg::Shutdown => {
+                if !self.draining.get() {
+                    monoio::spawn(super::thread::drain(self.clone()));
+                }
+            }
+            ShardMsg::Stop => return false,
+            ShardMsg::Handover { tx } => {
+                if !self.frozen.get() && !self.draining.get() {
+                    monoio::spawn(self.clone().hand_over(tx));
+                }
+            }
+            ShardMsg::Barrier { round } => {
+                if let Some(n) = self.barriers.borrow_mut().get_mut(round as usize - 1) {
+                    *n += 1;
+                }
+            }
+            ShardMsg::Resume { handed } => {
+                self.resume(*handed);
+            }
         }
         true
     }
@@ -247,9 +274,32 @@ impl<A: App> Shard<A> {
         }
     }
 
-    /// Starts draining: no more accepts, every connection closed with 1001.
+    /// Starts draining: upgrades and `/ready` answer 503 from now on; the
+    /// listeners stay open (a balancer's check gets its 503 instead of a
+    /// refused connection) until [`Shard::stop_accepting`].
     pub fn begin_drain(self: &Rc<Self>) {
         self.draining.set(true);
+    }
+
+    /// The end of a drain: no more accepts, every open WebSocket closed
+    /// with 1001. Returns how many got the close.
+    pub fn stop_accepting(self: &Rc<Self>) -> usize {
+        self.cancel_accepts();
+        // Sockets still in their HTTP request finish it: /ready and upgrades
+        // get 503 draining (bounded by the handshake timeout). Open
+        // WebSockets get 1001.
+        let ids: Vec<ConnId> =
+            self.table.borrow_mut().iter_mut().filter(|(_, c)| c.phase == Phase::Open).map(|(id, _)| id).collect();
+        for &id in &ids {
+            self.start_close(id, close::GOING_AWAY, "server shutting down", false);
+        }
+        ids.len()
+    }
+
+    /// Stops the accept loops (the listeners themselves stay open until
+    /// the process exits: a new process may be serving them).
+    pub fn cancel_accepts(&self) {
+        self.accepting_stopped.set(true);
         if let Some(c) = self.accept_cancel.borrow_mut().take() {
             c.cancel();
         }
@@ -261,14 +311,16 @@ impl<A: App> Shard<A> {
                 ring.cancel_fd(fd);
             }
         }
-        // Sockets still in their HTTP request finish it: /ready and upgrades
-        // get 503 draining (bounded by the handshake timeout). Open
-        // WebSockets get 1001.
-        let ids: Vec<ConnId> =
-            self.table.borrow_mut().iter_mut().filter(|(_, c)| c.phase != Phase::Http).map(|(id, _)| id).collect();
-        for id in ids {
-            self.start_close(id, close::GOING_AWAY, "server shutting down", false);
-        }
+    }
+
+    /// Open WebSockets (upgraded, not closing).
+    pub fn open_websockets(&self) -> Vec<ConnId> {
+        self.table.borrow_mut().iter_mut().filter(|(_, c)| c.phase == Phase::Open).map(|(id, _)| id).collect()
+    }
+
+    /// Whether `id` is an open WebSocket (upgraded, not closing).
+    pub fn is_open(&self, id: ConnId) -> bool {
+        self.table.borrow_mut().get_mut(id).is_some_and(|c| c.phase == Phase::Open)
     }
 }
 
@@ -347,5 +399,9 @@ impl<A: App> Conns<A> for Rc<Shard<A>> {
 
     fn sample(&self, k: usize) -> Vec<Sampled> {
         self.sample_open(k)
+    }
+
+    fn least_active(&self, k: usize, keep: impl Fn(&A::Conn) -> bool) -> Vec<ConnId> {
+        self.least_active_open(k, keep)
     }
 }

@@ -107,6 +107,24 @@ impl<A: App> Shard<A> {
         }
     }
 
+    /// Up to `k` open WebSockets whose application state passes `keep`,
+    /// least recently active (last byte from the peer) first.
+    pub fn least_active_open(&self, k: usize, keep: impl Fn(&A::Conn) -> bool) -> Vec<ConnId> {
+        let mut all: Vec<(u64, ConnId)> = self
+            .table
+            .borrow_mut()
+            .iter_mut()
+            .filter(|(_, c)| c.phase == Phase::Open && keep(&c.app))
+            .map(|(id, c)| (c.last_rx_ms, id))
+            .collect();
+        if all.len() > k {
+            all.select_nth_unstable_by_key(k, |e| e.0);
+            all.truncate(k);
+        }
+        all.sort_unstable_by_key(|e| e.0);
+        all.into_iter().map(|e| e.1).collect()
+    }
+
     /// Up to `k` open connections, uniformly sampled (reservoir sampling:
     /// one pass, k entries).
     pub fn sample_open(&self, k: usize) -> Vec<Sampled> {

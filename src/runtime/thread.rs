@@ -156,10 +156,10 @@ async fn shard_main<A: App>(
     }
     monoio::spawn(sweeper(shard.clone()));
     mailbox_loop(&shard, wake, wake_fd, rx.rx).await;
-    drain(&shard).await;
 }
 
-/// Waits on the wake socket and drains the mailbox in batches until `Shutdown`.
+/// Waits on the wake socket and drains the mailbox in batches until `Stop`
+/// (sent by the shard's [`drain`] when it is over).
 async fn mailbox_loop<A: App>(
     shard: &Rc<Shard<A>>,
     wake: monoio::net::UnixStream,
@@ -241,13 +241,40 @@ async fn sweeper<A: App>(shard: Rc<Shard<A>>) {
     }
 }
 
-/// Closes everything with 1001 and waits for the table to empty, forcing
-/// sockets shut shortly before the drain deadline.
-async fn drain<A: App>(shard: &Rc<Shard<A>>) {
-    let timeout = Duration::from_millis(shard.node.config.shutdown.drain_timeout_ms);
+/// The drain of one shard (`ShardMsg::Shutdown`), while the mailbox keeps
+/// being served: upgrades answer 503 at once; open WebSockets get their
+/// reconnect hint at times spread evenly, in random order, over
+/// `shutdown.reconnect_spread_ms`; at 3/4 of `shutdown.drain_timeout_ms`
+/// (or once every WebSocket has left) the listeners close and whatever is
+/// still open gets 1001; sockets are forced shut at 19/20 and the mailbox
+/// loop stops when the table is empty or the time is up.
+pub(super) async fn drain<A: App>(shard: Rc<Shard<A>>) {
+    let cfg = &shard.node.config.shutdown;
+    let timeout = Duration::from_millis(cfg.drain_timeout_ms);
+    let spread = Duration::from_millis(cfg.spread_ms());
     let start = Instant::now();
     shard.begin_drain();
-    let force_at = timeout.saturating_sub(timeout / 5);
+    let m = shard.metrics();
+    let mut order = shard.open_websockets();
+    fastrand::shuffle(&mut order);
+    let n = order.len().max(1) as u32;
+    let tick = Duration::from_millis(5);
+    for (i, id) in order.iter().enumerate() {
+        let due = start + spread * i as u32 / n;
+        while Instant::now() < due {
+            monoio::time::sleep(tick.min(due - Instant::now())).await;
+        }
+        if shard.is_open(*id) && shard.app.on_drain(&shard, *id) {
+            m.drain_hinted.inc();
+        }
+    }
+    let close_at = timeout / 4 * 3;
+    while start.elapsed() < close_at && !shard.open_websockets().is_empty() {
+        monoio::time::sleep(tick * 4).await;
+    }
+    let closed = shard.stop_accepting();
+    m.drain_closed.add(closed as u64);
+    let force_at = timeout - timeout / 20;
     let mut forced = false;
     while !shard.table.borrow().is_empty() && start.elapsed() < timeout {
         if !forced && start.elapsed() >= force_at {
@@ -256,6 +283,8 @@ async fn drain<A: App>(shard: &Rc<Shard<A>>) {
                 c.shut(libc::SHUT_RDWR);
             }
         }
-        monoio::time::sleep(Duration::from_millis(5)).await;
+        monoio::time::sleep(tick).await;
     }
+    let own = &shard.node.shards[shard.id].mailbox;
+    let _ = own.send(super::mailbox::ShardMsg::Stop);
 }

@@ -222,6 +222,14 @@ impl Boundary {
         }
     }
 
+    /// No fragmented message is open and nothing failed: whatever follows
+    /// the last whole frame (a frame still arriving) can be fed to a fresh
+    /// `Boundary` and give the same state (a connection handed to another
+    /// process passes those bytes along).
+    pub fn movable(&self) -> bool {
+        !self.fragmented && !self.broken && !self.utf8.failed
+    }
+
     /// The stream can no longer be framed (tungstenite will close it).
     pub fn is_broken(&self) -> bool {
         self.broken

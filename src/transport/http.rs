@@ -56,11 +56,15 @@ pub enum Rejection {
     /// No valid token (`auth.mode = "token"`): 401 with
     /// `WWW-Authenticate: Bearer error="invalid_token"`.
     Unauthorized,
+    /// The application's connect backend refused the client (403).
+    ConnectDenied,
+    /// The application's connect backend could not be asked in time (503 + Retry-After).
+    BackendUnavailable,
 }
 
 impl Rejection {
     /// Every variant, for metrics.
-    pub const ALL: [Rejection; 18] = [
+    pub const ALL: [Rejection; 20] = [
         Rejection::Malformed,
         Rejection::HeaderTooLarge,
         Rejection::NotFound,
@@ -79,6 +83,8 @@ impl Rejection {
         Rejection::OriginNotAllowed,
         Rejection::BadProxyHeader,
         Rejection::Unauthorized,
+        Rejection::ConnectDenied,
+        Rejection::BackendUnavailable,
     ];
 
     /// HTTP status sent.
@@ -90,7 +96,7 @@ impl Rejection {
             | Rejection::BadClientId
             | Rejection::BadProxyHeader => 400,
             Rejection::TooManyConnections | Rejection::RateLimited => 429,
-            Rejection::OriginNotAllowed => 403,
+            Rejection::OriginNotAllowed | Rejection::ConnectDenied => 403,
             Rejection::Unauthorized => 401,
             // Never answered (the socket is closed); 503 is the label.
             Rejection::HandshakeLimit => 503,
@@ -98,7 +104,7 @@ impl Rejection {
             Rejection::NotFound => 404,
             Rejection::MethodNotAllowed => 405,
             Rejection::UpgradeRequired | Rejection::WsVersion => 426,
-            Rejection::Full | Rejection::Draining => 503,
+            Rejection::Full | Rejection::Draining | Rejection::BackendUnavailable => 503,
             Rejection::HandshakeTimeout => 408,
         }
     }
@@ -124,6 +130,8 @@ impl Rejection {
             Rejection::OriginNotAllowed => "origin_not_allowed",
             Rejection::BadProxyHeader => "bad_proxy_header",
             Rejection::Unauthorized => "unauthorized",
+            Rejection::ConnectDenied => "connect_denied",
+            Rejection::BackendUnavailable => "backend_unavailable",
         }
     }
 
@@ -271,7 +279,11 @@ pub fn refusal(why: Rejection, text: &str, retry_after: u32) -> Vec<u8> {
             let why = text.split(':').next().unwrap_or("invalid");
             format!("WWW-Authenticate: Bearer error=\"invalid_token\", error_description=\"{why}\"\r\n")
         }
-        Rejection::Full | Rejection::Draining | Rejection::RateLimited | Rejection::TooManyConnections => {
+        Rejection::Full
+        | Rejection::Draining
+        | Rejection::RateLimited
+        | Rejection::TooManyConnections
+        | Rejection::BackendUnavailable => {
             format!("Retry-After: {retry_after}\r\n")
         }
         _ => String::new(),

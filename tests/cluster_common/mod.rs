@@ -209,6 +209,11 @@ impl Node {
         Node { child, id: id.to_string(), addr: addr.parse().expect("address"), log }
     }
 
+    /// Sends signal `sig` (15: SIGTERM, a drain).
+    pub fn signal(&self, sig: i32) {
+        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

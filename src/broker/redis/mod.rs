@@ -31,7 +31,7 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 
 use super::{Broker, SampleEntry, Sink};
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, ReconnectVia};
 use crate::prom::{Kind, Text};
 use crate::runtime::table::ConnId;
 
@@ -130,6 +130,15 @@ pub enum ClusterCmd {
         /// Sampled connections.
         entries: Vec<SampleEntry>,
     },
+    /// A client was asked to move to node `target` (drain, rebalance).
+    Moved {
+        /// Client id.
+        client_id: Arc<str>,
+        /// Target node ("" = unknown, through the balancer).
+        target: String,
+        /// `drain` or `rebalance`.
+        reason: &'static str,
+    },
     /// Stop: deregister and exit.
     Shutdown,
 }
@@ -220,12 +229,21 @@ pub struct ClusterStatus {
     pub incoming_dropped: AtomicU64,
     /// The last `/cluster` view: live nodes from the registry (JSON).
     pub nodes_json: Mutex<serde_json::Value>,
+    /// The least-loaded healthy peer (node id, url) from the last view
+    /// (empty when none).
+    pub peer: Mutex<(String, String)>,
+    /// Clients asked to move, by (target node, reason).
+    pub moves: Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
+    /// Rebalances started by this node.
+    pub rebalances: AtomicU64,
 }
 
 /// The shards' side of the cluster thread.
 pub struct RedisBroker {
     tx: queue::Tx<ClusterCmd>,
     sample_size: usize,
+    via: ReconnectVia,
+    me: String,
     /// Shared status.
     pub status: Arc<ClusterStatus>,
 }
@@ -254,6 +272,7 @@ impl ClusterCmd {
             ClusterCmd::ConnOpened { .. }
             | ClusterCmd::ConnClosed { .. }
             | ClusterCmd::RoomInterest { .. }
+            | ClusterCmd::Moved { .. }
             | ClusterCmd::Shutdown => None,
         }
     }
@@ -269,7 +288,13 @@ impl RedisBroker {
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = queue::queue(QUEUE_BYTES);
         let status = Arc::new(ClusterStatus::default());
-        let broker = RedisBroker { tx, sample_size: config.sample_size, status: status.clone() };
+        let broker = RedisBroker {
+            tx,
+            sample_size: config.sample_size,
+            via: config.reconnect_via,
+            me: node_id.to_string(),
+            status: status.clone(),
+        };
         let (config, me) = (config.clone(), node_id.to_string());
         let thread = std::thread::Builder::new()
             .name("ringside-cluster".into())
@@ -281,7 +306,8 @@ impl RedisBroker {
     #[cfg(test)]
     pub fn detached(sample_size: usize) -> (Self, queue::Rx<ClusterCmd>) {
         let (tx, rx) = queue::queue(QUEUE_BYTES);
-        (RedisBroker { tx, sample_size, status: Arc::new(ClusterStatus::default()) }, rx)
+        let status = Arc::new(ClusterStatus::default());
+        (RedisBroker { tx, sample_size, via: ReconnectVia::Peer, me: "test".into(), status }, rx)
     }
 
     /// Queues `cmd` for the cluster thread; false (counted) when refused.
@@ -344,6 +370,18 @@ impl Broker for RedisBroker {
 
     fn sample_size(&self) -> usize {
         self.sample_size
+    }
+
+    fn reconnect_target(&self) -> (String, String) {
+        let (node, url) = self.status.peer.lock().map(|p| p.clone()).unwrap_or_default();
+        match self.via {
+            ReconnectVia::Balancer => (node, String::new()),
+            ReconnectVia::Peer => (node, url),
+        }
+    }
+
+    fn moved(&self, client_id: &Arc<str>, target: &str, reason: &'static str) {
+        self.send(ClusterCmd::Moved { client_id: client_id.clone(), target: target.to_string(), reason });
     }
 
     fn sample(&self, shard: usize, entries: Vec<SampleEntry>) {
@@ -418,6 +456,11 @@ impl Broker for RedisBroker {
                 &s.history_gaps,
             ),
             ("cluster_affinity_hints_total", "Affinity hints sent to clients.", &s.affinity_hints),
+            (
+                "cluster_rebalances_total",
+                "Rebalances this node started (a batch of clients asked to move).",
+                &s.rebalances,
+            ),
             ("cluster_mailbox_full_total", "Messages for shards refused by a full mailbox.", &s.mailbox_full),
             ("cluster_redis_batches_total", "Round trips to Redis.", &s.redis_batches),
             (
@@ -431,5 +474,12 @@ impl Broker for RedisBroker {
         t.single("cluster_subscribed_rooms", Kind::Gauge, "Room channels subscribed.", g(&s.subscribed_rooms));
         let help = "Rooms with local members whose subscription is not confirmed: no delivery from other nodes yet.";
         t.single("cluster_unconfirmed_rooms", Kind::Gauge, help, g(&s.unconfirmed_rooms));
+        let help = "Clients asked to move to another node (the seed's pool failover, per node): from, to, reason.";
+        t.family("cluster_failover_total", Kind::Counter, help);
+        if let Ok(moves) = s.moves.lock() {
+            for ((to, reason), n) in moves.iter() {
+                t.sample("cluster_failover_total", &[("from", &self.me), ("to", to), ("reason", reason)], n);
+            }
+        }
     }
 }

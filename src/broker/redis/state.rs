@@ -58,6 +58,8 @@ pub struct State {
     dirty_open: HashSet<Arc<str>>,
     dirty_close: HashSet<Arc<str>>,
     affinity_dirty: HashSet<Arc<str>>,
+    /// Clients asked to move → the node their affinity now names.
+    moved_to: HashMap<Arc<str>, String>,
     interest: HashMap<Arc<str>, BTreeSet<usize>>,
     subscribed: HashSet<Arc<str>>,
     dirty_rooms: HashSet<Arc<str>>,
@@ -99,6 +101,24 @@ impl State {
         if e.named {
             self.affinity_dirty.insert(client_id);
         }
+    }
+
+    /// `client_id` was asked to move to node `target`: its affinity points
+    /// there from the next flush on (and stays so when it leaves here).
+    pub fn moved(&mut self, client_id: Arc<str>, target: String) {
+        let Some(e) = self.clients.get(&client_id) else { return };
+        if !e.named || target.is_empty() {
+            return;
+        }
+        if self.moved_to.len() < MAX_PENDING_CLOSES {
+            self.moved_to.insert(client_id.clone(), target);
+            self.affinity_dirty.insert(client_id);
+        }
+    }
+
+    /// The node `client_id`'s affinity should name: its move target, or `me`.
+    pub fn affinity_node<'a>(&'a self, client_id: &str, me: &'a str) -> &'a str {
+        self.moved_to.get(client_id).map(|t| t.as_str()).unwrap_or(me)
     }
 
     /// A client's connection `conn` closed.
@@ -188,7 +208,11 @@ impl State {
             f.closes.push(cid);
         }
         for cid in self.affinity_dirty.drain() {
-            f.ops.push(Op::Set { key: keys::affinity(&cid), value: me.as_bytes().to_vec(), ttl_ms: affinity_ttl_ms });
+            let node = self.moved_to.get(&cid).map(|t| t.as_str()).unwrap_or(me);
+            f.ops.push(Op::Set { key: keys::affinity(&cid), value: node.as_bytes().to_vec(), ttl_ms: affinity_ttl_ms });
+            if !self.clients.contains_key(&cid) {
+                self.moved_to.remove(&cid); // it left: nothing will write it again
+            }
             f.affinity.push(cid);
         }
         f

@@ -21,7 +21,7 @@ use super::registry::{self, NodeInfo};
 use super::state::State;
 use super::{keys, ClusterCmd, ClusterStatus};
 use crate::broker::{Recovery, Sink};
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, ReconnectVia};
 use crate::runtime::table::ConnId;
 
 /// Events handled per batch at most (one or two round trips each).
@@ -34,6 +34,22 @@ const MAX_PENDING_DIRECTS: usize = 4096;
 /// 2,000, for a hint that arrives at most 10 ms later (publishes and direct
 /// messages do not wait; they take the waiting lookups along).
 const AFFINITY_GATHER: Duration = Duration::from_millis(10);
+
+/// After a batch's grace, the time its last closes may take (the close
+/// handshake's default timeout, 2 s, and a margin) before the registry
+/// shows them gone and the next batch to the same peer may start.
+pub const MIGRATE_SETTLE_MS: u64 = 3_000;
+
+/// Seed 000's rule: how many clients an overloaded node moves,
+/// ceil((current − capacity × 0.8) / 2), 0 when at or under 80 %.
+pub fn rebalance_count(current: u64, capacity: u64) -> usize {
+    let over = current as f64 - capacity as f64 * 0.8;
+    if over <= 0.0 {
+        0
+    } else {
+        (over / 2.0).ceil() as usize
+    }
+}
 
 /// Runs until [`ClusterCmd::Shutdown`] (or until every handle is gone).
 pub fn run(config: ClusterConfig, me: String, sink: Arc<dyn Sink>, status: Arc<ClusterStatus>, rx: Rx<ClusterCmd>) {
@@ -86,6 +102,8 @@ pub struct Worker<C: Connector> {
     interval: Duration,
     ticks: u64,
     live: HashMap<String, NodeInfo>,
+    /// Rebalance targets with a batch in flight → until when.
+    moving: HashMap<String, Instant>,
     retries: VecDeque<PendingDirect>,
     opened: Vec<Opened>,
     opened_due: Instant,
@@ -149,6 +167,7 @@ impl<C: Connector> Worker<C> {
             state: State::default(),
             ticks: 0,
             live: HashMap::new(),
+            moving: HashMap::new(),
             retries: VecDeque::new(),
             opened: Vec::new(),
             opened_due: Instant::now(),
@@ -285,6 +304,12 @@ impl<C: Connector> Worker<C> {
                     directs.push(PendingDirect { to, frame, from, delivered_here, deadline })
                 }
                 ClusterCmd::Sample { shard, entries } => self.state.sample(shard, entries, self.config.sample_size),
+                ClusterCmd::Moved { client_id, target, reason } => {
+                    if let Ok(mut m) = self.status.moves.lock() {
+                        *m.entry((target.clone(), reason)).or_insert(0) += 1;
+                    }
+                    self.state.moved(client_id, target);
+                }
                 ClusterCmd::Shutdown => stop = true,
             }
         }
@@ -726,6 +751,49 @@ impl<C: Connector> Worker<C> {
         };
         self.read_nodes(ids).await;
         self.sync_rooms().await;
+        self.rebalance();
+    }
+
+    /// Seed 000's rebalancing, once per interval: above
+    /// `cluster.rebalance_high` with a live healthy peer below
+    /// `cluster.rebalance_low`, ask ceil((current − capacity × 0.8) / 2)
+    /// clients (at most `cluster.migrate_rate`) to move to the least loaded
+    /// such peer. One batch in flight per target: the next waits for the
+    /// grace period, [`MIGRATE_SETTLE_MS`] and an interval (the registry
+    /// then shows the moves).
+    fn rebalance(&mut self) {
+        let c = &self.config;
+        let local = self.sink.local();
+        if c.rebalance_high >= 1.0 || local.draining {
+            return;
+        }
+        let me = registry::self_info(&local);
+        let now = Instant::now();
+        self.moving.retain(|_, until| *until > now);
+        if me.utilization <= c.rebalance_high {
+            return;
+        }
+        let peers: Vec<NodeInfo> = self
+            .live
+            .values()
+            .filter(|n| n.node != self.me && n.utilization < c.rebalance_low && !self.moving.contains_key(&n.node))
+            .cloned()
+            .collect();
+        let Some(target) = registry::least_loaded(&peers) else { return };
+        let want = rebalance_count(me.connections, me.capacity).min(c.migrate_rate as usize);
+        let url = match c.reconnect_via {
+            ReconnectVia::Peer => target.url.as_str(),
+            ReconnectVia::Balancer => "",
+        };
+        if want > 0 && self.sink.rebalance(want, &target.node, url) {
+            tracing::info!(
+                to = %target.node, count = want, utilization = me.utilization,
+                "rebalancing: asking {want} client(s) to move to {}", target.node
+            );
+            add(&self.status.rebalances, 1);
+            let busy = Duration::from_millis(c.migrate_grace_ms + MIGRATE_SETTLE_MS + c.sync_interval_ms);
+            self.moving.insert(target.node.clone(), now + busy);
+        }
     }
 
     /// Reads every registered node's hash; drops the expired ones from the set.
@@ -867,7 +935,8 @@ impl<C: Connector> Worker<C> {
         let affinity_ms = self.config.affinity_ttl_secs * 1000;
         for cid in self.state.clients.keys() {
             ops.push(Op::DelIfNode { key: keys::conn(cid), node: self.me.clone() });
-            ops.push(Op::Set { key: keys::affinity(cid), value: self.me.as_bytes().to_vec(), ttl_ms: affinity_ms });
+            let node = self.state.affinity_node(cid, &self.me).as_bytes().to_vec();
+            ops.push(Op::Set { key: keys::affinity(cid), value: node, ttl_ms: affinity_ms });
         }
         let _ = self.exec(&ops).await;
     }
@@ -889,6 +958,15 @@ impl<C: Connector> Worker<C> {
         };
         if let Ok(mut v) = self.status.nodes_json.lock() {
             *v = view;
+        }
+        let peers: Vec<NodeInfo> = if self.connected() {
+            self.live.values().filter(|n| n.node != self.me && !n.url.is_empty()).cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let peer = registry::least_loaded(&peers).map(|n| (n.node.clone(), n.url.clone())).unwrap_or_default();
+        if let Ok(mut p) = self.status.peer.lock() {
+            *p = peer;
         }
     }
 }

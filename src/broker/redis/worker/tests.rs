@@ -343,3 +343,13 @@ async fn only_named_clients_get_affinity_keys() {
     })
     .await;
 }
+
+#[test]
+fn rebalance_count_is_the_seed_rule() {
+    use super::rebalance_count;
+    assert_eq!(rebalance_count(38, 40), 3, "ceil((38 - 32) / 2)");
+    assert_eq!(rebalance_count(37, 40), 3, "ceil(2.5)");
+    assert_eq!(rebalance_count(32, 40), 0, "at 80 %: nothing to move");
+    assert_eq!(rebalance_count(10, 40), 0);
+    assert_eq!(rebalance_count(10_000, 10_000), 1_000);
+}
