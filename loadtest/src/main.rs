@@ -1,6 +1,6 @@
 //! `loadtest`: ringside's load-test harness.
 //!
-//! Four scenarios (`connect`, `echo`, `fanout`, `churn`) run open-loop on a
+//! Five scenarios (`connect`, `echo`, `fanout`, `churn`, `resume`) run open-loop on a
 //! schedule in W worker processes (this binary re-executed as `__worker`), whose
 //! HDR histograms and counters are merged exactly into one report directory
 //! (`summary.json`, `.hgrm` files, `percentiles.svg`, `README.md`).
@@ -49,6 +49,10 @@ enum Cmd {
     Fanout(ScenarioCmd),
     /// Connect/upgrade/close cycles at --rate/s for --duration s.
     Churn(ScenarioCmd),
+    /// Fanout in rooms with history (lt-hist-<r>): subscribers track offsets and, when
+    /// a connection drops, reconnect (next --url first) and re-join with `since`;
+    /// checks every offset arrived exactly once; records recovery time.
+    Resume(ScenarioCmd),
     /// Rebuild DIR/README.md from every summary.json below DIR.
     Index {
         /// Results directory.
@@ -95,6 +99,7 @@ fn main() {
         Cmd::Echo(c) => run::main(Scenario::Echo, &c.load, &c.run),
         Cmd::Fanout(c) => run::main(Scenario::Fanout, &c.load, &c.run),
         Cmd::Churn(c) => run::main(Scenario::Churn, &c.load, &c.run),
+        Cmd::Resume(c) => run::main(Scenario::Resume, &c.load, &c.run),
         Cmd::Index { dir } => match report::index::rebuild(&dir) {
             Ok(n) => {
                 eprintln!("loadtest: indexed {n} runs in {}", dir.join("README.md").display());
@@ -127,14 +132,14 @@ mod tests {
 
     fn out_of(args: &[&str]) -> PathBuf {
         match Cli::try_parse_from(args).unwrap().cmd {
-            Cmd::Connect(c) | Cmd::Echo(c) | Cmd::Fanout(c) | Cmd::Churn(c) => c.run.out,
+            Cmd::Connect(c) | Cmd::Echo(c) | Cmd::Fanout(c) | Cmd::Churn(c) | Cmd::Resume(c) => c.run.out,
             other => panic!("not a scenario: {other:?}"),
         }
     }
 
     #[test]
     fn reports_default_outside_the_committed_results() {
-        for scen in ["connect", "echo", "fanout", "churn"] {
+        for scen in ["connect", "echo", "fanout", "churn", "resume"] {
             let out = out_of(&["loadtest", scen]);
             assert_eq!(out, PathBuf::from(run::DEFAULT_OUT));
             assert!(out.starts_with("target"), "git-ignored by the root .gitignore's /target");

@@ -7,7 +7,7 @@
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-/// The four load shapes.
+/// The five load shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Scenario {
@@ -19,6 +19,9 @@ pub enum Scenario {
     Fanout,
     /// Connect/close cycles at R/s.
     Churn,
+    /// Rooms with history: subscribers track offsets, reconnect (to another URL) with
+    /// `since` after a drop, and every offset must arrive exactly once.
+    Resume,
 }
 
 impl Scenario {
@@ -29,6 +32,7 @@ impl Scenario {
             Scenario::Echo => "echo",
             Scenario::Fanout => "fanout",
             Scenario::Churn => "churn",
+            Scenario::Resume => "resume",
         }
     }
 
@@ -37,7 +41,7 @@ impl Scenario {
         match self {
             Scenario::Connect | Scenario::Churn => "upgrade_from_intended",
             Scenario::Echo => "rtt_from_intended",
-            Scenario::Fanout => "delivery_from_intended",
+            Scenario::Fanout | Scenario::Resume => "delivery_from_intended",
         }
     }
 }
@@ -93,9 +97,20 @@ pub struct ScenarioArgs {
     /// Seconds before a connect, upgrade, join, pong or echo counts as `timeout`. Default 10.
     #[arg(long)]
     pub timeout: Option<f64>,
-    /// fanout: seconds to keep listening after the last publish. Default 2.
+    /// fanout, resume: seconds to keep listening after the last publish. Default 2.
     #[arg(long)]
     pub drain: Option<f64>,
+    /// resume: seconds after the go time at which every even-numbered subscriber drops
+    /// its connection (no close frame) and reconnects with `since`; 0 = never (drops
+    /// then come only from the servers, e.g. a killed node). Default 0.
+    #[arg(long)]
+    pub drop_at: Option<f64>,
+    /// resume: a subscriber whose connection dropped waits a uniform random time in
+    /// [0, S] before its first reconnect attempt (then 200 ms doubling to 2 s, equal
+    /// jitter), so a killed node's clients do not all return in the same millisecond.
+    /// Default 1.
+    #[arg(long)]
+    pub reconnect_jitter: Option<f64>,
 }
 
 /// Fully resolved parameters of a run; what workers receive and summary.json records.
@@ -133,6 +148,12 @@ pub struct Params {
     pub timeout: f64,
     /// See [`ScenarioArgs::drain`].
     pub drain: f64,
+    /// See [`ScenarioArgs::drop_at`].
+    #[serde(default)]
+    pub drop_at: f64,
+    /// See [`ScenarioArgs::reconnect_jitter`].
+    #[serde(default)]
+    pub reconnect_jitter: f64,
 }
 
 /// Sockets a worker may hold below the open-file limit (stdin/out/err, the runtime's
@@ -142,7 +163,8 @@ const FD_HEADROOM: u64 = 200;
 impl Params {
     /// The defaults of `scenario`.
     pub fn defaults(scenario: Scenario) -> Params {
-        let path = if scenario == Scenario::Fanout { "ws" } else { "echo" };
+        let rooms = matches!(scenario, Scenario::Fanout | Scenario::Resume);
+        let path = if rooms { "ws" } else { "echo" };
         Params {
             scenario,
             urls: vec![format!("ws://127.0.0.1:8080/{path}")],
@@ -153,13 +175,15 @@ impl Params {
             size: 64,
             workers: 2,
             in_flight: 1,
-            msg_rate: if scenario == Scenario::Fanout { 20.0 } else { 0.0 },
+            msg_rate: if rooms { 20.0 } else { 0.0 },
             text: false,
             publishers: 1,
             rooms: 1,
             sources: 8,
             timeout: 10.0,
             drain: 2.0,
+            drop_at: 0.0,
+            reconnect_jitter: 1.0,
         }
     }
 
@@ -183,6 +207,8 @@ impl Params {
             sources: a.sources.unwrap_or(d.sources),
             timeout: a.timeout.unwrap_or(d.timeout),
             drain: a.drain.unwrap_or(d.drain),
+            drop_at: a.drop_at.unwrap_or(d.drop_at),
+            reconnect_jitter: a.reconnect_jitter.unwrap_or(d.reconnect_jitter),
         }
     }
 
@@ -200,6 +226,8 @@ impl Params {
         pos(self.duration, "duration")?;
         pos(self.msg_rate, "msg-rate")?;
         pos(self.drain, "drain")?;
+        pos(self.drop_at, "drop-at")?;
+        pos(self.reconnect_jitter, "reconnect-jitter")?;
         if self.timeout <= 0.0 {
             return Err("--timeout must be > 0".into());
         }
@@ -212,7 +240,7 @@ impl Params {
         if self.scenario == Scenario::Echo && self.in_flight == 0 {
             return Err("--in-flight must be >= 1".into());
         }
-        if self.scenario == Scenario::Fanout && (self.rooms == 0 || self.publishers == 0) {
+        if self.rooms_scenario() && (self.rooms == 0 || self.publishers == 0) {
             return Err("--rooms and --publishers must be >= 1".into());
         }
         if self.scenario == Scenario::Churn && self.rate <= 0.0 {
@@ -230,20 +258,27 @@ impl Params {
         Ok(())
     }
 
+    /// Whether the scenario is one of the rooms scenarios (subscribers and publishers on /ws).
+    pub fn rooms_scenario(&self) -> bool {
+        matches!(self.scenario, Scenario::Fanout | Scenario::Resume)
+    }
+
     /// Sockets the whole run holds at once, at most.
     pub fn total_sockets(&self) -> u64 {
-        match self.scenario {
-            Scenario::Fanout => self.conns + self.publishers,
-            _ => self.conns,
+        if self.rooms_scenario() {
+            self.conns + self.publishers
+        } else {
+            self.conns
         }
     }
 
     /// Sockets the busiest worker holds at once, at most.
     pub fn sockets_per_worker(&self) -> u64 {
         let w = self.workers as u64;
-        match self.scenario {
-            Scenario::Fanout => self.conns.div_ceil(w) + self.publishers.div_ceil(w),
-            _ => self.conns.div_ceil(w),
+        if self.rooms_scenario() {
+            self.conns.div_ceil(w) + self.publishers.div_ceil(w)
+        } else {
+            self.conns.div_ceil(w)
         }
     }
 }

@@ -71,6 +71,18 @@ impl Stats {
         }
     }
 
+    /// Keeps the largest value reported for `max.<name>` (merged as a maximum, not a sum).
+    pub fn max(&mut self, name: &str, v: u64) {
+        let c = self.counters.entry(format!("max.{name}")).or_insert(v);
+        *c = (*c).max(v);
+    }
+
+    /// Keeps the smallest value reported for `min.<name>` (merged as a minimum, not a sum).
+    pub fn min(&mut self, name: &str, v: u64) {
+        let c = self.counters.entry(format!("min.{name}")).or_insert(v);
+        *c = (*c).min(v);
+    }
+
     /// Value of counter `name` (0 when never touched).
     pub fn get(&self, name: &str) -> u64 {
         self.counters.get(name).copied().unwrap_or(0)
@@ -91,7 +103,13 @@ impl Stats {
     /// Merges another worker's stats into these, exactly.
     pub fn merge(&mut self, other: &Stats) {
         for (k, v) in &other.counters {
-            self.add(k, *v);
+            if let Some(name) = k.strip_prefix("max.") {
+                self.max(name, *v);
+            } else if let Some(name) = k.strip_prefix("min.") {
+                self.min(name, *v);
+            } else {
+                self.add(k, *v);
+            }
         }
         for (k, h) in &other.hists {
             let mine = self.hists.entry(k.clone()).or_insert_with(new_hist);
@@ -165,6 +183,23 @@ mod tests {
         }
         assert_eq!(a, b);
         assert_eq!(merged.get("messages.sent"), 29_999);
+    }
+
+    #[test]
+    fn max_and_min_merge_as_extremes_not_sums() {
+        let mut a = Stats::default();
+        let mut b = Stats::default();
+        a.max("last_back_us", 70);
+        a.max("last_back_us", 50);
+        b.max("last_back_us", 90);
+        a.min("first_drop_us", 30);
+        b.min("first_drop_us", 10);
+        b.min("first_drop_us", 20);
+        let mut merged = Stats::default();
+        merged.merge(&a);
+        merged.merge(&b);
+        assert_eq!(merged.get("max.last_back_us"), 90);
+        assert_eq!(merged.get("min.first_drop_us"), 10);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
+use std::num::NonZeroI32;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -117,20 +118,76 @@ struct Op {
     hold: Hold,
 }
 
+/// Buffers a connection received and has not read yet, oldest first:
+/// (buffer id, length). The one-shot receive (the default) holds at most
+/// one, so the first lives inline and only a multishot receive's second and
+/// later ones (at most [`MAX_HELD`]) take a heap allocation; an idle
+/// connection then holds none (a `VecDeque` keeps its allocation after the
+/// first push: 32 bytes per connection that ever received), and the rest is
+/// boxed so that its 32-byte header is not in every connection's state.
+#[derive(Default, Debug)]
+struct Held {
+    first: Option<(u16, u32)>,
+    // Boxed on purpose: 8 bytes in every connection's state instead of the
+    // 32 of an inline `VecDeque`, which only multishot receives ever use.
+    #[allow(clippy::box_collection)]
+    rest: Option<Box<VecDeque<(u16, u32)>>>,
+}
+
+impl Held {
+    fn push_back(&mut self, b: (u16, u32)) {
+        if self.first.is_none() {
+            self.first = Some(b);
+        } else {
+            self.rest.get_or_insert_with(Box::default).push_back(b);
+        }
+    }
+
+    fn front(&self) -> Option<&(u16, u32)> {
+        self.first.as_ref()
+    }
+
+    fn pop_front(&mut self) -> Option<(u16, u32)> {
+        let b = self.first.take();
+        if let Some(rest) = &mut self.rest {
+            self.first = rest.pop_front();
+            if rest.is_empty() {
+                self.rest = None;
+            }
+        }
+        b
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.as_ref().map_or(0, |r| r.len())
+    }
+
+    /// Empties it, giving the buffer ids in order.
+    fn take_ids(&mut self) -> Vec<u16> {
+        let rest = self.rest.take().map(|r| *r).unwrap_or_default();
+        self.first.take().into_iter().chain(rest).map(|(b, _)| b).collect()
+    }
+}
+
 /// One connection's multishot receive and what it brought.
 #[derive(Default)]
 struct RecvState {
     slot: u32,
-    /// Buffers received and not yet read: (buffer id, length).
-    queue: VecDeque<(u16, u32)>,
-    /// Bytes of the front buffer already read.
-    offset: usize,
+    /// Buffers received and not yet read.
+    queue: Held,
+    /// Bytes of the front buffer already read (a buffer is at most 1 MiB).
+    offset: u32,
     armed: bool,
     cancelling: bool,
     starved: bool,
     eof: bool,
     shut_rd: bool,
-    err: Option<i32>,
+    /// The receive's error (an errno, never 0).
+    err: Option<NonZeroI32>,
     closed: bool,
     /// Shutdowns in flight. The kernel runs a shutdown from its worker
     /// threads and looks its fixed file up only then, so the slot must not
@@ -374,7 +431,7 @@ impl Ring {
             r if r == -libc::ECANCELED => {}
             r => {
                 tracing::debug!(key, slot = st.slot, error = r, "direct receive failed");
-                st.err = Some(-r)
+                st.err = NonZeroI32::new(-r)
             }
         }
         if !more {
@@ -493,19 +550,16 @@ impl Ring {
         let Some(&(bid, len)) = st.queue.front() else {
             return match (st.shut_rd || st.eof, st.err) {
                 (true, _) => Ok(Recv::Eof),
-                (false, Some(e)) => Err(io::Error::from_raw_os_error(e)),
+                (false, Some(e)) => Err(io::Error::from_raw_os_error(e.get())),
                 (false, None) => Ok(Recv::WouldBlock),
             };
         };
-        let n = buf.len().min(len as usize - st.offset);
-        buf[..n].copy_from_slice(self.bufs.bytes(bid, st.offset, n));
-        st.offset += n;
-        if st.offset == len as usize {
+        let n = buf.len().min((len - st.offset) as usize);
+        buf[..n].copy_from_slice(self.bufs.bytes(bid, st.offset as usize, n));
+        st.offset += n as u32;
+        if st.offset == len {
             st.queue.pop_front();
             st.offset = 0;
-            if st.queue.capacity() > MAX_HELD * 2 && st.queue.is_empty() {
-                st.queue = VecDeque::new();
-            }
             // Re-armed now rather than when the task next waits: what
             // arrives meanwhile is then already here when it looks again,
             // as a cached readiness is on epoll, so a busy connection reads
@@ -549,7 +603,7 @@ impl Ring {
         let (bids, cancel) = {
             let mut recvs = self.recvs.borrow_mut();
             let Some(st) = recvs.get_mut(key) else { return };
-            let bids: Vec<u16> = st.queue.drain(..).map(|(b, _)| b).collect();
+            let bids = st.queue.take_ids();
             st.closed = true;
             st.waker = None;
             let cancel = st.armed && !st.cancelling;
@@ -762,5 +816,42 @@ impl Drop for OpFuture {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Held;
+
+    #[test]
+    fn held_buffers_come_out_in_order_and_one_takes_no_allocation() {
+        let mut h = Held::default();
+        assert!(h.is_empty() && h.front().is_none() && h.pop_front().is_none());
+        h.push_back((7, 100));
+        assert_eq!((h.len(), h.front()), (1, Some(&(7, 100))));
+        assert!(h.rest.is_none(), "the one-shot receive's single buffer is inline");
+        for b in [(8, 1), (9, 2), (10, 3)] {
+            h.push_back(b);
+        }
+        assert_eq!(h.len(), 4);
+        assert_eq!(h.pop_front(), Some((7, 100)));
+        assert_eq!(h.front(), Some(&(8, 1)));
+        h.push_back((11, 4));
+        assert_eq!([h.pop_front(), h.pop_front()], [Some((8, 1)), Some((9, 2))]);
+        assert_eq!(h.pop_front(), Some((10, 3)));
+        assert!(h.rest.is_none(), "emptied past the first: the allocation is given back");
+        assert_eq!(h.pop_front(), Some((11, 4)));
+        assert!(h.is_empty());
+        for b in [(1, 1), (2, 2), (3, 3)] {
+            h.push_back(b);
+        }
+        assert_eq!(h.take_ids(), vec![1, 2, 3]);
+        assert!(h.is_empty() && h.rest.is_none());
+    }
+
+    #[test]
+    fn receive_state_stays_small() {
+        // One per connection on the direct path, in the ring's slab.
+        assert!(std::mem::size_of::<super::RecvState>() <= 64, "{}", std::mem::size_of::<super::RecvState>());
     }
 }

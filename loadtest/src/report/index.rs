@@ -52,6 +52,16 @@ pub fn headline(v: &Value) -> String {
             ms(v, "delivery", "p99"),
             ms(v, "delivery_from_intended", "p99")
         ),
+        "resume" => format!(
+            "recv {}/{} lost {} dup {}, {} drops, {} re-joined, all back {} ms after the first",
+            m["received"],
+            m["expected"],
+            m["lost"],
+            m["duplicates"],
+            v["recovery"]["drops"],
+            v["recovery"]["rejoined"],
+            v["recovery"]["all_back_after_first_drop_ms"]
+        ),
         "churn" => format!(
             "upgrade p99 {} (intended); server fds {} -> {}",
             ms(v, "upgrade_from_intended", "p99"),

@@ -95,14 +95,14 @@ pub fn summarize(meta: &RunMeta, stats: &Stats) -> Value {
     }
     let received = g("messages.received");
     let (lost, expected) = match p.scenario {
-        Scenario::Fanout => {
+        Scenario::Fanout | Scenario::Resume => {
             let e = fanout_expected(stats, p.rooms);
             (e.saturating_sub(received), Some(e))
         }
         _ => (g("messages.lost"), None),
     };
     let msg_secs = match p.scenario {
-        Scenario::Echo | Scenario::Fanout => p.duration,
+        Scenario::Echo | Scenario::Fanout | Scenario::Resume => p.duration,
         _ => 0.0,
     };
     let per_second = if msg_secs > 0.0 { received as f64 / msg_secs } else { 0.0 };
@@ -148,11 +148,46 @@ pub fn summarize(meta: &RunMeta, stats: &Stats) -> Value {
             "messages_per_cpu_second": if client_cpu > 0.0 { round3(received as f64 / client_cpu) } else { 0.0 },
         },
     });
+    if p.scenario == Scenario::Resume {
+        v["recovery"] = recovery_json(stats);
+    }
     if let Some(s) = server_json(meta, stats, received) {
         v["server"] = s;
     }
     v["checks"] = checks(&v);
     v
+}
+
+/// Resume: drops, reconnects, re-joins, replayed messages and the time from the first
+/// drop until the last dropped subscriber was joined again.
+pub fn recovery_json(stats: &Stats) -> Value {
+    let g = |k: &str| stats.get(k);
+    let (first, last) = (g("min.first_drop_us"), g("max.last_back_us"));
+    let all_back_ms = if g("recovery.drops") > 0 && last >= first && last > 0 {
+        json!(round3((last - first) as f64 / 1000.0))
+    } else {
+        Value::Null
+    };
+    let mut failed = Map::new();
+    for (k, v) in &stats.counters {
+        if let Some(r) = k.strip_prefix("recovery.reconnect_failed.") {
+            failed.insert(format!("connect.{r}"), json!(v));
+        } else if let Some(r) = k.strip_prefix("recovery.rejoin_failed.") {
+            failed.insert(format!("rejoin.{r}"), json!(v));
+        }
+    }
+    json!({
+        "drops": g("recovery.drops"),
+        "rejoined": g("recovery.rejoined"),
+        "reconnect_attempts": g("recovery.reconnect_attempts"),
+        "reconnect_failed": g("recovery.reconnect_failed"),
+        "reconnect_failed_by_reason": failed,
+        "replayed_messages": g("messages.replayed"),
+        "gap_at_rejoin": g("messages.gap_at_rejoin"),
+        "first_drop_mono_us": if first > 0 { json!(first) } else { Value::Null },
+        "last_back_mono_us": if last > 0 { json!(last) } else { Value::Null },
+        "all_back_after_first_drop_ms": all_back_ms,
+    })
 }
 
 fn server_json(meta: &RunMeta, stats: &Stats, received: u64) -> Option<Value> {
@@ -187,11 +222,14 @@ pub fn checks(v: &Value) -> Value {
     let attempted = n("/connections/attempted");
     c.insert("all_established".into(), json!(attempted > 0 && n("/connections/established") == attempted));
     c.insert("all_alive_at_end".into(), json!(n("/connections/alive_at_end") == n("/connections/established")));
-    if scenario == "echo" || scenario == "fanout" {
+    if scenario == "echo" || scenario == "fanout" || scenario == "resume" {
         c.insert("nothing_lost".into(), json!(n("/messages/lost") == 0 && n("/messages/received") > 0));
         c.insert("nothing_mismatched".into(), json!(n("/messages/mismatched") == 0));
     }
-    if scenario == "fanout" {
+    if scenario == "resume" {
+        c.insert("all_rejoined".into(), json!(n("/recovery/rejoined") == n("/recovery/drops")));
+    }
+    if scenario == "fanout" || scenario == "resume" {
         c.insert(
             "no_duplicates_or_reordering".into(),
             json!(n("/messages/duplicates") == 0 && n("/messages/out_of_order") == 0),

@@ -42,7 +42,7 @@ pub async fn run(ctx: CtxRef) {
     let pubs = Schedule::new(ctx.task.start_us, 0.0, i, w, p.publishers);
     for n in 0..pubs.len() {
         let pid = pubs.global_index(n);
-        let f = publisher(ctx.clone(), pid, go_rx.clone(), stop_rx.clone(), settled.clone());
+        let f = publisher(ctx.clone(), pid, go_rx.clone(), stop_rx.clone(), settled.clone(), room_name);
         tasks.push(spawn(f));
     }
     let subs = Schedule::new(ctx.task.start_us, p.rate, i, w, p.conns);
@@ -64,15 +64,15 @@ pub async fn run(ctx: CtxRef) {
 
 /// Delivered `data` as publishers write it.
 #[derive(Debug, Deserialize)]
-struct Stamp {
+pub(super) struct Stamp {
     /// Publisher id.
-    p: u64,
+    pub p: u64,
     /// Publisher-local sequence number.
-    s: u64,
+    pub s: u64,
     /// Actual send time, monotonic us.
-    t: u64,
+    pub t: u64,
     /// Intended send time, monotonic us.
-    i: u64,
+    pub i: u64,
 }
 
 /// The server frames a subscriber cares about (join replies, errors).
@@ -217,22 +217,32 @@ fn on_delivery(ctx: &CtxRef, seen: &mut Seen, text: &str) {
     st.record_pair("delivery", now.saturating_sub(stamp.t), now.saturating_sub(stamp.i));
 }
 
-async fn publisher(
+/// Publisher `pid`: joins every room (named by `name`), waits for the go time, then
+/// publishes its share of the schedule; publish k goes to room `k mod rooms`.
+pub(super) async fn publisher(
     ctx: CtxRef,
     pid: u64,
     mut go: watch::Receiver<u64>,
     mut stop: watch::Receiver<bool>,
     settled: Rc<Cell<u64>>,
+    name: fn(u64) -> String,
 ) {
-    let ws = open_conn(&ctx, pid, mono_us()).await;
-    settled.set(settled.get() + 1);
-    let Some(mut ws) = ws else { return };
+    let Some(mut ws) = open_conn(&ctx, pid, mono_us()).await else {
+        settled.set(settled.get() + 1);
+        return;
+    };
+    // One join at a time, each answered before the next: joins of rooms with
+    // history are limited per connection (`rooms.max_pending_joins`). Settled
+    // (for the barrier) once all are joined.
     for r in 0..ctx.p().rooms {
-        let join = serde_json::json!({"type": "join", "room": room_name(r)});
-        if ws.send(Message::text(join.to_string())).await.is_err() {
+        if let Err(reason) = join(&ctx, &mut ws, &name(r)).await {
+            settled.set(settled.get() + 1);
+            ctx.stats.borrow_mut().fail(reason, false);
+            ctx.open.set(ctx.open.get() - 1);
             return;
         }
     }
+    settled.set(settled.get() + 1);
     let go_us = match go.wait_for(|g| *g > 0).await {
         Ok(g) => *g,
         Err(_) => return,
@@ -250,7 +260,7 @@ async fn publisher(
                 let k = sched.global_index(n);
                 let room = k % p.rooms;
                 let data = serde_json::json!({"p": pid, "s": n, "t": mono_us(), "i": due, "x": pad});
-                let msg = serde_json::json!({"type": "publish", "room": room_name(room), "data": data});
+                let msg = serde_json::json!({"type": "publish", "room": name(room), "data": data});
                 if ws.send(Message::text(msg.to_string())).await.is_err() {
                     break;
                 }

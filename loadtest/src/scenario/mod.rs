@@ -1,10 +1,11 @@
-//! The four scenarios and what they share: paced connection opening with
+//! The scenarios and what they share: paced connection opening with
 //! timing and failure accounting, clean closing, and waiting for stragglers.
 
 mod churn;
 mod connect;
 mod echo;
 mod fanout;
+mod resume;
 
 use std::future::Future;
 use std::time::Duration;
@@ -25,6 +26,7 @@ pub async fn run(ctx: CtxRef) {
         Scenario::Echo => echo::run(ctx).await,
         Scenario::Fanout => fanout::run(ctx).await,
         Scenario::Churn => churn::run(ctx).await,
+        Scenario::Resume => resume::run(ctx).await,
     }
 }
 
