@@ -130,5 +130,13 @@ fuzz_target!(|input: &[u8]| {
         // The token is verified by app::auth (its own unit tests); here only
         // its size bound: it came out of a message of at most the input.
         Request::Refresh(token) => assert!(token.len() <= text.len(), "token longer than its message"),
+        // An rpc's id and data are raw JSON that parsed (echoed back and
+        // forwarded as they are); its method is checked where it is used
+        // (app::backend, against the room-name charset), here only bounded.
+        Request::Rpc { id, method, data } => {
+            let _ = check_data(data);
+            assert!(json(id).is_some(), "rpc id is not JSON: {id}");
+            assert!(method.len() <= text.len(), "method longer than its message");
+        }
     }
 });
