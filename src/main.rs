@@ -152,6 +152,13 @@ fn main() -> ExitCode {
         }
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "ringside starting");
+    if !config.server.transparent_huge_pages {
+        // SAFETY: prctl with integer arguments; affects only this process
+        // (and its future children), not the machine.
+        if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot turn transparent huge pages off");
+        }
+    }
     let inherited = match &args.upgrade_from {
         None => None,
         Some(_) if !config.cluster.redis_url.is_empty() => {
