@@ -140,6 +140,9 @@ async fn a_new_process_takes_over_every_websocket_without_a_close_or_a_loss() {
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    // Whoever connects to the upgrade socket takes every client over: the owner's only.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600, "upgrade socket mode");
     // The new process, same settings, its own upgrade socket for next time.
     let sock2 = dir.join("up2.sock");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringside"));

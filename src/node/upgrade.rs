@@ -73,6 +73,18 @@ fn recv(s: &mut UnixStream) -> io::Result<(Msg, Vec<OwnedFd>)> {
 }
 
 /// `sendmsg` of all of `bytes`, the fds (if any) with the first byte.
+/// A message header over one buffer and a control buffer (cmsg(3)).
+fn header(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    // SAFETY: an all-zero msghdr is valid (no name, no buffers); the
+    // pointers set next outlive every call the header is used in.
+    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+    mh.msg_iov = iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = control.as_mut_ptr().cast();
+    mh.msg_controllen = control.len() as _;
+    mh
+}
+
 fn send_with_fds(s: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let mut sent = 0;
     if !fds.is_empty() {
@@ -81,12 +93,8 @@ fn send_with_fds(s: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> 
         let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut _, iov_len: bytes.len() };
         // SAFETY: msghdr and the control buffer are built per cmsg(3);
         // every pointer stays valid for the call.
+        let mh = header(&mut iov, &mut cbuf);
         let n = unsafe {
-            let mut mh: libc::msghdr = std::mem::zeroed();
-            mh.msg_iov = &mut iov;
-            mh.msg_iovlen = 1;
-            mh.msg_control = cbuf.as_mut_ptr().cast();
-            mh.msg_controllen = space as _;
             let c = libc::CMSG_FIRSTHDR(&mh);
             (*c).cmsg_level = libc::SOL_SOCKET;
             (*c).cmsg_type = libc::SCM_RIGHTS;
@@ -109,12 +117,8 @@ fn recv_with_fds(s: &mut UnixStream, buf: &mut [u8]) -> io::Result<Vec<OwnedFd>>
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     let mut fds = Vec::new();
     // SAFETY: as in `send_with_fds`; received fds are taken into OwnedFd once.
+    let mut mh = header(&mut iov, &mut cbuf);
     let n = unsafe {
-        let mut mh: libc::msghdr = std::mem::zeroed();
-        mh.msg_iov = &mut iov;
-        mh.msg_iovlen = 1;
-        mh.msg_control = cbuf.as_mut_ptr().cast();
-        mh.msg_controllen = space as _;
         let n = libc::recvmsg(s.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC);
         if n > 0 {
             let mut c = libc::CMSG_FIRSTHDR(&mh);
@@ -254,9 +258,24 @@ pub fn take_over(inh: Inherited, state: Arc<NodeState<AppMsg>>, shared: Arc<Edge
 pub fn serve(path: PathBuf, state: Arc<NodeState<AppMsg>>, listeners: OldListeners) -> io::Result<()> {
     let _ = std::fs::remove_file(&path); // a stale socket of an earlier run
     let server = UnixListener::bind(&path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    // Whoever connects here takes every client over: the socket is the
+    // owner's only (mode 0600), and a peer of another user is refused.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
     std::thread::Builder::new().name("ringside-upgrade".into()).spawn(move || {
         for conn in server.incoming() {
             let Ok(s) = conn else { continue };
+            // SAFETY: plain syscall.
+            let me = unsafe { libc::geteuid() };
+            match peer_uid(&s) {
+                Some(uid) if uid == me => {}
+                other => {
+                    tracing::warn!(peer_uid = ?other, "upgrade socket: refused a peer of another user");
+                    continue;
+                }
+            }
             match hand_over(s, &state, &listeners) {
                 Ok(true) => {
                     let _ = std::fs::remove_file(&path);
@@ -270,6 +289,23 @@ pub fn serve(path: PathBuf, state: Arc<NodeState<AppMsg>>, listeners: OldListene
         }
     })?;
     Ok(())
+}
+
+/// The user id of the process at the other end (SO_PEERCRED).
+fn peer_uid(s: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(cred.uid)
 }
 
 /// One upgrade conversation; `Ok(true)` once everything was handed over.

@@ -318,9 +318,14 @@ impl<A: App> Shard<A> {
         self.table.borrow_mut().iter_mut().filter(|(_, c)| c.phase == Phase::Open).map(|(id, _)| id).collect()
     }
 
+    /// Whether any WebSocket is open (upgraded, not closing); no allocation.
+    pub fn has_open_websockets(&self) -> bool {
+        self.table.borrow_mut().iter_mut().any(|(_, c)| c.phase == Phase::Open)
+    }
+
     /// Whether `id` is an open WebSocket (upgraded, not closing).
     pub fn is_open(&self, id: ConnId) -> bool {
-        self.table.borrow_mut().get_mut(id).is_some_and(|c| c.phase == Phase::Open)
+        self.table.borrow().get(id).is_some_and(|c| c.phase == Phase::Open)
     }
 }
 

@@ -269,7 +269,7 @@ pub(super) async fn drain<A: App>(shard: Rc<Shard<A>>) {
         }
     }
     let close_at = timeout / 4 * 3;
-    while start.elapsed() < close_at && !shard.open_websockets().is_empty() {
+    while start.elapsed() < close_at && shard.has_open_websockets() {
         monoio::time::sleep(tick * 4).await;
     }
     let closed = shard.stop_accepting();
