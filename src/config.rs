@@ -713,6 +713,16 @@ pub enum ReconnectVia {
     Balancer,
 }
 
+impl ReconnectVia {
+    /// The `url` a hint toward a node reachable at `url` carries.
+    pub fn hint_url(self, url: &str) -> &str {
+        match self {
+            ReconnectVia::Peer => url,
+            ReconnectVia::Balancer => "",
+        }
+    }
+}
+
 impl Default for ClusterConfig {
     fn default() -> Self {
         Self {

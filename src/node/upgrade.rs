@@ -340,7 +340,7 @@ fn hand_over(mut s: UnixStream, state: &NodeState<AppMsg>, l: &OldListeners) -> 
                 let blob = serde_json::from_slice(&blob).unwrap_or(serde_json::Value::Null);
                 send(&s, &Msg::Shared { blob }, &[])?;
             }
-            Item::SharedEnd { .. } => {
+            Item::SharedEnd => {
                 shared_ends += 1;
                 if shared_ends == n {
                     for h in held.drain(..) {
@@ -350,7 +350,8 @@ fn hand_over(mut s: UnixStream, state: &NodeState<AppMsg>, l: &OldListeners) -> 
             }
             Item::Conn(h) if shared_ends < n => held.push(h),
             Item::Conn(h) => send_conn(&s, h)?,
-            Item::Done { moved: m, closed: c, .. } => {
+            Item::Done { shard, moved: m, closed: c } => {
+                tracing::debug!(shard, moved = m, closed = c, "upgrade: shard {shard} handed over");
                 done += 1;
                 moved += m;
                 closed += c;

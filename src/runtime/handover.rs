@@ -53,12 +53,9 @@ pub enum Item {
     /// Application state of the shard that is not a connection's (room
     /// histories), one blob each ([`App::handover_shard`]).
     Shared(Vec<u8>),
-    /// Every `Shared` item of `shard` was sent (its connections follow):
+    /// Every `Shared` item of the sending shard was sent (its connections follow):
     /// the new process restores all shard state before any connection.
-    SharedEnd {
-        /// Shard.
-        shard: usize,
-    },
+    SharedEnd,
     /// The shard is done: `moved` connections went over, `closed` could not.
     Done {
         /// Shard.
@@ -118,7 +115,7 @@ impl<A: App> Shard<A> {
         for blob in self.app.handover_shard(&self) {
             let _ = tx.send(Item::Shared(blob));
         }
-        let _ = tx.send(Item::SharedEnd { shard: self.id });
+        let _ = tx.send(Item::SharedEnd);
         // Hand over what is at rest; what is writing (a ping, a late
         // message) gets a moment more.
         let deadline = Instant::now() + REST_TIMEOUT;

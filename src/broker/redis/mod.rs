@@ -374,10 +374,8 @@ impl Broker for RedisBroker {
 
     fn reconnect_target(&self) -> (String, String) {
         let (node, url) = self.status.peer.lock().map(|p| p.clone()).unwrap_or_default();
-        match self.via {
-            ReconnectVia::Balancer => (node, String::new()),
-            ReconnectVia::Peer => (node, url),
-        }
+        let url = self.via.hint_url(&url).to_string();
+        (node, url)
     }
 
     fn moved(&self, client_id: &Arc<str>, target: &str, reason: &'static str) {

@@ -21,7 +21,7 @@ use super::registry::{self, NodeInfo};
 use super::state::State;
 use super::{keys, ClusterCmd, ClusterStatus};
 use crate::broker::{Recovery, Sink};
-use crate::config::{ClusterConfig, ReconnectVia};
+use crate::config::ClusterConfig;
 use crate::runtime::table::ConnId;
 
 /// Events handled per batch at most (one or two round trips each).
@@ -807,10 +807,7 @@ impl<C: Connector> Worker<C> {
             .collect();
         let Some(target) = registry::least_loaded(&peers) else { return };
         let want = rebalance_count(me.connections, me.capacity).min(c.migrate_rate as usize);
-        let url = match c.reconnect_via {
-            ReconnectVia::Peer => target.url.as_str(),
-            ReconnectVia::Balancer => "",
-        };
+        let url = c.reconnect_via.hint_url(&target.url);
         if want > 0 && self.sink.rebalance(want, &target.node, url) {
             tracing::info!(
                 to = %target.node, count = want, utilization = me.utilization,
