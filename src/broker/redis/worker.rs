@@ -104,6 +104,10 @@ pub struct Worker<C: Connector> {
     live: HashMap<String, NodeInfo>,
     /// Rebalance targets with a batch in flight → until when.
     moving: HashMap<String, Instant>,
+    /// When the last rebalance batch started: at most one a second, so
+    /// `cluster.migrate_rate` bounds the moves per second whatever the
+    /// interval and however many peers have room.
+    last_rebalance: Option<Instant>,
     retries: VecDeque<PendingDirect>,
     opened: Vec<Opened>,
     opened_due: Instant,
@@ -174,6 +178,7 @@ impl<C: Connector> Worker<C> {
             ticks: 0,
             live: HashMap::new(),
             moving: HashMap::new(),
+            last_rebalance: None,
             retries: VecDeque::new(),
             opened: Vec::new(),
             opened_due: Instant::now(),
@@ -796,7 +801,9 @@ impl<C: Connector> Worker<C> {
         let me = registry::self_info(&local);
         let now = Instant::now();
         self.moving.retain(|_, until| *until > now);
-        if me.utilization <= c.rebalance_high {
+        if me.utilization <= c.rebalance_high
+            || self.last_rebalance.is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
             return;
         }
         let peers: Vec<NodeInfo> = self
@@ -814,6 +821,7 @@ impl<C: Connector> Worker<C> {
                 "rebalancing: asking {want} client(s) to move to {}", target.node
             );
             add(&self.status.rebalances, 1);
+            self.last_rebalance = Some(now);
             let busy = Duration::from_millis(c.migrate_grace_ms + MIGRATE_SETTLE_MS + c.sync_interval_ms);
             self.moving.insert(target.node.clone(), now + busy);
         }
