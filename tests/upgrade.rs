@@ -92,15 +92,35 @@ async fn talk(mut ws: Ws, member: bool, stop: Arc<AtomicBool>, expected: Arc<Ato
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_process_takes_over_every_websocket_without_a_close_or_a_loss() {
+    upgrade_with("poll").await;
+}
+
+/// The same on io_uring direct descriptors: each socket is installed as an
+/// fd only to be passed, and the new process puts it back into its own
+/// ring, so it holds no fd per connection afterwards either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_descriptors_are_taken_over_too_and_hold_no_fd_afterwards() {
+    upgrade_with("direct").await;
+}
+
+/// Open fds of process `pid`.
+fn fds_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+async fn upgrade_with(io: &str) {
     let dir = std::env::temp_dir().join(format!("ringside-upgrade-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("up.sock");
+    let io = io.to_string();
     let settings = |sock: &std::path::Path| {
         vec![
             "--shards".to_string(),
             "2".into(),
             "--set".into(),
             "server.pin_cores=false".into(),
+            "--set".into(),
+            format!("server.io={io}"),
             "--set".into(),
             "rooms.history_size=100000".into(),
             "--set".into(),
@@ -157,6 +177,12 @@ async fn a_new_process_takes_over_every_websocket_without_a_close_or_a_loss() {
     assert_eq!(code, Some(0), "the old process exits 0 once empty");
     let took = t0.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await; // talking on, to the new process
+    let fds = fds_of(new.child.id());
+    if io == "direct" {
+        assert!(fds < 100, "direct path: {fds} fds held for {CLIENTS} connections");
+    } else {
+        assert!(fds > CLIENTS, "poll path: an fd per connection ({fds})");
+    }
 
     stop.store(true, Ordering::Relaxed);
     let (mut publisher, sent) = publishing.await.unwrap();
