@@ -34,6 +34,9 @@ use crate::runtime::handover::{Handed, Item, Outbox};
 use crate::runtime::mailbox::ShardMsg;
 use crate::runtime::NodeState;
 
+/// How long the old process waits for the new one to take a message.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Most sockets one message carries.
 const MAX_FDS: usize = 256;
 /// Largest message body accepted (a connection's queued output is bounded
@@ -337,6 +340,16 @@ pub fn serve(
                     return;
                 }
                 Ok(false) => {}
+                // Past the freeze the shards no longer serve: this process
+                // stops (what the new one got, it serves; what it did not
+                // get was closed here).
+                Err(e) if state.handed_over.load(Ordering::Acquire) => {
+                    tracing::error!(error = %e, "upgrade failed after the handover began; stopping");
+                    let _ = std::fs::remove_file(&path);
+                    // SAFETY: signalling ourselves; main turns it into the stop.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                    return;
+                }
                 Err(e) => tracing::warn!(error = %e, "upgrade attempt failed; still serving"),
             }
         }
@@ -364,6 +377,9 @@ fn peer_uid(s: &UnixStream) -> Option<u32> {
 /// One upgrade conversation; `Ok(true)` once everything was handed over.
 fn hand_over(mut s: UnixStream, state: &NodeState<AppMsg>, shared: &EdgeShared, l: &OldListeners) -> io::Result<bool> {
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // A new process that stops reading ends the handover (the shards'
+    // connections in flight are bounded meanwhile: MAX_IN_FLIGHT each).
+    s.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let (Msg::Hello { pid }, _) = recv(&mut s)? else { return Ok(false) };
     tracing::info!(pid, "upgrade: process {pid} asks to take over");
     let mut fds = l.public.clone();
