@@ -1108,6 +1108,8 @@ impl Config {
             "websocket.max_message_bytes",
             "must be >= websocket.max_frame_bytes",
         )?;
+        // What one connection holds unfinished is counted in 32 bits.
+        check(w.max_message_bytes <= 1 << 30, "websocket.max_message_bytes", "at most 1073741824 (1 GiB)")?;
         check(w.read_buffer_bytes >= 64, "websocket.read_buffer_bytes", "must be at least 64")?;
         check(w.send_queue_bytes >= 1024, "websocket.send_queue_bytes", "must be at least 1024")?;
         check(w.ping_interval_ms >= 100, "websocket.ping_interval_ms", "must be at least 100")?;

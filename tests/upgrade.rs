@@ -57,8 +57,11 @@ async fn talk(mut ws: Ws, member: bool, stop: Arc<AtomicBool>, expected: Arc<Ato
             Err(_) if silent_since.elapsed() < Duration::from_secs(10) => continue,
             Err(_) => {
                 let (n, last) = (seen.offsets.len(), seen.offsets.last().copied());
-                seen.closed =
-                    Some(format!("silent for 10 s after {} echoes, {n} messages, last {last:?}", seen.echoes));
+                let missing: Vec<u64> = (1..=last.unwrap_or(0)).filter(|o| !seen.offsets.contains(o)).collect();
+                seen.closed = Some(format!(
+                    "silent for 10 s after {} echoes, {n} messages, last {last:?}, missing {missing:?}",
+                    seen.echoes
+                ));
                 return seen;
             }
         };

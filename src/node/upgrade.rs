@@ -297,8 +297,9 @@ fn resume_all(
     if !floors.is_empty() {
         shared.broker.resume_floors(floors.into_iter().map(|((room, epoch), o)| (room, epoch, o)).collect());
     }
+    let restored = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for sh in &state.shards {
-        let _ = sh.mailbox.send(ShardMsg::ResumeAll);
+        let _ = sh.mailbox.send(ShardMsg::ResumeAll { restored: restored.clone() });
     }
 }
 

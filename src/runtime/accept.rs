@@ -94,10 +94,10 @@ fn on_accept_direct<A: App>(shard: &Rc<Shard<A>>, stream: DirectStream, peer: Ip
     let now = Instant::now();
     shard.metrics().accepted.inc();
     if shard.table.borrow().slotted() < shard.node.capacity_per_shard {
-        return start_shared(shard, Rc::new(SharedStream::Direct(stream)), now, peer, Listener::Public);
+        return start_shared(shard, SharedStream::direct(stream), now, peer, Listener::Public);
     }
     let Some(target) = shard.node.least_loaded_with_room(shard.id) else {
-        return start_shared(shard, Rc::new(SharedStream::Direct(stream)), now, peer, Listener::Public);
+        return start_shared(shard, SharedStream::direct(stream), now, peer, Listener::Public);
     };
     let shard = shard.clone();
     monoio::spawn(async move {
@@ -145,14 +145,14 @@ fn on_accept<A: App>(shard: &Rc<Shard<A>>, stream: TcpStream, peer: IpAddr) {
 /// limits, and starts its session.
 pub fn start_conn<A: App>(shard: &Rc<Shard<A>>, stream: TcpStream, accepted_at: Instant, peer: IpAddr, kind: Listener) {
     let _ = stream.set_nodelay(true);
-    start_shared(shard, Rc::new(SharedStream::new(stream)), accepted_at, peer, kind)
+    start_shared(shard, SharedStream::new(stream), accepted_at, peer, kind)
 }
 
 /// [`start_conn`] for a socket on either path. (A direct socket has its
 /// TCP_NODELAY from the listener, which accepted sockets inherit.)
 fn start_shared<A: App>(
     shard: &Rc<Shard<A>>,
-    stream: Rc<SharedStream>,
+    stream: SharedStream,
     accepted_at: Instant,
     peer: IpAddr,
     kind: Listener,

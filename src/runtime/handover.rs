@@ -293,7 +293,7 @@ impl<A: App> Shard<A> {
         }
         let app = self.app.on_handover(self, id)?;
         let mut c = self.table.borrow_mut().remove(id)?;
-        self.unfinished.set(self.unfinished.get() - c.unfinished_bytes);
+        self.unfinished.set(self.unfinished.get() - c.unfinished_bytes as usize);
         let m = self.metrics();
         m.connections.store(self.table.borrow().slotted(), Ordering::Relaxed);
         if c.slotted {
@@ -325,7 +325,7 @@ impl<A: App> Shard<A> {
         };
         self.adopting.set(self.adopting.get() - 1);
         let stream = match stream {
-            Ok(s) => Rc::new(s),
+            Ok(s) => s,
             Err(e) => {
                 tracing::warn!(shard = self.id, error = %e, "cannot adopt a handed-over socket");
                 self.metrics().rejected[crate::transport::http::Rejection::Full.index()].inc();
@@ -356,18 +356,30 @@ impl<A: App> Shard<A> {
         self.parked.borrow_mut().push(Parked { id, app: h.app, input: h.input });
     }
 
-    /// `ShardMsg::ResumeAll`: every connection came over; once the last
-    /// adoption finished, the parked ones get their application state
-    /// back, their begun frame, and a reader (their queued bytes first).
-    pub(super) async fn resume_parked(self: Rc<Self>) {
+    /// `ShardMsg::ResumeAll`: every connection came over. Once the last
+    /// adoption finished, the parked ones get their application state back
+    /// (rooms, directory). Only when every shard has done so do they read
+    /// (their begun frame first) and write what they had queued: a client
+    /// resumed and read on one shard would otherwise publish to a room whose
+    /// members on another shard are not back in it yet, and they would miss
+    /// that message (the storm harness saw exactly that, one offset per room).
+    pub(super) async fn resume_parked(self: Rc<Self>, restored: Arc<AtomicUsize>) {
         while self.adopting.get() > 0 {
             monoio::time::sleep(Duration::from_millis(1)).await;
         }
         let parked = std::mem::take(&mut *self.parked.borrow_mut());
-        for p in parked {
-            let Some(stream) = self.table.borrow().get(p.id).and_then(|c| c.stream.clone()) else { continue };
+        for p in &parked {
             self.metrics().resumed.inc();
             self.app.on_resume(&self, p.id, &p.app);
+        }
+        restored.fetch_add(1, Ordering::AcqRel);
+        let n = self.node.shards.len();
+        let end = Instant::now() + REST_TIMEOUT;
+        while restored.load(Ordering::Acquire) < n && Instant::now() < end {
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for p in parked {
+            let Some(stream) = self.table.borrow().get(p.id).and_then(|c| c.stream.clone()) else { continue };
             if !p.input.is_empty() {
                 // The frame the old process had begun reading: it continues here.
                 super::session::feed(&self, p.id, &p.input);

@@ -81,8 +81,12 @@ pub enum ShardMsg<M> {
         handed: Box<super::handover::Handed>,
     },
     /// Zero-disconnect upgrade (new process): everything came over; the
-    /// parked connections start.
-    ResumeAll,
+    /// parked connections start (every shard restores its sessions first,
+    /// counting in `restored`; none reads before all of them have).
+    ResumeAll {
+        /// Shards that restored their sessions' state.
+        restored: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    },
 }
 
 impl<M: Weigh> Weigh for ShardMsg<M> {
@@ -96,7 +100,7 @@ impl<M: Weigh> Weigh for ShardMsg<M> {
             | ShardMsg::Handover { .. }
             | ShardMsg::Barrier { .. }
             | ShardMsg::Resume { .. }
-            | ShardMsg::ResumeAll => None,
+            | ShardMsg::ResumeAll { .. } => None,
         }
     }
 }

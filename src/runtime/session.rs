@@ -54,7 +54,7 @@ enum Next {
 /// connection is then only the read loop waiting on readability.
 /// `refused` is set when the per-address limits refused the socket at
 /// accept: it is answered (429 with `Retry-After`) and closed.
-pub async fn run<A: App>(shard: Rc<Shard<A>>, stream: Rc<SharedStream>, id: ConnId, refused: Option<(Rejection, u32)>) {
+pub async fn run<A: App>(shard: Rc<Shard<A>>, stream: SharedStream, id: ConnId, refused: Option<(Rejection, u32)>) {
     if let Some((why, retry_after)) = refused {
         shard.metrics().rejected[why.index()].inc();
         let text = "too many connections from this address; slow down";
@@ -74,7 +74,7 @@ pub async fn run<A: App>(shard: Rc<Shard<A>>, stream: Rc<SharedStream>, id: Conn
     finish(&shard, &stream, id, next).await;
 }
 
-async fn finish<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId, next: Next) {
+async fn finish<A: App>(shard: &Rc<Shard<A>>, stream: &SharedStream, id: ConnId, next: Next) {
     match next {
         Next::Frozen | Next::Retire => {}
         Next::Linger => {
@@ -87,7 +87,7 @@ async fn finish<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: Con
 
 /// The rest of a connection's life after it came from another process (or
 /// after a handover left it here): write what it had queued, then read.
-pub async fn resumed<A: App>(shard: Rc<Shard<A>>, stream: Rc<SharedStream>, id: ConnId) {
+pub async fn resumed<A: App>(shard: Rc<Shard<A>>, stream: SharedStream, id: ConnId) {
     let closing = {
         let mut table = shard.table.borrow_mut();
         let Some(c) = table.get_mut(id) else { return };
@@ -108,7 +108,7 @@ pub fn feed<A: App>(shard: &Rc<Shard<A>>, id: ConnId, data: &[u8]) {
 
 /// Reads the request head and lets the application answer it.
 /// `Some(bytes after the head)` when the connection was upgraded.
-async fn http_phase<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId) -> Option<Vec<u8>> {
+async fn http_phase<A: App>(shard: &Rc<Shard<A>>, stream: &SharedStream, id: ConnId) -> Option<Vec<u8>> {
     let max = shard.node.config.server.max_request_bytes;
     let mut head = Vec::new();
     let mut first = true;
@@ -192,7 +192,7 @@ async fn deferred<A: App>(
     id: ConnId,
     wait: std::pin::Pin<Box<dyn Future<Output = ()>>>,
 ) -> Option<bool> {
-    let accepted = shard.table.borrow().get(id).map(|c| c.accepted_at)?;
+    let accepted = shard.table.borrow().get(id).map(|c| c.accepted_at.instant())?;
     let end = accepted + Duration::from_millis(shard.node.config.server.handshake_timeout_ms);
     let left =
         end.checked_sub(Duration::from_millis(WAIT_MARGIN_MS)).map(|t| t.saturating_duration_since(Instant::now()));
@@ -243,7 +243,7 @@ fn read_some<A: App>(shard: &Shard<A>, stream: &SharedStream, head: &mut Vec<u8>
     }
 }
 
-async fn respond_and_close<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId, bytes: Vec<u8>) {
+async fn respond_and_close<A: App>(shard: &Rc<Shard<A>>, stream: &SharedStream, id: ConnId, bytes: Vec<u8>) {
     let deadline = shard.now_ms() + shard.node.config.websocket.close_timeout_ms;
     if let Some(c) = shard.table.borrow_mut().get_mut(id) {
         c.closing(deadline, 0);
@@ -268,7 +268,7 @@ async fn admit_slot<A: App>(shard: &Rc<Shard<A>>, id: ConnId, class: Class) -> b
     let started = Instant::now();
     // A waiting socket is still a pending handshake: it must get its 503
     // before the handshake timeout would drop it without an answer.
-    let accepted = shard.table.borrow().get(id).map(|c| c.accepted_at).unwrap_or(started);
+    let accepted = shard.table.borrow().get(id).map(|c| c.accepted_at.instant()).unwrap_or(started);
     let handshake_end = accepted + Duration::from_millis(shard.node.config.server.handshake_timeout_ms);
     let by_handshake = handshake_end.checked_sub(Duration::from_millis(WAIT_MARGIN_MS)).unwrap_or(started);
     let deadline = (started + Duration::from_millis(cfg.wait_ms(class))).min(by_handshake);
@@ -362,7 +362,7 @@ fn preempt_for<A: App>(shard: &Rc<Shard<A>>, class: Class) -> bool {
 
 /// Accepts the upgrade: the 101 and whatever the application queues on
 /// open (the welcome on `/ws`) go out in one write.
-async fn upgrade<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId, response: Vec<u8>) -> bool {
+async fn upgrade<A: App>(shard: &Rc<Shard<A>>, stream: &SharedStream, id: ConnId, response: Vec<u8>) -> bool {
     let now = shard.now_ms();
     {
         let mut table = shard.table.borrow_mut();
@@ -410,7 +410,7 @@ async fn upgrade<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: Co
 /// neighbours, the mailbox or the sweeper. Backpressure: while the
 /// connection's output is over its cap, it is not read at all (its peer's
 /// TCP window fills instead of our memory).
-async fn read_loop<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId) -> Next {
+async fn read_loop<A: App>(shard: &Rc<Shard<A>>, stream: &SharedStream, id: ConnId) -> Next {
     // Reads done since this task last really waited for the driver. On
     // io_uring every readiness wait goes through the ring (it suspends); on
     // epoll a cached readiness answers at once, so a busy peer would keep
@@ -537,7 +537,7 @@ async fn wait_writer<A: App>(shard: &Rc<Shard<A>>, id: ConnId) {
         let mut table = shard.table.borrow_mut();
         match table.get_mut(id) {
             Some(c) if c.writing => {
-                c.flush_waker = Some(cx.waker().clone());
+                shard.flush_wakers.borrow_mut().insert(id, cx.waker().clone());
                 Poll::Pending
             }
             _ => Poll::Ready(()),
@@ -583,7 +583,7 @@ pub async fn yield_now() {
 }
 
 /// Writes what is queued, inline, unless a writer task already is.
-async fn flush<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId) {
+async fn flush<A: App>(shard: &Rc<Shard<A>>, stream: &SharedStream, id: ConnId) {
     let start = {
         let mut table = shard.table.borrow_mut();
         match table.get_mut(id) {
@@ -819,9 +819,10 @@ fn read_step<A: App>(shard: &Shard<A>, c: &mut Conn<A::Conn>, input: &mut &[u8],
 /// true when the shard is over its budget (and `c` holds some of it).
 fn account_unfinished<A: App>(shard: &Shard<A>, c: &mut Conn<A::Conn>) -> bool {
     let held = c.partial.as_ref().map_or(0, |p| p.len()) + c.boundary.message_bytes() as usize;
-    let total = shard.unfinished.get() + held - c.unfinished_bytes;
+    let total = shard.unfinished.get() + held - c.unfinished_bytes as usize;
     shard.unfinished.set(total);
-    c.unfinished_bytes = held;
+    // A frame and a message are each bounded by limits far below 4 GiB.
+    c.unfinished_bytes = held.min(u32::MAX as usize) as u32;
     held > 0 && total > shard.node.config.websocket.max_unfinished_bytes_per_shard
 }
 
@@ -838,20 +839,20 @@ fn classify(e: &WsError) -> (u16, &'static str) {
 
 /// Writes the connection's queue until it is empty. Exactly one runs per
 /// connection at a time (`Conn::writing`, set by whoever starts it).
-pub async fn write_loop<A: App>(shard: Rc<Shard<A>>, id: ConnId, stream: Rc<SharedStream>) {
+pub async fn write_loop<A: App>(shard: Rc<Shard<A>>, id: ConnId, stream: SharedStream) {
     loop {
         let buf = {
             let mut table = shard.table.borrow_mut();
             let Some(c) = table.get_mut(id) else { return };
             if c.out.is_empty() {
                 c.writing = false;
-                if let Some(w) = c.flush_waker.take() {
+                if let Some(w) = shard.flush_wakers.borrow_mut().remove(&id) {
                     w.wake();
                 }
                 return;
             }
             let buf = std::mem::take(&mut c.out);
-            c.inflight = buf.len();
+            c.inflight = buf.len().min(u32::MAX as usize) as u32;
             c.write_started_ms = shard.now_ms();
             buf
         };
@@ -865,7 +866,7 @@ pub async fn write_loop<A: App>(shard: Rc<Shard<A>>, id: ConnId, stream: Rc<Shar
                 c.out.clear();
                 c.writing = false;
                 c.abort(shard.now_ms());
-                if let Some(w) = c.flush_waker.take() {
+                if let Some(w) = shard.flush_wakers.borrow_mut().remove(&id) {
                     w.wake();
                 }
                 return;
@@ -879,7 +880,7 @@ pub async fn write_loop<A: App>(shard: Rc<Shard<A>>, id: ConnId, stream: Rc<Shar
 /// the socket down then). Closing this way, rather than with a bare
 /// `close(2)`, keeps the kernel from answering unread input with a RST that
 /// would destroy the close frame before the peer reads it.
-async fn linger<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId) {
+async fn linger<A: App>(shard: &Rc<Shard<A>>, stream: &SharedStream, id: ConnId) {
     {
         let deadline = shard.now_ms() + shard.node.config.websocket.close_timeout_ms;
         let mut table = shard.table.borrow_mut();

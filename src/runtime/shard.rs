@@ -52,6 +52,10 @@ pub struct Shard<A: App> {
     pub barriers: RefCell<[usize; super::handover::ROUNDS as usize]>,
     /// Connections picked for the handover that had to be closed instead.
     pub unmovable: Cell<usize>,
+    /// Readers waiting for their connection's writer to finish (before a
+    /// lingering close, or over the send cap): few at a time, so kept here
+    /// rather than a waker's 16 bytes in every connection's entry.
+    pub flush_wakers: RefCell<std::collections::HashMap<ConnId, std::task::Waker>>,
     /// New process: adoptions of handed-over sockets still running.
     pub adopting: Cell<usize>,
     /// New process: connections taken in, waiting for `ShardMsg::ResumeAll`.
@@ -104,6 +108,7 @@ impl<A: App> Shard<A> {
             barriers: RefCell::new([0; super::handover::ROUNDS as usize]),
             unmovable: Cell::new(0),
             adopting: Cell::new(0),
+            flush_wakers: RefCell::default(),
             parked: RefCell::new(Vec::new()),
             accept_cancel: RefCell::new(None),
             admin_cancel: RefCell::new(None),
@@ -209,7 +214,10 @@ impl<A: App> Shard<A> {
     /// Removes a finished connection and hands its state to the application.
     pub fn remove_conn(self: &Rc<Self>, id: ConnId) {
         let Some(c) = self.table.borrow_mut().remove(id) else { return };
-        self.unfinished.set(self.unfinished.get() - c.unfinished_bytes);
+        if let Some(w) = self.flush_wakers.borrow_mut().remove(&id) {
+            w.wake();
+        }
+        self.unfinished.set(self.unfinished.get() - c.unfinished_bytes as usize);
         let m = self.metrics();
         m.connections.store(self.table.borrow().slotted(), Ordering::Relaxed);
         if c.slotted {
@@ -260,8 +268,8 @@ impl<A: App> Shard<A> {
                 self.adopting.set(self.adopting.get() + 1);
                 monoio::spawn(self.clone().adopt(*handed));
             }
-            ShardMsg::ResumeAll => {
-                monoio::spawn(self.clone().resume_parked());
+            ShardMsg::ResumeAll { restored } => {
+                monoio::spawn(self.clone().resume_parked(restored));
             }
         }
         true

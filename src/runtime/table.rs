@@ -6,8 +6,6 @@
 //! newer connection that reuses the slot.
 
 use std::os::fd::RawFd;
-use std::rc::Rc;
-use std::task::Waker;
 use std::time::Instant;
 
 use slab::Slab;
@@ -73,6 +71,33 @@ pub enum Phase {
     Closing,
 }
 
+/// An instant in 8 bytes (a `std::time::Instant` takes 16, in every
+/// connection's entry): nanoseconds since the process first asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Stamp(u64);
+
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Stamp {
+    /// `t` as a stamp (instants before the epoch count as the epoch).
+    pub fn from_instant(t: Instant) -> Stamp {
+        Stamp(t.saturating_duration_since(epoch()).as_nanos() as u64)
+    }
+
+    /// The instant again.
+    pub fn instant(self) -> Instant {
+        epoch() + std::time::Duration::from_nanos(self.0)
+    }
+
+    /// Time since.
+    pub fn elapsed(self) -> std::time::Duration {
+        self.instant().elapsed()
+    }
+}
+
 /// One connection's state. Kept small: an idle connection costs this entry
 /// plus its reader task, and nothing else (no read buffer, no context).
 pub struct Conn<S> {
@@ -98,7 +123,7 @@ pub struct Conn<S> {
     /// Priority class (set when it takes its slot).
     pub class: crate::config::Class,
     /// When accepted (handshake latency, handshake timeout, lifetime).
-    pub accepted_at: Instant,
+    pub accepted_at: Stamp,
     /// Last time anything arrived from the peer (ms since shard epoch).
     pub last_rx_ms: u64,
     /// A server ping is outstanding.
@@ -119,21 +144,20 @@ pub struct Conn<S> {
     pub partial: Option<Box<Vec<u8>>>,
     /// What this connection holds unfinished (partial frame + open
     /// fragmented message), as counted in the shard's total.
-    pub unfinished_bytes: usize,
+    pub unfinished_bytes: u32,
     /// When the unfinished frame or message started (ms since shard epoch), 0 = none.
     pub unfinished_since_ms: u64,
     /// Bytes queued for the socket, not yet handed to the kernel.
     pub out: Vec<u8>,
-    /// Bytes in the write currently in flight.
-    pub inflight: usize,
+    /// Bytes in the write currently in flight (a write is at most the send
+    /// queue's cap, far below 4 GiB).
+    pub inflight: u32,
     /// When the write in flight started (ms since shard epoch).
     pub write_started_ms: u64,
     /// A writer is running (inline in the reader or as its own task).
     pub writing: bool,
-    /// The reader waiting for the writer to finish (before lingering close).
-    pub flush_waker: Option<Waker>,
     /// The socket, shared with the writer task.
-    pub stream: Option<Rc<SharedStream>>,
+    pub stream: Option<SharedStream>,
     /// Counted as an open WebSocket (for gauges and close metrics).
     pub upgraded: bool,
     /// Being detached for a handover to a new process.
@@ -163,7 +187,7 @@ impl<S: Default> Conn<S> {
             proxy_pending: false,
             admin: false,
             class: crate::config::Class::Normal,
-            accepted_at,
+            accepted_at: Stamp::from_instant(accepted_at),
             last_rx_ms: now_ms,
             ping_sent: false,
             rtt_us: 0,
@@ -178,7 +202,6 @@ impl<S: Default> Conn<S> {
             inflight: 0,
             write_started_ms: 0,
             writing: false,
-            flush_waker: None,
             stream: None,
             upgraded: false,
             handing: false,
@@ -237,7 +260,7 @@ impl<S> Conn<S> {
 
     /// Bytes queued or in flight.
     pub fn queued(&self) -> usize {
-        self.out.len() + self.inflight
+        self.out.len() + self.inflight as usize
     }
 }
 
