@@ -27,6 +27,7 @@ fn meta(dir: &Path, scenario: Scenario) -> RunMeta {
             after: Some(ServerSample { rss_bytes: 2000, cpu_seconds: 3.0, fds: 5 }),
         },
         workers_crashed: 0,
+        storm: None,
     }
 }
 
