@@ -195,6 +195,8 @@ pub fn recovery_json(stats: &Stats) -> Value {
         "server_closes_without_hint": g("recovery.server_closes"),
         "abrupt_closes": g("recovery.abrupt_closes"),
         "gap_at_rejoin": g("messages.gap_at_rejoin"),
+        "offset_holes": g("messages.offset_holes"),
+        "subscribers_with_holes": g("messages.subscribers_with_holes"),
         "first_drop_mono_us": if first > 0 { json!(first) } else { Value::Null },
         "last_back_mono_us": if last > 0 { json!(last) } else { Value::Null },
         "all_back_after_first_drop_ms": all_back_ms,

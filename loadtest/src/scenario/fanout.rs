@@ -60,6 +60,11 @@ pub enum Arrival {
 }
 
 impl Seen {
+    /// How many distinct sequence numbers of `publisher` were seen.
+    pub fn count(&self, publisher: u64) -> u64 {
+        self.bits.get(publisher as usize).map_or(0, |b| b.iter().map(|w| u64::from(w.count_ones())).sum())
+    }
+
     /// Notes delivery `(publisher, seq)` and classifies it.
     pub fn note(&mut self, publisher: u64, seq: u64) -> Arrival {
         let p = publisher as usize;
@@ -153,5 +158,6 @@ mod tests {
         assert_eq!(s.note(2, 3), Arrival::Duplicate);
         assert_eq!(s.note(0, 200), Arrival::New);
         assert_eq!(s.note(2, 6), Arrival::New);
+        assert_eq!((s.count(2), s.count(0), s.count(9)), (4, 1, 0));
     }
 }

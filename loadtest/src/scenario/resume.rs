@@ -115,6 +115,13 @@ impl Position {
         self.last = self.last.max(o);
         a
     }
+
+    /// Offsets between the base and the highest one received that never arrived: a
+    /// message lost in the middle of the stream (what is missing at the end shows
+    /// only in the expected count).
+    pub fn holes(&self) -> u64 {
+        (self.last - self.base).saturating_sub(self.seen.count(0))
+    }
 }
 
 /// Handles one text frame on a joined connection: a room message is checked against
@@ -493,8 +500,16 @@ pub(super) async fn subscriber(ctx: CtxRef, j: u64, intended: u64, first: usize,
             }
         }
     }
-    if at.addr != first_addr {
-        ctx.stats.borrow_mut().add("recovery.ended_elsewhere", 1);
+    {
+        let mut st = ctx.stats.borrow_mut();
+        if at.addr != first_addr {
+            st.add("recovery.ended_elsewhere", 1);
+        }
+        let holes = pos.holes();
+        if holes > 0 {
+            st.add("messages.offset_holes", holes);
+            st.add("messages.subscribers_with_holes", 1);
+        }
     }
     close_conn(&ctx, ws).await;
 }
@@ -514,6 +529,9 @@ mod tests {
         assert_eq!(p.note(40), Arrival::Duplicate, "the base itself came before the join");
         assert_eq!(p.note(7), Arrival::Duplicate);
         assert_eq!(p.last, 43);
+        assert_eq!(p.holes(), 0);
+        assert_eq!(p.note(46), Arrival::New);
+        assert_eq!(p.holes(), 2, "44 and 45 never came");
     }
 
     #[test]
