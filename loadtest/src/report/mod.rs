@@ -197,10 +197,25 @@ pub fn recovery_json(stats: &Stats) -> Value {
         "gap_at_rejoin": g("messages.gap_at_rejoin"),
         "offset_holes": g("messages.offset_holes"),
         "subscribers_with_holes": g("messages.subscribers_with_holes"),
+        "holes_by_room": holes_by_room(stats),
         "first_drop_mono_us": if first > 0 { json!(first) } else { Value::Null },
         "last_back_mono_us": if last > 0 { json!(last) } else { Value::Null },
         "all_back_after_first_drop_ms": all_back_ms,
     })
+}
+
+/// Per room with holes: subscribers affected and the lowest and highest first
+/// missing offset among them (`{room: [subscribers, lowest, highest]}`).
+fn holes_by_room(stats: &Stats) -> Value {
+    let mut m = Map::new();
+    for (k, n) in &stats.counters {
+        if let Some(r) = k.strip_prefix("holes.room.").and_then(|x| x.strip_suffix(".subscribers")) {
+            let lo = stats.get(&format!("min.holes.room.{r}.first_offset"));
+            let hi = stats.get(&format!("max.holes.room.{r}.last_offset"));
+            m.insert(r.to_string(), json!([n, lo, hi]));
+        }
+    }
+    Value::Object(m)
 }
 
 fn server_json(meta: &RunMeta, stats: &Stats, received: u64) -> Option<Value> {

@@ -60,6 +60,12 @@ pub enum Arrival {
 }
 
 impl Seen {
+    /// The lowest sequence number of `publisher` below `end` that was not seen.
+    pub fn first_missing(&self, publisher: u64, end: u64) -> Option<u64> {
+        let bits = self.bits.get(publisher as usize).map_or(&[][..], |b| &b[..]);
+        (0..end).find(|s| bits.get((s / 64) as usize).is_none_or(|w| w & (1 << (s % 64)) == 0))
+    }
+
     /// How many distinct sequence numbers of `publisher` were seen.
     pub fn count(&self, publisher: u64) -> u64 {
         self.bits.get(publisher as usize).map_or(0, |b| b.iter().map(|w| u64::from(w.count_ones())).sum())
@@ -159,5 +165,8 @@ mod tests {
         assert_eq!(s.note(0, 200), Arrival::New);
         assert_eq!(s.note(2, 6), Arrival::New);
         assert_eq!((s.count(2), s.count(0), s.count(9)), (4, 1, 0));
+        assert_eq!(s.first_missing(2, 7), Some(1));
+        assert_eq!(s.first_missing(2, 1), None);
+        assert_eq!(s.first_missing(9, 3), Some(0));
     }
 }

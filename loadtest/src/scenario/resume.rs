@@ -122,6 +122,11 @@ impl Position {
     pub fn holes(&self) -> u64 {
         (self.last - self.base).saturating_sub(self.seen.count(0))
     }
+
+    /// The first offset in a hole, if any.
+    pub fn first_hole(&self) -> Option<u64> {
+        self.seen.first_missing(0, self.last - self.base).map(|s| self.base + 1 + s)
+    }
 }
 
 /// Handles one text frame on a joined connection: a room message is checked against
@@ -507,8 +512,13 @@ pub(super) async fn subscriber(ctx: CtxRef, j: u64, intended: u64, first: usize,
         }
         let holes = pos.holes();
         if holes > 0 {
+            // Per room too, with the lowest missing offset: where in the stream it was.
+            let r = j % p.rooms;
             st.add("messages.offset_holes", holes);
             st.add("messages.subscribers_with_holes", 1);
+            st.add(&format!("holes.room.{r}.subscribers"), 1);
+            st.min(&format!("holes.room.{r}.first_offset"), pos.first_hole().unwrap_or(0));
+            st.max(&format!("holes.room.{r}.last_offset"), pos.first_hole().unwrap_or(0));
         }
     }
     close_conn(&ctx, ws).await;
@@ -532,6 +542,7 @@ mod tests {
         assert_eq!(p.holes(), 0);
         assert_eq!(p.note(46), Arrival::New);
         assert_eq!(p.holes(), 2, "44 and 45 never came");
+        assert_eq!(p.first_hole(), Some(44));
     }
 
     #[test]
