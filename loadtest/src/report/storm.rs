@@ -163,16 +163,17 @@ pub fn readme_rows(v: &Value) -> String {
 /// The index's headline of a storm run.
 pub fn headline(v: &Value) -> String {
     let (st, m) = (&v["storm"], &v["messages"]);
+    let lost = format!("lost {} dup {}", m["lost"], m["duplicates"]);
+    if st["trigger_kind"] == "upgrade" {
+        return format!("upgrade: {} closes, {} reconnects; {lost}", st["closes_seen"], st["reconnects"]);
+    }
+    let p99 = match st["server_handshake"]["p99_le_s"].as_f64() {
+        Some(s) => format!("<= {} ms", s * 1000.0),
+        None => "-".into(),
+    };
     format!(
-        "{}: {} closes, {} reconnects, all back {} ms after the trigger, peak {}/100 ms; lost {} dup {}; B handshake p99 <= {} s",
-        st["trigger_kind"].as_str().unwrap_or_default(),
-        st["closes_seen"],
-        st["reconnects"],
-        st["all_back_after_trigger_ms"],
-        st["peak_reconnects_per_100ms"],
-        m["lost"],
-        m["duplicates"],
-        st["server_handshake"]["p99_le_s"],
+        "drain: {} reconnects, all back {} ms after the trigger, peak {}/100 ms; {lost}; B handshake p99 {p99}",
+        st["reconnects"], st["all_back_after_trigger_ms"], st["peak_reconnects_per_100ms"],
     )
 }
 
