@@ -1205,11 +1205,6 @@ impl Config {
             "server.agent_listen",
             "expected ip:port, e.g. 127.0.0.1:9091, or empty",
         )?;
-        check(
-            s.upgrade_socket.is_empty() || self.cluster.redis_url.is_empty(),
-            "server.upgrade_socket",
-            "zero-disconnect upgrades are not supported in cluster mode in this version (drain instead)",
-        )?;
         check(self.cluster.sync_interval_ms >= 50, "cluster.sync_interval_ms", "at least 50")?;
         let c = &self.cluster;
         check(

@@ -161,10 +161,6 @@ fn main() -> ExitCode {
     }
     let inherited = match &args.upgrade_from {
         None => None,
-        Some(_) if !config.cluster.redis_url.is_empty() => {
-            tracing::error!("--upgrade-from is not supported in cluster mode in this version (drain instead)");
-            return ExitCode::from(2);
-        }
         Some(path) => {
             let shards = match config.server.shards {
                 0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),

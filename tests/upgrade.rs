@@ -92,15 +92,35 @@ async fn talk(mut ws: Ws, member: bool, stop: Arc<AtomicBool>, expected: Arc<Ato
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_process_takes_over_every_websocket_without_a_close_or_a_loss() {
+    upgrade_with("poll").await;
+}
+
+/// The same on io_uring direct descriptors: each socket is installed as an
+/// fd only to be passed, and the new process puts it back into its own
+/// ring, so it holds no fd per connection afterwards either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_descriptors_are_taken_over_too_and_hold_no_fd_afterwards() {
+    upgrade_with("direct").await;
+}
+
+/// Open fds of process `pid`.
+fn fds_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+async fn upgrade_with(io: &str) {
     let dir = std::env::temp_dir().join(format!("ringside-upgrade-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("up.sock");
+    let io = io.to_string();
     let settings = |sock: &std::path::Path| {
         vec![
             "--shards".to_string(),
             "2".into(),
             "--set".into(),
             "server.pin_cores=false".into(),
+            "--set".into(),
+            format!("server.io={io}"),
             "--set".into(),
             "rooms.history_size=100000".into(),
             "--set".into(),
@@ -157,6 +177,12 @@ async fn a_new_process_takes_over_every_websocket_without_a_close_or_a_loss() {
     assert_eq!(code, Some(0), "the old process exits 0 once empty");
     let took = t0.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await; // talking on, to the new process
+    let fds = fds_of(new.child.id());
+    if io == "direct" {
+        assert!(fds < 100, "direct path: {fds} fds held for {CLIENTS} connections");
+    } else {
+        assert!(fds > CLIENTS, "poll path: an fd per connection ({fds})");
+    }
 
     stop.store(true, Ordering::Relaxed);
     let (mut publisher, sent) = publishing.await.unwrap();
@@ -205,5 +231,79 @@ async fn a_new_process_takes_over_every_websocket_without_a_close_or_a_loss() {
     let joined = next_json(&mut late).await;
     assert_eq!((joined["type"].as_str(), joined["recovered"].as_bool()), (Some("joined"), Some(true)), "{joined}");
     assert_eq!(joined["epoch"], epoch, "the room's history moved with its epoch");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One message of the upgrade protocol: a 4-byte big-endian length and JSON.
+fn frame(v: Value) -> Vec<u8> {
+    let body = v.to_string().into_bytes();
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(&body);
+    f
+}
+
+/// A "new process" that asks for the handover and then reads nothing: the
+/// old process's handover stays bounded (at most 512 sockets per shard in
+/// flight, so its fds never reach connections + 2 × 512 + a few), the
+/// write to the stalled peer times out, and the old process stops instead
+/// of hanging with frozen shards. The clients it could not pass on are
+/// closed once nobody holds their socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_ends_the_handover_within_bounds() {
+    use std::io::{Read, Write};
+    const N: usize = 1500;
+    let dir = std::env::temp_dir().join(format!("ringside-upgrade-stall-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("up.sock");
+    let up = format!("server.upgrade_socket={}", sock.display());
+    let mut old = NodeProc::start(&["--shards", "2", "--set", "server.pin_cores=false", "--set", &up]);
+    let mut clients = Vec::new();
+    for i in 0..N {
+        clients.push(rooms_client(&old, &format!("s{i}")).await.0);
+    }
+    let base = fds_of(old.child.id());
+    assert!(base > N, "an fd per connection: {base}");
+
+    let mut peer = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    peer.write_all(&frame(json!({"t": "hello", "pid": 1}))).unwrap();
+    let mut len = [0u8; 4];
+    peer.read_exact(&mut len).unwrap(); // the listeners' fds are dropped with the ancillary data
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    peer.read_exact(&mut body).unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["t"], "listeners");
+    peer.write_all(&frame(json!({"t": "ready"}))).unwrap();
+    // …and reads nothing more. Sample the old process's fds until it exits.
+    let pid = old.child.id();
+    let (exit, most) = tokio::task::spawn_blocking(move || {
+        let end = Instant::now() + Duration::from_secs(40);
+        let mut most = 0;
+        while Instant::now() < end {
+            most = most.max(fds_of(pid));
+            if let Some(code) = old.wait_exit(Duration::from_millis(20)) {
+                return (Some(code), most);
+            }
+        }
+        (None, most)
+    })
+    .await
+    .unwrap();
+    assert_eq!(exit, Some(0), "the old process stops after a failed handover");
+    assert!(most <= base + 2 * 512 + 16, "fds in flight bounded: {most} (before {base})");
+    // What sits unread in the peer's socket is the peer's; once it lets
+    // go, every client's socket is closed.
+    drop(peer);
+    let mut open = 0;
+    for mut ws in clients {
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(Ok(m)) = ws.next().await {
+                if m.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
+        open += usize::from(ended.is_err());
+    }
+    assert_eq!(open, 0, "clients left open");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -23,6 +23,21 @@ struct Moved {
     rooms: Vec<String>,
     /// (rooms it may join, rooms it may publish to, token expiry).
     grants: Option<(Vec<String>, Vec<String>, u64)>,
+    /// Its connection id in the old process (its session in the cluster's
+    /// sessions set is named by it: the new process renames it).
+    #[serde(default)]
+    conn: u64,
+    /// Rooms ordered by the cluster: (room, epoch, last offset it got).
+    #[serde(default)]
+    positions: Vec<(String, String, u64)>,
+}
+
+/// Where a handed-over session stands in the rooms the cluster orders:
+/// (room, epoch, last offset it got), read from its state (new process,
+/// before any session resumes: the cluster fetches what came after the
+/// lowest of them).
+pub fn positions(bytes: &[u8]) -> Vec<(String, String, u64)> {
+    serde_json::from_slice::<Moved>(bytes).map(|m| m.positions).unwrap_or_default()
 }
 
 /// Shard state on its way: a room's history.
@@ -33,7 +48,7 @@ struct SharedState {
 
 impl Edge {
     pub(super) fn handover_state<C: Conns<Self>>(&self, cx: &C, id: ConnId) -> Option<Vec<u8>> {
-        let moved = cx.state(id, |s| {
+        let mut moved = cx.state(id, |s| {
             // Not while a join waits for its history answer, or a backend
             // call (rpc, proxied publish) for its answer: a moment later.
             (s.pending_joins == 0 && s.in_flight == 0).then(|| Moved {
@@ -42,8 +57,22 @@ impl Edge {
                 named: s.named,
                 rooms: s.rooms.iter().map(|r| r.to_string()).collect(),
                 grants: s.grants.as_ref().map(|g| (g.rooms.to_list(), g.publish.to_list(), g.exp)),
+                conn: id.raw(),
+                positions: Vec::new(),
             })
         })??;
+        if self.broker().orders_rooms() {
+            // Its own floor (a recovery answer it has not passed yet), else
+            // what this shard delivered live.
+            let positions = self.positions.borrow();
+            let floors = self.floors.borrow();
+            let own = floors.get(&id);
+            for room in &moved.rooms {
+                let Some((epoch, live)) = positions.get(room.as_str()) else { continue };
+                let floor = own.and_then(|fs| fs.iter().find(|(r, _)| &**r == room.as_str())).map(|(_, o)| *o);
+                moved.positions.push((room.clone(), epoch.to_string(), floor.unwrap_or(*live)));
+            }
+        }
         serde_json::to_vec(&moved).ok()
     }
 
@@ -71,6 +100,11 @@ impl Edge {
             s.grants = grants;
         });
         let Some(client) = client else { return };
+        if m.conn != 0 && self.broker().orders_rooms() {
+            // Its session in the cluster was the old process's connection:
+            // that one goes, this one comes (through the home shard, after).
+            self.broker().conn_closed(&client, ConnId::from_raw(m.conn));
+        }
         let home = self.shared.home_shard(&client, cx.node().shards.len());
         let _ = cx.send_to(home, AppMsg::Register { client_id: client.clone(), conn: id, named: m.named });
         for room in m.rooms {
@@ -78,7 +112,14 @@ impl Edge {
                 continue;
             }
             let (name, first) = self.rooms.borrow_mut().join(&room, id);
-            cx.state(id, |s| s.rooms.push(name));
+            cx.state(id, |s| s.rooms.push(name.clone()));
+            if let Some((_, epoch, offset)) = m.positions.iter().find(|(r, _, _)| *r == room) {
+                // Live messages up to where it stood are dropped: the
+                // cluster fetches from the lowest position of all.
+                self.floors.borrow_mut().entry(id).or_default().push((name.clone(), *offset));
+                // The shard's live position starts from what arrives next.
+                self.positions.borrow_mut().entry(name).or_insert_with(|| (epoch.as_str().into(), 0));
+            }
             if first {
                 self.broker().room_interest(self.shard, &room, true);
             }

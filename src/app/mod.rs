@@ -315,6 +315,9 @@ type Present = std::collections::HashMap<Arc<str>, u32>;
 /// A member's (room, offset) floors: live messages up to them are dropped.
 type Floors = Vec<(Rc<str>, u64)>;
 
+/// Rooms with history → (epoch, last offset delivered live on the shard).
+type Positions = std::collections::HashMap<Rc<str>, (Box<str>, u64)>;
+
 /// One shard's application.
 pub struct Edge {
     shard: usize,
@@ -342,6 +345,10 @@ pub struct Edge {
     /// Clients asked to move (rebalancing) → shard clock (ms) at which they
     /// are closed if still here.
     moving: RefCell<std::collections::HashMap<ConnId, u64>>,
+    /// Rooms with history ordered by the cluster that have members here →
+    /// (epoch, last offset delivered live on this shard): where a member
+    /// stands when it is handed to a new process (zero-disconnect upgrade).
+    positions: RefCell<Positions>,
 }
 
 impl Edge {
@@ -361,6 +368,7 @@ impl Edge {
             presence: RefCell::default(),
             connects: backend::Connects::default(),
             moving: RefCell::default(),
+            positions: RefCell::default(),
         }
     }
 
@@ -385,6 +393,11 @@ impl Edge {
 
     /// Delivers a room frame to local members except `origin`.
     fn deliver_room<C: Conns<Self>>(&self, cx: &C, room: &str, frame: &Bytes, origin: Option<ConnId>, offset: u64) {
+        if offset > 0 {
+            if let Some(p) = self.positions.borrow_mut().get_mut(room) {
+                p.1 = p.1.max(offset);
+            }
+        }
         let rooms = self.rooms.borrow();
         let pending = self.pending.borrow();
         let mut floors = self.floors.borrow_mut();
@@ -734,6 +747,7 @@ impl App for Edge {
             }
         }
         for room in emptied {
+            self.positions.borrow_mut().remove(&*room);
             self.broker().room_interest(self.shard, &room, false);
         }
         if state.pending_joins > 0 {

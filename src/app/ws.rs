@@ -202,6 +202,11 @@ impl Edge {
             // Messages up to the answer's offset may still be on their way.
             let name = cx.state(conn, |s| s.rooms.iter().find(|r| &***r == room).cloned()).flatten();
             if let Some(name) = name {
+                let mut positions = self.positions.borrow_mut();
+                let p = positions.entry(name.clone()).or_insert_with(|| (Box::from(&*replay.epoch), 0));
+                if *p.0 != *replay.epoch {
+                    *p = (Box::from(&*replay.epoch), 0);
+                }
                 self.floors.borrow_mut().entry(conn).or_default().push((name, replay.offset));
             }
         }
@@ -389,6 +394,7 @@ impl Edge {
         }
         let Some(was_member) = was_member else { return };
         if was_member && self.rooms.borrow_mut().leave(room, id) {
+            self.positions.borrow_mut().remove(room);
             self.broker().room_interest(self.shard, room, false);
         }
         cx.send_text(id, &protocol::room_ack("left", room));

@@ -97,6 +97,14 @@ pub trait Broker: Send + Sync {
     fn render_metrics(&self, t: &mut Text);
     /// Deregister and stop (graceful shutdown).
     fn shutdown(&self);
+    /// Zero-disconnect upgrade, old process: a new process on the same node
+    /// id took the clients over; write nothing more about this node, and do
+    /// not deregister it at the stop.
+    fn handed_over(&self) {}
+    /// Zero-disconnect upgrade, new process, before any handed-over session
+    /// resumes: the lowest (room, epoch, offset) they had got in each room
+    /// with history; what came after is fetched once the room is subscribed.
+    fn resume_floors(&self, _floors: Vec<(String, String, u64)>) {}
 }
 
 /// Where a broker delivers what comes from other nodes. Implemented by the

@@ -46,7 +46,11 @@ impl Node {
     /// [`Node::start`], on listeners taken over from a running process
     /// (`--upgrade-from`) when `inherited` is given; then asks that process
     /// for its connections.
-    pub fn start_inherited(config: Config, inherited: Option<upgrade::Inherited>) -> io::Result<Node> {
+    pub fn start_inherited(mut config: Config, inherited: Option<upgrade::Inherited>) -> io::Result<Node> {
+        if let Some(inh) = inherited.as_ref().filter(|i| !i.node_id.is_empty()) {
+            // The clients' keys in the cluster name the node: it stays the same.
+            config.server.node_id = inh.node_id.clone();
+        }
         config.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let n = match config.server.shards {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -150,7 +154,7 @@ impl Node {
         }
         if !state.config.server.upgrade_socket.is_empty() {
             let path = std::path::PathBuf::from(&state.config.server.upgrade_socket);
-            upgrade::serve(path.clone(), state.clone(), old)?;
+            upgrade::serve(path.clone(), state.clone(), shared.clone(), old)?;
             tracing::info!(path = %path.display(), "zero-disconnect upgrades: ringside --upgrade-from {}", path.display());
         }
         Ok(Node { state, shared, threads, cluster_thread, local_addr })

@@ -30,9 +30,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::app::{AppMsg, EdgeShared};
 use crate::config::Class;
-use crate::runtime::handover::{Handed, Item};
+use crate::runtime::handover::{Handed, Item, Outbox};
 use crate::runtime::mailbox::ShardMsg;
 use crate::runtime::NodeState;
+
+/// How long the old process waits for the new one to take a message.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most sockets one message carries.
 const MAX_FDS: usize = 256;
@@ -44,12 +47,36 @@ const MAX_BODY: usize = 256 << 20;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 enum Msg {
-    Hello { pid: u32 },
-    Listeners { shards: usize, admin: bool, agent: bool },
+    Hello {
+        pid: u32,
+    },
+    Listeners {
+        shards: usize,
+        admin: bool,
+        agent: bool,
+        /// The old process's node id: the new one takes it (its clients'
+        /// keys in the cluster name it).
+        #[serde(default)]
+        node_id: String,
+    },
     Ready,
-    Shared { blob: serde_json::Value },
-    Conn { shard: usize, client: String, class: Class, out: Vec<u8>, input: Vec<u8>, app: serde_json::Value },
-    Done { moved: usize, closed: usize },
+    Shared {
+        blob: serde_json::Value,
+    },
+    Conn {
+        shard: usize,
+        client: String,
+        class: Class,
+        out: Vec<u8>,
+        input: Vec<u8>,
+        #[serde(default)]
+        deflate: Option<(u8, bool)>,
+        app: serde_json::Value,
+    },
+    Done {
+        moved: usize,
+        closed: usize,
+    },
 }
 
 fn send(s: &UnixStream, msg: &Msg, fds: &[RawFd]) -> io::Result<()> {
@@ -153,6 +180,8 @@ pub struct Inherited {
     pub admin: Option<TcpListener>,
     /// `server.agent_listen`.
     pub agent: Option<TcpListener>,
+    /// The old process's node id, which this one takes.
+    pub node_id: String,
     stream: UnixStream,
 }
 
@@ -172,7 +201,7 @@ pub fn connect(path: &Path, shards: usize) -> io::Result<Inherited> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     send(&s, &Msg::Hello { pid: std::process::id() }, &[])?;
     let (msg, fds) = recv(&mut s)?;
-    let Msg::Listeners { shards: old_shards, admin, agent } = msg else {
+    let Msg::Listeners { shards: old_shards, admin, agent, node_id } = msg else {
         return Err(io::Error::other("upgrade: expected the listeners"));
     };
     if old_shards != shards {
@@ -189,7 +218,7 @@ pub fn connect(path: &Path, shards: usize) -> io::Result<Inherited> {
     let admin = admin.then(&mut listener);
     let agent = agent.then(&mut listener);
     s.set_read_timeout(None)?;
-    Ok(Inherited { public, admin, agent, stream: s })
+    Ok(Inherited { public, admin, agent, node_id, stream: s })
 }
 
 /// New process, once its shards serve the inherited listeners: tells the
@@ -201,16 +230,21 @@ pub fn take_over(inh: Inherited, state: Arc<NodeState<AppMsg>>, shared: Arc<Edge
     std::thread::Builder::new().name("ringside-takeover".into()).spawn(move || {
         let n = state.shards.len();
         let (mut moved, mut lost) = (0usize, 0usize);
-        // Connections are resumed only once everything arrived: the old
-        // shards hand over one after another, and a connection resumed
-        // early would talk to rooms whose other members (and sequencer)
-        // are still in the old process.
-        let mut held: Vec<Handed> = Vec::new();
+        // Each connection goes to its shard at once (taken in and parked:
+        // on the direct path its fd is closed there), and all of them
+        // resume only once everything arrived: the old shards hand over
+        // one after another, and a connection resumed early would talk to
+        // rooms whose other members (and sequencer) are still in the old
+        // process. Where they stood in rooms the cluster orders: the lowest
+        // offset per room, for the cluster to fetch from.
+        let mut floors: std::collections::HashMap<(String, String), u64> = std::collections::HashMap::new();
         loop {
             let (msg, mut fds) = match recv(&mut s) {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::error!(error = %e, moved, "upgrade: the old process went away before it was done");
+                    // What came over still resumes (the old process no longer serves it).
+                    resume_all(&state, &shared, floors);
                     return;
                 }
             };
@@ -221,20 +255,22 @@ pub fn take_over(inh: Inherited, state: Arc<NodeState<AppMsg>>, shared: Arc<Edge
                         let _ = state.shards[home].mailbox.send(ShardMsg::App(m));
                     }
                 }
-                Msg::Conn { shard, client, class, out, input, app } => {
+                Msg::Conn { shard, client, class, out, input, deflate, app } => {
                     let Some(fd) = fds.pop() else { continue };
                     let client = client.parse().unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
                     let app = serde_json::to_vec(&app).unwrap_or_default();
-                    held.push(Handed { shard, fd, client, class, out, input, app });
+                    for (room, epoch, offset) in crate::app::handover::positions(&app) {
+                        let f = floors.entry((room, epoch)).or_insert(offset);
+                        *f = (*f).min(offset);
+                    }
+                    let handed = Handed { shard, fd, client, class, out, input, deflate, app };
+                    match state.shards[shard % n].mailbox.send(ShardMsg::Resume { handed: Box::new(handed) }) {
+                        Ok(()) => moved += 1,
+                        Err(_) => lost += 1,
+                    }
                 }
                 Msg::Done { moved: m, closed } => {
-                    for handed in held.drain(..) {
-                        let to = handed.shard % n;
-                        match state.shards[to].mailbox.send(ShardMsg::Resume { handed: Box::new(handed) }) {
-                            Ok(()) => moved += 1,
-                            Err(_) => lost += 1,
-                        }
-                    }
+                    resume_all(&state, &shared, floors);
                     tracing::info!(
                         handed_over = m,
                         resumed = moved,
@@ -251,11 +287,31 @@ pub fn take_over(inh: Inherited, state: Arc<NodeState<AppMsg>>, shared: Arc<Edge
     Ok(())
 }
 
+/// New process: the cluster learns where the sessions stood, then every
+/// shard resumes what it parked.
+fn resume_all(
+    state: &NodeState<AppMsg>,
+    shared: &EdgeShared,
+    floors: std::collections::HashMap<(String, String), u64>,
+) {
+    if !floors.is_empty() {
+        shared.broker.resume_floors(floors.into_iter().map(|((room, epoch), o)| (room, epoch, o)).collect());
+    }
+    for sh in &state.shards {
+        let _ = sh.mailbox.send(ShardMsg::ResumeAll);
+    }
+}
+
 /// Old process: serves `path` on a thread of its own. When a new process
 /// asks, hands it the listeners, freezes every shard, forwards what they
 /// hand over, and then asks this process to stop (SIGTERM to itself; the
 /// node's shutdown sees `NodeState::handed_over` and does not drain).
-pub fn serve(path: PathBuf, state: Arc<NodeState<AppMsg>>, listeners: OldListeners) -> io::Result<()> {
+pub fn serve(
+    path: PathBuf,
+    state: Arc<NodeState<AppMsg>>,
+    shared: Arc<EdgeShared>,
+    listeners: OldListeners,
+) -> io::Result<()> {
     let _ = std::fs::remove_file(&path); // a stale socket of an earlier run
     let server = UnixListener::bind(&path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     // Whoever connects here takes every client over: the socket is the
@@ -276,7 +332,7 @@ pub fn serve(path: PathBuf, state: Arc<NodeState<AppMsg>>, listeners: OldListene
                     continue;
                 }
             }
-            match hand_over(s, &state, &listeners) {
+            match hand_over(s, &state, &shared, &listeners) {
                 Ok(true) => {
                     let _ = std::fs::remove_file(&path);
                     // SAFETY: signalling ourselves; main turns it into the stop.
@@ -284,6 +340,16 @@ pub fn serve(path: PathBuf, state: Arc<NodeState<AppMsg>>, listeners: OldListene
                     return;
                 }
                 Ok(false) => {}
+                // Past the freeze the shards no longer serve: this process
+                // stops (what the new one got, it serves; what it did not
+                // get was closed here).
+                Err(e) if state.handed_over.load(Ordering::Acquire) => {
+                    tracing::error!(error = %e, "upgrade failed after the handover began; stopping");
+                    let _ = std::fs::remove_file(&path);
+                    // SAFETY: signalling ourselves; main turns it into the stop.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                    return;
+                }
                 Err(e) => tracing::warn!(error = %e, "upgrade attempt failed; still serving"),
             }
         }
@@ -309,29 +375,49 @@ fn peer_uid(s: &UnixStream) -> Option<u32> {
 }
 
 /// One upgrade conversation; `Ok(true)` once everything was handed over.
-fn hand_over(mut s: UnixStream, state: &NodeState<AppMsg>, l: &OldListeners) -> io::Result<bool> {
+fn hand_over(mut s: UnixStream, state: &NodeState<AppMsg>, shared: &EdgeShared, l: &OldListeners) -> io::Result<bool> {
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // A new process that stops reading ends the handover (the shards'
+    // connections in flight are bounded meanwhile: MAX_IN_FLIGHT each).
+    s.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let (Msg::Hello { pid }, _) = recv(&mut s)? else { return Ok(false) };
     tracing::info!(pid, "upgrade: process {pid} asks to take over");
     let mut fds = l.public.clone();
     fds.extend(l.admin);
     fds.extend(l.agent);
     let n = state.shards.len();
-    send(&s, &Msg::Listeners { shards: n, admin: l.admin.is_some(), agent: l.agent.is_some() }, &fds)?;
+    let node_id = state.node_id.clone();
+    send(&s, &Msg::Listeners { shards: n, admin: l.admin.is_some(), agent: l.agent.is_some(), node_id }, &fds)?;
     let (Msg::Ready, _) = recv(&mut s)? else { return Ok(false) };
+    // Bounded by the shards: each has at most MAX_IN_FLIGHT connections in it.
     let (tx, rx) = crossbeam_channel::unbounded();
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     state.handed_over.store(true, Ordering::Release);
+    // The new process speaks for this node id in the cluster from now on.
+    shared.broker.handed_over();
     for sh in &state.shards {
-        let _ = sh.mailbox.send(ShardMsg::Handover { tx: tx.clone() });
+        let out = Outbox { tx: tx.clone(), in_flight: in_flight.clone() };
+        let _ = sh.mailbox.send(ShardMsg::Handover { out });
     }
     drop(tx);
     let (mut shared_ends, mut done, mut moved, mut closed) = (0, 0, 0, 0);
     let mut held: Vec<Handed> = Vec::new();
     let send_conn = |s: &UnixStream, h: Handed| -> io::Result<()> {
         let app = serde_json::from_slice(&h.app).unwrap_or(serde_json::Value::Null);
-        let msg =
-            Msg::Conn { shard: h.shard, client: h.client.to_string(), class: h.class, out: h.out, input: h.input, app };
-        send(s, &msg, &[h.fd.as_raw_fd()])
+        let msg = Msg::Conn {
+            shard: h.shard,
+            client: h.client.to_string(),
+            class: h.class,
+            out: h.out,
+            input: h.input,
+            deflate: h.deflate,
+            app,
+        };
+        let r = send(s, &msg, &[h.fd.as_raw_fd()]);
+        // Sent (the new process holds the socket now) or failed: ours closes.
+        drop(h.fd);
+        in_flight.fetch_sub(1, Ordering::AcqRel);
+        r
     };
     while done < n {
         let Ok(item) = rx.recv() else { break };

@@ -67,18 +67,22 @@ pub enum ShardMsg<M> {
     /// WebSocket to the upgrade thread ([`super::handover`]).
     Handover {
         /// Where the connections go.
-        tx: crossbeam_channel::Sender<super::handover::Item>,
+        out: super::handover::Outbox,
     },
     /// A handover barrier marker from another shard.
     Barrier {
         /// Round, from 1.
         round: u8,
     },
-    /// Zero-disconnect upgrade (new process): a connection of the old one.
+    /// Zero-disconnect upgrade (new process): a connection of the old one,
+    /// taken in and parked until [`ShardMsg::ResumeAll`].
     Resume {
         /// Its socket and state.
         handed: Box<super::handover::Handed>,
     },
+    /// Zero-disconnect upgrade (new process): everything came over; the
+    /// parked connections start.
+    ResumeAll,
 }
 
 impl<M: Weigh> Weigh for ShardMsg<M> {
@@ -91,7 +95,8 @@ impl<M: Weigh> Weigh for ShardMsg<M> {
             | ShardMsg::Stop
             | ShardMsg::Handover { .. }
             | ShardMsg::Barrier { .. }
-            | ShardMsg::Resume { .. } => None,
+            | ShardMsg::Resume { .. }
+            | ShardMsg::ResumeAll => None,
         }
     }
 }

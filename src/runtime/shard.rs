@@ -50,6 +50,12 @@ pub struct Shard<A: App> {
     pub frozen: Cell<bool>,
     /// Handover barrier markers received, per round.
     pub barriers: RefCell<[usize; super::handover::ROUNDS as usize]>,
+    /// Connections picked for the handover that had to be closed instead.
+    pub unmovable: Cell<usize>,
+    /// New process: adoptions of handed-over sockets still running.
+    pub adopting: Cell<usize>,
+    /// New process: connections taken in, waiting for `ShardMsg::ResumeAll`.
+    pub parked: RefCell<Vec<super::handover::Parked>>,
     /// Cancels the pending accept on shutdown.
     pub accept_cancel: RefCell<Option<Canceller>>,
     /// Cancels the internal listener's pending accept on shutdown.
@@ -96,6 +102,9 @@ impl<A: App> Shard<A> {
             accepting_stopped: Cell::new(false),
             frozen: Cell::new(false),
             barriers: RefCell::new([0; super::handover::ROUNDS as usize]),
+            unmovable: Cell::new(0),
+            adopting: Cell::new(0),
+            parked: RefCell::new(Vec::new()),
             accept_cancel: RefCell::new(None),
             admin_cancel: RefCell::new(None),
             ring: std::cell::OnceCell::new(),
@@ -237,9 +246,9 @@ impl<A: App> Shard<A> {
                 }
             }
             ShardMsg::Stop => return false,
-            ShardMsg::Handover { tx } => {
+            ShardMsg::Handover { out } => {
                 if !self.frozen.get() && !self.draining.get() {
-                    monoio::spawn(self.clone().hand_over(tx));
+                    monoio::spawn(self.clone().hand_over(out));
                 }
             }
             ShardMsg::Barrier { round } => {
@@ -248,7 +257,11 @@ impl<A: App> Shard<A> {
                 }
             }
             ShardMsg::Resume { handed } => {
-                self.resume(*handed);
+                self.adopting.set(self.adopting.get() + 1);
+                monoio::spawn(self.clone().adopt(*handed));
+            }
+            ShardMsg::ResumeAll => {
+                monoio::spawn(self.clone().resume_parked());
             }
         }
         true

@@ -136,6 +136,8 @@ pub struct Conn<S> {
     pub stream: Option<Rc<SharedStream>>,
     /// Counted as an open WebSocket (for gauges and close metrics).
     pub upgraded: bool,
+    /// Being detached for a handover to a new process.
+    pub handing: bool,
     /// Close code we sent or will send (for metrics), 0 = none.
     pub close_code: u16,
     /// permessage-deflate, when the upgrade accepted it: where the inbound
@@ -175,6 +177,7 @@ impl<S: Default> Conn<S> {
             flush_waker: None,
             stream: None,
             upgraded: false,
+            handing: false,
             close_code: 0,
             deflate: None,
         }

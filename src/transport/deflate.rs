@@ -52,6 +52,18 @@ pub struct Agreed {
 }
 
 impl Agreed {
+    /// What travels with a connection handed to another process:
+    /// (server window bits, whether the client named them).
+    pub fn to_parts(self) -> (u8, bool) {
+        (self.server_bits, self.server_bits_offered)
+    }
+
+    /// The inverse of [`Agreed::to_parts`]; `None` for values no
+    /// negotiation gives.
+    pub fn from_parts(server_bits: u8, server_bits_offered: bool) -> Option<Self> {
+        (server_bits == 0 || (MIN_COMPRESS_BITS..=15).contains(&server_bits))
+            .then_some(Agreed { server_bits, server_bits_offered })
+    }
     /// The `Sec-WebSocket-Extensions` value of the 101.
     pub fn response(&self) -> String {
         let mut s = format!("{NAME}; server_no_context_takeover; client_no_context_takeover");
@@ -161,6 +173,12 @@ impl Inbound {
     /// A connection that agreed to `agreed`.
     pub fn new(agreed: Agreed) -> Self {
         Inbound { agreed: Some(agreed), ..Inbound::default() }
+    }
+
+    /// No message open: what is left is what was agreed (a connection at
+    /// rest can move to another process with only that).
+    pub fn at_rest(&self) -> bool {
+        self.open == Open::None && self.pending.is_empty()
     }
 
     /// Bytes held for an open compressed message.

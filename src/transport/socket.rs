@@ -15,8 +15,9 @@
 
 use std::cell::UnsafeCell;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::time::Duration;
 
 use monoio::buf::IoBuf;
 use monoio::io::AsyncWriteRent;
@@ -68,6 +69,40 @@ impl SharedStream {
             SharedStream::Poll(p) => p.write_all(buf).await,
             SharedStream::Direct(d) => d.write_all(buf).await,
         }
+    }
+
+    /// For handing the socket to another process: a real fd of its own for
+    /// it, and the bytes that were received and not yet read (the direct
+    /// path's buffers; the poll path reads nothing ahead). A poll stream's
+    /// fd is duplicated; a direct stream stops receiving for good and its
+    /// descriptor is installed as an fd (`IORING_OP_FIXED_FD_INSTALL`).
+    /// Either way this stream is only good for dropping afterwards.
+    pub async fn detach(&self) -> io::Result<(OwnedFd, Vec<u8>)> {
+        match self {
+            SharedStream::Poll(p) => {
+                // SAFETY: plain syscall on this stream's open fd.
+                let dup = unsafe { libc::fcntl(p.fd(), libc::F_DUPFD_CLOEXEC, 0) };
+                if dup < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: just created, owned by nobody else.
+                Ok((unsafe { OwnedFd::from_raw_fd(dup) }, Vec::new()))
+            }
+            SharedStream::Direct(d) => {
+                let bytes = d.ring.detach_recv(d.recv, Duration::from_secs(1)).await?;
+                let fd = d.ring.install_fd(d.slot).await?;
+                // SAFETY: the install gave us a new fd that nobody else owns.
+                Ok((unsafe { OwnedFd::from_raw_fd(fd) }, bytes))
+            }
+        }
+    }
+
+    /// A direct stream for a socket that came as a real fd (from another
+    /// process): the fd goes into `ring`'s file table and is closed.
+    pub async fn direct_from_fd(ring: &Rc<Ring>, fd: OwnedFd) -> io::Result<Self> {
+        let slot = ring.register_fd(fd.as_raw_fd()).await?;
+        drop(fd);
+        Ok(SharedStream::Direct(DirectStream::new(ring.clone(), slot)))
     }
 
     /// `shutdown(2)`: wakes a reader parked in [`SharedStream::readable`]

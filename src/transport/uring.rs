@@ -63,6 +63,8 @@ pub const FILE_TABLE_SLACK: usize = 64;
 
 /// `IORING_OP_FIXED_FD_INSTALL` (kernel 6.8), not in io-uring 0.6.
 const OP_FIXED_FD_INSTALL: u8 = 54;
+/// `IORING_FILE_INDEX_ALLOC`: a files update that picks free slots itself.
+const FILE_INDEX_ALLOC: i32 = -1;
 
 /// How a shard's ring is set up.
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +99,8 @@ pub enum Hold {
     Buf(Vec<u8>),
     /// The address an accept writes.
     Addr(Box<AddrBuf>),
+    /// The fd a files update installs; the kernel writes the slot it chose back.
+    Fd(Box<RawFd>),
 }
 
 /// Where an accept writes the peer's address.
@@ -168,8 +172,13 @@ impl Held {
 
     /// Empties it, giving the buffer ids in order.
     fn take_ids(&mut self) -> Vec<u16> {
+        self.take_ids_with_len().into_iter().map(|(b, _)| b).collect()
+    }
+
+    /// Empties it, giving (buffer id, length) in order.
+    fn take_ids_with_len(&mut self) -> Vec<(u16, u32)> {
         let rest = self.rest.take().map(|r| *r).unwrap_or_default();
-        self.first.take().into_iter().chain(rest).map(|(b, _)| b).collect()
+        self.first.take().into_iter().chain(rest).collect()
     }
 }
 
@@ -719,6 +728,77 @@ impl Ring {
             return Err(io::Error::from_raw_os_error(-res));
         }
         Ok(res)
+    }
+
+    /// Puts the real fd `fd` into a free slot of the file table
+    /// (`IORING_OP_FILES_UPDATE` with `IORING_FILE_INDEX_ALLOC`) and returns
+    /// the slot. The table holds its own reference: the caller closes `fd`.
+    pub async fn register_fd(self: &Rc<Self>, fd: RawFd) -> io::Result<u32> {
+        let cell = Box::new(fd);
+        let ptr: *const RawFd = &*cell;
+        // The kernel writes the chosen slot through `ptr` (a heap cell that
+        // the op holds until it completes).
+        let sqe = opcode::FilesUpdate::new(ptr, 1).offset(FILE_INDEX_ALLOC).build();
+        let (res, hold) = self.op(sqe, Hold::Fd(cell)).await;
+        if res < 0 {
+            return Err(io::Error::from_raw_os_error(-res));
+        }
+        match hold {
+            Hold::Fd(slot) if res == 1 && *slot >= 0 => Ok(*slot as u32),
+            _ => Err(io::Error::other("files update installed nothing")),
+        }
+    }
+
+    /// Stops receiving on `key` for good, to hand its socket to another
+    /// process: no receive is armed again, the one armed is cancelled, and
+    /// once it has ended, what was received and not yet read comes back
+    /// (the new owner reads it first). Its reader, if parked, is woken and
+    /// sees the socket shut. Bounded: gives up waiting after `timeout`.
+    pub async fn detach_recv(&self, key: usize, timeout: std::time::Duration) -> io::Result<Vec<u8>> {
+        let (waker, cancel) = {
+            let mut recvs = self.recvs.borrow_mut();
+            let Some(st) = recvs.get_mut(key) else { return Ok(Vec::new()) };
+            st.shut_rd = true;
+            st.starved = false;
+            let cancel = st.armed && !st.cancelling;
+            if cancel {
+                st.cancelling = true;
+            }
+            (st.waker.take(), cancel)
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        if cancel {
+            self.push(cancel_sqe(key, CANCEL_TAG | key as u64));
+        }
+        let end = std::time::Instant::now() + timeout;
+        while self.recvs.borrow().get(key).is_some_and(|st| st.armed) {
+            if std::time::Instant::now() >= end {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "receive did not end"));
+            }
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let (bytes, bids) = {
+            let mut recvs = self.recvs.borrow_mut();
+            let Some(st) = recvs.get_mut(key) else { return Ok(Vec::new()) };
+            if let Some(e) = st.err {
+                return Err(io::Error::from_raw_os_error(e.get()));
+            }
+            let mut bytes = Vec::new();
+            let mut skip = st.offset as usize;
+            let bids = st.queue.take_ids_with_len();
+            for &(bid, len) in &bids {
+                bytes.extend_from_slice(self.bufs.bytes(bid, skip, len as usize - skip));
+                skip = 0;
+            }
+            st.offset = 0;
+            (bytes, bids)
+        };
+        for (bid, _) in bids {
+            self.return_buffer(bid);
+        }
+        Ok(bytes)
     }
 
     /// Sends `buf[from..]` on the socket in `slot`; gives the buffer back.

@@ -181,12 +181,18 @@ impl Node {
 
     /// [`Node::start`] with more `--set key=value` settings.
     pub fn start_with(id: &str, redis_url: &str, settings: &[&str]) -> Node {
+        Node::start_args(id, redis_url, settings, &[])
+    }
+
+    /// [`Node::start_with`] with more command-line arguments.
+    pub fn start_args(id: &str, redis_url: &str, settings: &[&str], args: &[&str]) -> Node {
         let interval = format!("cluster.sync_interval_ms={INTERVAL_MS}");
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringside"))
             .args(["--listen", "127.0.0.1:0", "--shards", "2", "--node-id", id, "--redis", redis_url])
             .args(["--set", &interval, "--set", "server.pin_cores=false", "--set", "websocket.sweep_interval_ms=100"])
             .args(["--set", "auth.allow_client_ids=true"])
             .args(settings.iter().flat_map(|kv| ["--set", kv]))
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -220,6 +226,18 @@ impl Node {
     /// Sends signal `sig` (15: SIGTERM, a drain).
     pub fn signal(&self, sig: i32) {
         let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
+    }
+
+    /// Waits up to `within` for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// SIGKILL.

@@ -139,6 +139,17 @@ pub enum ClusterCmd {
         /// `drain` or `rebalance`.
         reason: &'static str,
     },
+    /// Zero-disconnect upgrade, old process: a new process took this
+    /// node's id over; from now on nothing is written to the registry, and
+    /// the stop does not deregister.
+    HandedOver,
+    /// Zero-disconnect upgrade, new process: where the sessions that came
+    /// over stood in rooms with history, (room, epoch, lowest offset):
+    /// fetched from there once each room is subscribed.
+    ResumeFloors {
+        /// One per room.
+        floors: Vec<(String, String, u64)>,
+    },
     /// Stop: deregister and exit.
     Shutdown,
 }
@@ -273,6 +284,8 @@ impl ClusterCmd {
             | ClusterCmd::ConnClosed { .. }
             | ClusterCmd::RoomInterest { .. }
             | ClusterCmd::Moved { .. }
+            | ClusterCmd::HandedOver
+            | ClusterCmd::ResumeFloors { .. }
             | ClusterCmd::Shutdown => None,
         }
     }
@@ -388,6 +401,14 @@ impl Broker for RedisBroker {
 
     fn shutdown(&self) {
         let _ = self.tx.send(ClusterCmd::Shutdown, None);
+    }
+
+    fn handed_over(&self) {
+        let _ = self.tx.send(ClusterCmd::HandedOver, None);
+    }
+
+    fn resume_floors(&self, floors: Vec<(String, String, u64)>) {
+        let _ = self.tx.send(ClusterCmd::ResumeFloors { floors }, None);
     }
 
     fn ready_json(&self) -> Option<serde_json::Value> {

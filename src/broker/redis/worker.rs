@@ -29,6 +29,9 @@ pub const MAX_BATCH: usize = 1024;
 /// Direct messages waiting for their target's conn key at most; beyond
 /// this, the sender is told `unknown_client` at once.
 const MAX_PENDING_DIRECTS: usize = 4096;
+/// Most rooms an upgrade hands floors over for (one entry per room with
+/// history that a handed-over session was in).
+const MAX_RESUME_FLOORS: usize = 65_536;
 /// Affinity lookups of new connections are gathered this long into one
 /// round trip: at 2,000 connects/s that is ~100 round trips/s instead of
 /// 2,000, for a hint that arrives at most 10 ms later (publishes and direct
@@ -128,6 +131,12 @@ pub struct Worker<C: Connector> {
     recovered_floor: HashMap<Arc<str>, (String, u64)>,
     /// Rooms whose gap is being repaired: (room, epoch, last forwarded).
     repairs: Vec<(Arc<str>, String, u64)>,
+    /// After a zero-disconnect upgrade: rooms with history → (epoch, lowest
+    /// offset the sessions that came over had got), repaired from there
+    /// once subscribed. Bounded by [`MAX_RESUME_FLOORS`].
+    resume_floors: HashMap<Arc<str>, (String, u64)>,
+    /// The node id was taken over by a new process: no registry writes.
+    handed_over: bool,
     /// Prompt writes (`ZREM`s of closed sessions, presence entries), sent
     /// with the next round trip.
     closes: Vec<Op>,
@@ -189,6 +198,8 @@ impl<C: Connector> Worker<C> {
             ordered: HashMap::new(),
             recovered_floor: HashMap::new(),
             repairs: Vec::new(),
+            resume_floors: HashMap::new(),
+            handed_over: false,
             ever_connected: false,
             incoming: Budget::new(super::INCOMING_BYTES),
             config,
@@ -321,6 +332,18 @@ impl<C: Connector> Worker<C> {
                         *m.entry((target.clone(), reason)).or_insert(0) += 1;
                     }
                     self.state.moved(client_id, target);
+                }
+                ClusterCmd::HandedOver => self.handed_over = true,
+                ClusterCmd::ResumeFloors { floors } => {
+                    for (room, epoch, offset) in floors {
+                        if self.resume_floors.len() >= MAX_RESUME_FLOORS {
+                            break;
+                        }
+                        let e = self.resume_floors.entry(Arc::from(room)).or_insert((epoch.clone(), offset));
+                        if e.0 == epoch {
+                            e.1 = e.1.min(offset);
+                        }
+                    }
                 }
                 ClusterCmd::Shutdown => stop = true,
             }
@@ -756,6 +779,9 @@ impl<C: Connector> Worker<C> {
     /// Once per interval: registry, pools, conn keys, sample, then read the live nodes.
     async fn on_tick(&mut self) {
         self.ticks += 1;
+        if self.handed_over {
+            return; // the new process writes this node's keys now
+        }
         if !self.connected() {
             return self.publish_view();
         }
@@ -862,9 +888,13 @@ impl<C: Connector> Worker<C> {
         let r = match conn.subscribe(&chans(&on)).await {
             Ok(()) => {
                 self.state.subscribed(&on, true);
-                // Back on a room with history: fetch what was published meanwhile.
+                // Back on a room with history: fetch what was published
+                // meanwhile (or, after an upgrade, since the sessions that
+                // came over last got something).
                 for room in &on {
-                    if let Some((epoch, last)) = self.ordered.get(room) {
+                    if let Some((epoch, last)) = self.resume_floors.remove(room) {
+                        self.repairs.push((room.clone(), epoch, last));
+                    } else if let Some((epoch, last)) = self.ordered.get(room) {
                         self.repairs.push((room.clone(), epoch.clone(), *last));
                     }
                 }
@@ -960,7 +990,7 @@ impl<C: Connector> Worker<C> {
 
     /// Graceful stop: remove this node's keys and its clients' conn keys.
     async fn deregister(&mut self) {
-        if !self.connected() {
+        if !self.connected() || self.handed_over {
             return;
         }
         let mut ops = registry::deregister_ops(&self.me, self.sink.local().shard_connections.len());
