@@ -1,6 +1,6 @@
 //! `loadtest`: ringside's load-test harness.
 //!
-//! Five scenarios (`connect`, `echo`, `fanout`, `churn`, `resume`) run open-loop on a
+//! Six scenarios (`connect`, `echo`, `fanout`, `churn`, `resume`, `storm`) run open-loop on a
 //! schedule in W worker processes (this binary re-executed as `__worker`), whose
 //! HDR histograms and counters are merged exactly into one report directory
 //! (`summary.json`, `.hgrm` files, `percentiles.svg`, `README.md`).
@@ -19,6 +19,7 @@ mod scenario;
 mod schedule;
 mod stats;
 mod sysinfo;
+mod trigger;
 mod worker;
 
 use std::path::PathBuf;
@@ -53,6 +54,11 @@ enum Cmd {
     /// a connection drops, reconnect (next --url first) and re-join with `since`;
     /// checks every offset arrived exactly once; records recovery time.
     Resume(ScenarioCmd),
+    /// Resume's subscribers all on the first --url (node A), publishers on the last (B);
+    /// --trigger (SIGTERM to A, or an upgrade) runs --trigger-at s after the go. Reports
+    /// time until all are back, peak reconnects per 100 ms and per second, closes, lost
+    /// and duplicated messages, and B's handshake p50/p99 from --metrics-url.
+    Storm(ScenarioCmd),
     /// Rebuild DIR/README.md from every summary.json below DIR.
     Index {
         /// Results directory.
@@ -100,6 +106,7 @@ fn main() {
         Cmd::Fanout(c) => run::main(Scenario::Fanout, &c.load, &c.run),
         Cmd::Churn(c) => run::main(Scenario::Churn, &c.load, &c.run),
         Cmd::Resume(c) => run::main(Scenario::Resume, &c.load, &c.run),
+        Cmd::Storm(c) => run::main(Scenario::Storm, &c.load, &c.run),
         Cmd::Index { dir } => match report::index::rebuild(&dir) {
             Ok(n) => {
                 eprintln!("loadtest: indexed {n} runs in {}", dir.join("README.md").display());
@@ -132,14 +139,16 @@ mod tests {
 
     fn out_of(args: &[&str]) -> PathBuf {
         match Cli::try_parse_from(args).unwrap().cmd {
-            Cmd::Connect(c) | Cmd::Echo(c) | Cmd::Fanout(c) | Cmd::Churn(c) | Cmd::Resume(c) => c.run.out,
+            Cmd::Connect(c) | Cmd::Echo(c) | Cmd::Fanout(c) | Cmd::Churn(c) | Cmd::Resume(c) | Cmd::Storm(c) => {
+                c.run.out
+            }
             other => panic!("not a scenario: {other:?}"),
         }
     }
 
     #[test]
     fn reports_default_outside_the_committed_results() {
-        for scen in ["connect", "echo", "fanout", "churn", "resume"] {
+        for scen in ["connect", "echo", "fanout", "churn", "resume", "storm"] {
             let out = out_of(&["loadtest", scen]);
             assert_eq!(out, PathBuf::from(run::DEFAULT_OUT));
             assert!(out.starts_with("target"), "git-ignored by the root .gitignore's /target");

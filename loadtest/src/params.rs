@@ -7,7 +7,7 @@
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-/// The five load shapes.
+/// The six load shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Scenario {
@@ -22,6 +22,20 @@ pub enum Scenario {
     /// Rooms with history: subscribers track offsets, reconnect (to another URL) with
     /// `since` after a drop, and every offset must arrive exactly once.
     Resume,
+    /// Resume's subscribers all on the first URL while `--trigger` drains or upgrades
+    /// that node: time until all are back, reconnect rate, the other node's handshakes.
+    Storm,
+}
+
+/// What `--trigger` does to the subscribers' node, which decides the storm's checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TriggerKind {
+    /// A drain (SIGTERM): every subscriber must get a hint and end on another node.
+    #[default]
+    Drain,
+    /// A zero-disconnect upgrade: no subscriber may see a close or reconnect.
+    Upgrade,
 }
 
 impl Scenario {
@@ -33,6 +47,7 @@ impl Scenario {
             Scenario::Fanout => "fanout",
             Scenario::Churn => "churn",
             Scenario::Resume => "resume",
+            Scenario::Storm => "storm",
         }
     }
 
@@ -41,7 +56,7 @@ impl Scenario {
         match self {
             Scenario::Connect | Scenario::Churn => "upgrade_from_intended",
             Scenario::Echo => "rtt_from_intended",
-            Scenario::Fanout | Scenario::Resume => "delivery_from_intended",
+            Scenario::Fanout | Scenario::Resume | Scenario::Storm => "delivery_from_intended",
         }
     }
 }
@@ -111,6 +126,23 @@ pub struct ScenarioArgs {
     /// Default 1.
     #[arg(long)]
     pub reconnect_jitter: Option<f64>,
+    /// storm: shell command (`sh -c`) the parent runs --trigger-at seconds after the go
+    /// time, e.g. `kill -TERM <pid of node A>`; it should return at once (start a
+    /// long-running process in the background). Required for storm.
+    #[arg(long)]
+    pub trigger: Option<String>,
+    /// storm: seconds after the go time at which --trigger runs. Default 2.
+    #[arg(long)]
+    pub trigger_at: Option<f64>,
+    /// storm: what the trigger does, which decides the checks: drain (everyone moves,
+    /// each after a hint) or upgrade (no close, no reconnect). Default drain.
+    #[arg(long, value_enum)]
+    pub trigger_kind: Option<TriggerKind>,
+    /// storm: Prometheus endpoint of the node the subscribers move to (http://host:port/path),
+    /// scraped just before the trigger and after the run for its handshake histogram.
+    /// Default none.
+    #[arg(long)]
+    pub metrics_url: Option<String>,
 }
 
 /// Fully resolved parameters of a run; what workers receive and summary.json records.
@@ -154,6 +186,18 @@ pub struct Params {
     /// See [`ScenarioArgs::reconnect_jitter`].
     #[serde(default)]
     pub reconnect_jitter: f64,
+    /// See [`ScenarioArgs::trigger`] (empty = none).
+    #[serde(default)]
+    pub trigger: String,
+    /// See [`ScenarioArgs::trigger_at`].
+    #[serde(default)]
+    pub trigger_at: f64,
+    /// See [`ScenarioArgs::trigger_kind`].
+    #[serde(default)]
+    pub trigger_kind: TriggerKind,
+    /// See [`ScenarioArgs::metrics_url`] (empty = none).
+    #[serde(default)]
+    pub metrics_url: String,
 }
 
 /// Sockets a worker may hold below the open-file limit (stdin/out/err, the runtime's
@@ -163,7 +207,7 @@ const FD_HEADROOM: u64 = 200;
 impl Params {
     /// The defaults of `scenario`.
     pub fn defaults(scenario: Scenario) -> Params {
-        let rooms = matches!(scenario, Scenario::Fanout | Scenario::Resume);
+        let rooms = matches!(scenario, Scenario::Fanout | Scenario::Resume | Scenario::Storm);
         let path = if rooms { "ws" } else { "echo" };
         Params {
             scenario,
@@ -184,6 +228,10 @@ impl Params {
             drain: 2.0,
             drop_at: 0.0,
             reconnect_jitter: 1.0,
+            trigger: String::new(),
+            trigger_at: 2.0,
+            trigger_kind: TriggerKind::Drain,
+            metrics_url: String::new(),
         }
     }
 
@@ -209,6 +257,10 @@ impl Params {
             drain: a.drain.unwrap_or(d.drain),
             drop_at: a.drop_at.unwrap_or(d.drop_at),
             reconnect_jitter: a.reconnect_jitter.unwrap_or(d.reconnect_jitter),
+            trigger: a.trigger.clone().unwrap_or(d.trigger),
+            trigger_at: a.trigger_at.unwrap_or(d.trigger_at),
+            trigger_kind: a.trigger_kind.unwrap_or(d.trigger_kind),
+            metrics_url: a.metrics_url.clone().unwrap_or(d.metrics_url),
         }
     }
 
@@ -228,6 +280,10 @@ impl Params {
         pos(self.drain, "drain")?;
         pos(self.drop_at, "drop-at")?;
         pos(self.reconnect_jitter, "reconnect-jitter")?;
+        pos(self.trigger_at, "trigger-at")?;
+        if self.scenario == Scenario::Storm {
+            self.validate_storm()?;
+        }
         if self.timeout <= 0.0 {
             return Err("--timeout must be > 0".into());
         }
@@ -258,9 +314,29 @@ impl Params {
         Ok(())
     }
 
+    /// Storm needs a trigger inside the publishing window and a plain-HTTP metrics URL.
+    fn validate_storm(&self) -> Result<(), String> {
+        if self.trigger.trim().is_empty() {
+            return Err("storm needs --trigger (the command that drains or upgrades the first --url)".into());
+        }
+        if self.trigger_at >= self.duration {
+            return Err(format!(
+                "--trigger-at {} must be below --duration {}: the storm is measured while publishers publish",
+                self.trigger_at, self.duration
+            ));
+        }
+        if !self.metrics_url.is_empty() && !self.metrics_url.starts_with("http://") {
+            return Err(format!("--metrics-url {}: only http:// URLs are supported", self.metrics_url));
+        }
+        if self.trigger_kind == TriggerKind::Drain && self.urls.len() < 2 {
+            return Err("storm --trigger-kind drain needs two --url: the drained node first, the other last".into());
+        }
+        Ok(())
+    }
+
     /// Whether the scenario is one of the rooms scenarios (subscribers and publishers on /ws).
     pub fn rooms_scenario(&self) -> bool {
-        matches!(self.scenario, Scenario::Fanout | Scenario::Resume)
+        matches!(self.scenario, Scenario::Fanout | Scenario::Resume | Scenario::Storm)
     }
 
     /// Sockets the whole run holds at once, at most.
@@ -309,5 +385,20 @@ mod tests {
         assert!(p.validate(20_000).is_ok());
         p.rate = -1.0;
         assert!(p.validate(20_000).unwrap_err().contains("--rate"));
+    }
+
+    #[test]
+    fn storm_needs_a_trigger_inside_the_run_and_two_urls_to_drain() {
+        let mut p = Params::defaults(Scenario::Storm);
+        assert!(p.validate(20_000).unwrap_err().contains("--trigger"));
+        p.trigger = "true".into();
+        assert!(p.validate(20_000).unwrap_err().contains("two --url"));
+        p.trigger_kind = TriggerKind::Upgrade;
+        assert!(p.validate(20_000).is_ok());
+        p.trigger_at = p.duration;
+        assert!(p.validate(20_000).unwrap_err().contains("--trigger-at"));
+        p.trigger_at = 1.0;
+        p.metrics_url = "https://x/metrics".into();
+        assert!(p.validate(20_000).unwrap_err().contains("--metrics-url"));
     }
 }

@@ -18,6 +18,7 @@ use crate::params::{Params, Scenario, ScenarioArgs};
 use crate::report::{self, RunMeta};
 use crate::stats::{decode_hist, new_hist, Stats};
 use crate::sysinfo::{self, ServerSample};
+use crate::trigger::{Trigger, TriggerReport};
 use crate::worker::{FromWorker, Go, Task};
 
 /// Where run directories go without `--out`, relative to the working directory.
@@ -79,8 +80,13 @@ pub fn main(scenario: Scenario, args: &ScenarioArgs, opts: &RunOpts) -> i32 {
         return 2;
     }
     let (cpu0, wall0, started_utc) = (sysinfo::own_cpu_seconds(), Instant::now(), crate::clock::utc_timestamp());
-    let (stats, crashed) = match drive_workers(&params, || {
-        server.held = server.held.or_else(sample);
+    // A storm's sampled node (where the subscribers go) holds nothing at the barrier:
+    // no "held" sample, so no RSS-per-connection figure that would mean nothing.
+    let hold_sample = params.scenario != Scenario::Storm;
+    let (stats, crashed, storm) = match drive_workers(&params, || {
+        if hold_sample {
+            server.held = server.held.or_else(sample);
+        }
     }) {
         Ok(r) => r,
         Err(e) => {
@@ -100,6 +106,7 @@ pub fn main(scenario: Scenario, args: &ScenarioArgs, opts: &RunOpts) -> i32 {
         machine: sysinfo::machine(),
         server,
         workers_crashed: crashed,
+        storm,
     };
     match report::write_run(&meta, stats) {
         Ok(dir) => {
@@ -122,11 +129,13 @@ fn check_targets(p: &Params) -> Result<(), String> {
 }
 
 /// Spawns the workers and runs the event loop; `on_barrier` runs once per barrier
-/// before the go line is sent. Returns merged stats and the crashed-worker count.
-fn drive_workers(p: &Params, mut on_barrier: impl FnMut()) -> Result<(Stats, u64), String> {
+/// before the go line is sent; a storm's trigger fires on its time. Returns merged
+/// stats, the crashed-worker count and what the trigger did.
+fn drive_workers(p: &Params, mut on_barrier: impl FnMut()) -> Result<(Stats, u64, Option<TriggerReport>), String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     // Leave the workers time to start before the first scheduled connection.
     let start_us = mono_us() + 300_000;
+    let trigger = if p.scenario == Scenario::Storm { Trigger::new(p, start_us) } else { None };
     let (tx, rx) = mpsc::channel();
     let mut children: Vec<Child> = Vec::new();
     let mut stdins: Vec<Option<ChildStdin>> = Vec::new();
@@ -145,7 +154,7 @@ fn drive_workers(p: &Params, mut on_barrier: impl FnMut()) -> Result<(Stats, u64
         std::thread::spawn(move || read_worker(index, out, tx));
     }
     drop(tx);
-    let mut lp = EventLoop::new(p, stdins);
+    let mut lp = EventLoop::new(p, stdins, trigger);
     lp.run(&rx, &mut on_barrier);
     let mut crashed = 0;
     for (i, mut c) in children.into_iter().enumerate() {
@@ -157,9 +166,10 @@ fn drive_workers(p: &Params, mut on_barrier: impl FnMut()) -> Result<(Stats, u64
             }
         }
     }
+    let report = lp.trigger.take().map(Trigger::finish);
     let mut merged = lp.merged;
     merged.add("failures.worker_crashed", crashed);
-    Ok((merged, crashed))
+    Ok((merged, crashed, report))
 }
 
 fn read_worker(index: usize, out: std::process::ChildStdout, tx: mpsc::Sender<Event>) {
@@ -194,10 +204,11 @@ struct EventLoop {
     last_print: Instant,
     last_est: u64,
     last_recv: u64,
+    trigger: Option<Trigger>,
 }
 
 impl EventLoop {
-    fn new(p: &Params, stdins: Vec<Option<ChildStdin>>) -> Self {
+    fn new(p: &Params, stdins: Vec<Option<ChildStdin>>, trigger: Option<Trigger>) -> Self {
         let n = stdins.len();
         Self {
             scenario: p.scenario,
@@ -215,12 +226,16 @@ impl EventLoop {
             last_print: Instant::now(),
             last_est: 0,
             last_recv: 0,
+            trigger,
         }
     }
 
     fn run(&mut self, rx: &mpsc::Receiver<Event>, on_barrier: &mut impl FnMut()) {
         while self.exited.iter().any(|e| !e) {
-            let wait = Duration::from_secs(1).saturating_sub(self.last_print.elapsed());
+            let mut wait = Duration::from_secs(1).saturating_sub(self.last_print.elapsed());
+            if let Some(due) = self.trigger.as_ref().and_then(Trigger::due_us) {
+                wait = wait.min(Duration::from_micros(due.saturating_sub(mono_us())));
+            }
             match rx.recv_timeout(wait) {
                 Ok(Event::Line(i, m)) => self.on_line(i, m),
                 Ok(Event::Eof(i)) => {
@@ -231,6 +246,9 @@ impl EventLoop {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
             self.maybe_release_barrier(on_barrier);
+            if let Some(t) = self.trigger.as_mut().filter(|t| t.due_us().is_some_and(|d| d <= mono_us())) {
+                t.fire();
+            }
             if self.last_print.elapsed() >= Duration::from_secs(1) {
                 self.print_progress();
             }
@@ -263,7 +281,11 @@ impl EventLoop {
         }
         on_barrier();
         // A short lead so every worker sees the go line before the go time.
-        let line = serde_json::to_string(&Go { go_us: mono_us() + 200_000 }).expect("go serializes");
+        let go_us = mono_us() + 200_000;
+        if let Some(t) = self.trigger.as_mut() {
+            t.arm(go_us);
+        }
+        let line = serde_json::to_string(&Go { go_us }).expect("go serializes");
         for (i, stdin) in self.stdins.iter_mut().enumerate() {
             if let (true, Some(s)) = (self.at_barrier[i], stdin.as_mut()) {
                 let _ = writeln!(s, "{line}").and_then(|_| s.flush());

@@ -62,6 +62,7 @@ pub fn headline(v: &Value) -> String {
             v["recovery"]["rejoined"],
             v["recovery"]["all_back_after_first_drop_ms"]
         ),
+        "storm" => super::storm::headline(v),
         "churn" => format!(
             "upgrade p99 {} (intended); server fds {} -> {}",
             ms(v, "upgrade_from_intended", "p99"),

@@ -8,6 +8,7 @@ pub mod hgrm;
 pub mod index;
 pub mod quantile;
 pub mod rss;
+pub mod storm;
 pub mod svg;
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use crate::params::{Params, Scenario};
 use crate::run::{RunOpts, ServerSamples};
 use crate::stats::{new_hist, Stats, FAILURE_REASONS, HIST_NAMES};
 use crate::sysinfo::Machine;
+use crate::trigger::TriggerReport;
 
 /// Everything about a run except the merged stats.
 #[derive(Debug, Clone)]
@@ -42,6 +44,8 @@ pub struct RunMeta {
     pub server: ServerSamples,
     /// Workers that exited abnormally.
     pub workers_crashed: u64,
+    /// What a storm's trigger did (storm runs only).
+    pub storm: Option<TriggerReport>,
 }
 
 impl RunMeta {
@@ -95,14 +99,14 @@ pub fn summarize(meta: &RunMeta, stats: &Stats) -> Value {
     }
     let received = g("messages.received");
     let (lost, expected) = match p.scenario {
-        Scenario::Fanout | Scenario::Resume => {
+        Scenario::Fanout | Scenario::Resume | Scenario::Storm => {
             let e = fanout_expected(stats, p.rooms);
             (e.saturating_sub(received), Some(e))
         }
         _ => (g("messages.lost"), None),
     };
     let msg_secs = match p.scenario {
-        Scenario::Echo | Scenario::Fanout | Scenario::Resume => p.duration,
+        Scenario::Echo | Scenario::Fanout | Scenario::Resume | Scenario::Storm => p.duration,
         _ => 0.0,
     };
     let per_second = if msg_secs > 0.0 { received as f64 / msg_secs } else { 0.0 };
@@ -148,8 +152,12 @@ pub fn summarize(meta: &RunMeta, stats: &Stats) -> Value {
             "messages_per_cpu_second": if client_cpu > 0.0 { round3(received as f64 / client_cpu) } else { 0.0 },
         },
     });
-    if p.scenario == Scenario::Resume {
+    if matches!(p.scenario, Scenario::Resume | Scenario::Storm) {
         v["recovery"] = recovery_json(stats);
+    }
+    if p.scenario == Scenario::Storm {
+        let subs = (0..p.rooms).map(|r| g(&format!("fanout.room.{r}.subs"))).sum();
+        v["storm"] = storm::storm_json(p, meta.storm.as_ref(), stats, subs);
     }
     if let Some(s) = server_json(meta, stats, received) {
         v["server"] = s;
@@ -183,11 +191,31 @@ pub fn recovery_json(stats: &Stats) -> Value {
         "reconnect_failed": g("recovery.reconnect_failed"),
         "reconnect_failed_by_reason": failed,
         "replayed_messages": g("messages.replayed"),
+        "hints": g("recovery.hints"),
+        "server_closes_without_hint": g("recovery.server_closes"),
+        "abrupt_closes": g("recovery.abrupt_closes"),
         "gap_at_rejoin": g("messages.gap_at_rejoin"),
+        "offset_holes": g("messages.offset_holes"),
+        "subscribers_with_holes": g("messages.subscribers_with_holes"),
+        "holes_by_room": holes_by_room(stats),
         "first_drop_mono_us": if first > 0 { json!(first) } else { Value::Null },
         "last_back_mono_us": if last > 0 { json!(last) } else { Value::Null },
         "all_back_after_first_drop_ms": all_back_ms,
     })
+}
+
+/// Per room with holes: subscribers affected and the lowest and highest first
+/// missing offset among them (`{room: [subscribers, lowest, highest]}`).
+fn holes_by_room(stats: &Stats) -> Value {
+    let mut m = Map::new();
+    for (k, n) in &stats.counters {
+        if let Some(r) = k.strip_prefix("holes.room.").and_then(|x| x.strip_suffix(".subscribers")) {
+            let lo = stats.get(&format!("min.holes.room.{r}.first_offset"));
+            let hi = stats.get(&format!("max.holes.room.{r}.last_offset"));
+            m.insert(r.to_string(), json!([n, lo, hi]));
+        }
+    }
+    Value::Object(m)
 }
 
 fn server_json(meta: &RunMeta, stats: &Stats, received: u64) -> Option<Value> {
@@ -222,14 +250,18 @@ pub fn checks(v: &Value) -> Value {
     let attempted = n("/connections/attempted");
     c.insert("all_established".into(), json!(attempted > 0 && n("/connections/established") == attempted));
     c.insert("all_alive_at_end".into(), json!(n("/connections/alive_at_end") == n("/connections/established")));
-    if scenario == "echo" || scenario == "fanout" || scenario == "resume" {
+    let rooms = matches!(scenario, "fanout" | "resume" | "storm");
+    if scenario == "echo" || rooms {
         c.insert("nothing_lost".into(), json!(n("/messages/lost") == 0 && n("/messages/received") > 0));
         c.insert("nothing_mismatched".into(), json!(n("/messages/mismatched") == 0));
     }
-    if scenario == "resume" {
+    if scenario == "resume" || scenario == "storm" {
         c.insert("all_rejoined".into(), json!(n("/recovery/rejoined") == n("/recovery/drops")));
     }
-    if scenario == "fanout" || scenario == "resume" {
+    if scenario == "storm" {
+        storm::checks(v, &mut c);
+    }
+    if rooms {
         c.insert(
             "no_duplicates_or_reordering".into(),
             json!(n("/messages/duplicates") == 0 && n("/messages/out_of_order") == 0),
@@ -439,6 +471,9 @@ pub fn readme(v: &Value) -> String {
         let nz: Vec<String> =
             f.iter().filter(|(_, n)| n.as_u64() != Some(0)).map(|(k, n)| format!("{k} {n}")).collect();
         s += &format!("| failures | {} |\n", if nz.is_empty() { "none".into() } else { nz.join(", ") });
+    }
+    if v.get("storm").is_some() {
+        s += &storm::readme_rows(v);
     }
     s += "\nLatency, microseconds (`_from_intended`: measured from the scheduled start, coordinated-omission corrected):\n\n";
     s += &latency_table(&v["latency_us"]);

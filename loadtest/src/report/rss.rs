@@ -66,8 +66,8 @@ impl NotMeaningful {
             }
             NotMeaningful::NoConnections => "no connection was established; no per-connection figure",
             NotMeaningful::NoHeldSample => {
-                "no sample while the connections were held (this scenario has no hold phase); \
-                 no per-connection figure"
+                "no sample while the connections were held (churn has no hold phase; storm's sampled \
+                 node gets its connections only during the storm); no per-connection figure"
             }
         }
     }

@@ -27,6 +27,7 @@ fn meta(dir: &Path, scenario: Scenario) -> RunMeta {
             after: Some(ServerSample { rss_bytes: 2000, cpu_seconds: 3.0, fds: 5 }),
         },
         workers_crashed: 0,
+        storm: None,
     }
 }
 
@@ -226,4 +227,67 @@ fn replot_redraws_from_committed_files_and_keeps_hand_written_text() {
     replot(&dir).unwrap();
     assert_eq!(std::fs::read_to_string(run.join("README.md")).unwrap(), again);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A storm run's counters: `subs` subscribers in one room, each dropped `per_sub` times.
+fn storm_stats(subs: u64, hints: u64, moved: u64) -> Stats {
+    let mut s = Stats::default();
+    for (k, v) in [
+        ("connections.attempted", subs + 1),
+        ("connections.established", subs + 1),
+        ("connections.closed_clean", subs + 1),
+        ("messages.sent", 10),
+        ("messages.received", subs * 10),
+        ("fanout.room.0.subs", subs),
+        ("fanout.room.0.sent", 10),
+        ("recovery.hints", hints),
+        ("recovery.drops", hints),
+        ("recovery.rejoined", hints),
+        ("recovery.ended_elsewhere", moved),
+        ("recovery.reconnected_100ms.60", hints),
+    ] {
+        s.add(k, v);
+    }
+    if hints > 0 {
+        s.min("first_drop_us", 5_000_000);
+        s.max("last_back_us", 6_000_000);
+    }
+    s
+}
+
+fn storm_meta(dir: &Path, kind: crate::params::TriggerKind) -> RunMeta {
+    let mut m = meta(dir, Scenario::Storm);
+    m.params.rooms = 1;
+    m.params.trigger_kind = kind;
+    m.storm = Some(crate::trigger::TriggerReport {
+        command: "true".into(),
+        at_s: 1.0,
+        start_mono_us: 0,
+        go_mono_us: Some(4_000_000),
+        fired_mono_us: Some(5_000_000),
+        exit_code: Some(0),
+        ..Default::default()
+    });
+    m
+}
+
+#[test]
+fn storm_checks_follow_the_trigger_kind() {
+    use crate::params::TriggerKind;
+    let d = tmpdir("storm");
+    let drain = summarize(&storm_meta(&d, TriggerKind::Drain), &storm_stats(4, 4, 4));
+    assert_eq!(drain["storm"]["all_back_after_trigger_ms"], json!(1000.0));
+    assert_eq!(drain["storm"]["peak_reconnects_per_second"], json!(4));
+    assert_eq!(drain["storm"]["reconnects_per_100ms"], json!([[1000.0, 4]]), "slot 60 = 6 s, 1 s after the trigger");
+    for c in ["trigger_ran", "all_moved", "every_close_hinted", "all_rejoined", "nothing_lost"] {
+        assert_eq!(drain["checks"][c], json!(true), "{c}");
+    }
+    let stayed = summarize(&storm_meta(&d, TriggerKind::Drain), &storm_stats(4, 4, 3));
+    assert_eq!(stayed["checks"]["all_moved"], json!(false));
+    let up = summarize(&storm_meta(&d, TriggerKind::Upgrade), &storm_stats(4, 0, 0));
+    assert_eq!((up["checks"]["no_closes"].clone(), up["checks"]["no_reconnects"].clone()), (json!(true), json!(true)));
+    assert!(up["storm"]["all_back_after_trigger_ms"].is_null());
+    let closed = summarize(&storm_meta(&d, TriggerKind::Upgrade), &storm_stats(4, 1, 0));
+    assert_eq!(closed["checks"]["no_closes"], json!(false));
+    assert_eq!(closed["checks"]["no_reconnects"], json!(false));
 }

@@ -11,19 +11,13 @@
 //! itself is never sent its own messages, and what other publishers send it
 //! is read and ignored, so the expected count is subscribers only.
 
-use std::cell::Cell;
-use std::rc::Rc;
-use std::time::Duration;
-
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde::Deserialize;
-use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{close_conn, open_conn, pace, spawn, wait_until};
-use crate::clock::{mono_us, secs_us, sleep_until_us, to_instant};
-use crate::net::Ws;
-use crate::schedule::Schedule;
+use super::rooms::{self, join, round_robin, Incoming, Layout, Phase, Stamp};
+use super::{close_conn, open_conn};
+use crate::clock::mono_us;
 use crate::worker::CtxRef;
 
 /// Name of room `r` (fits the protocol's 1-128 of `[A-Za-z0-9_.:-]`).
@@ -33,54 +27,8 @@ pub fn room_name(r: u64) -> String {
 
 /// Runs this worker's share of the fanout scenario.
 pub async fn run(ctx: CtxRef) {
-    let p = ctx.p().clone();
-    let (w, i) = (p.workers as u64, ctx.task.index as u64);
-    let (go_tx, go_rx) = watch::channel(0u64);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let settled = Rc::new(Cell::new(0u64));
-    let mut tasks = Vec::new();
-    let pubs = Schedule::new(ctx.task.start_us, 0.0, i, w, p.publishers);
-    for n in 0..pubs.len() {
-        let pid = pubs.global_index(n);
-        let f = publisher(ctx.clone(), pid, go_rx.clone(), stop_rx.clone(), settled.clone(), room_name);
-        tasks.push(spawn(f));
-    }
-    let subs = Schedule::new(ctx.task.start_us, p.rate, i, w, p.conns);
-    pace(subs, |_, j, intended| {
-        let f = subscriber(ctx.clone(), j, intended, stop_rx.clone(), settled.clone());
-        tasks.push(spawn(f));
-    })
-    .await;
-    let mine = subs.len() + pubs.len();
-    wait_until(ctx.timeout() * 3 + Duration::from_secs(1), || settled.get() >= mine).await;
-    let go = ctx.barrier("subscribed").await;
-    let _ = go_tx.send(go);
-    sleep_until_us(go + secs_us(p.duration) + secs_us(p.drain)).await;
-    let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = t.await;
-    }
-}
-
-/// Delivered `data` as publishers write it.
-#[derive(Debug, Deserialize)]
-pub(super) struct Stamp {
-    /// Publisher id.
-    pub p: u64,
-    /// Publisher-local sequence number.
-    pub s: u64,
-    /// Actual send time, monotonic us.
-    pub t: u64,
-    /// Intended send time, monotonic us.
-    pub i: u64,
-}
-
-/// The server frames a subscriber cares about (join replies, errors).
-#[derive(Debug, Deserialize)]
-struct Incoming {
-    #[serde(rename = "type")]
-    ty: String,
-    room: Option<String>,
+    let layout = Layout { room: room_name, publisher_target: round_robin };
+    rooms::drive(ctx, layout, subscriber).await;
 }
 
 /// A delivery, parsed straight into its stamp: at 100k deliveries/s on a shared
@@ -112,6 +60,17 @@ pub enum Arrival {
 }
 
 impl Seen {
+    /// The lowest sequence number of `publisher` below `end` that was not seen.
+    pub fn first_missing(&self, publisher: u64, end: u64) -> Option<u64> {
+        let bits = self.bits.get(publisher as usize).map_or(&[][..], |b| &b[..]);
+        (0..end).find(|s| bits.get((s / 64) as usize).is_none_or(|w| w & (1 << (s % 64)) == 0))
+    }
+
+    /// How many distinct sequence numbers of `publisher` were seen.
+    pub fn count(&self, publisher: u64) -> u64 {
+        self.bits.get(publisher as usize).map_or(0, |b| b.iter().map(|w| u64::from(w.count_ones())).sum())
+    }
+
     /// Notes delivery `(publisher, seq)` and classifies it.
     pub fn note(&mut self, publisher: u64, seq: u64) -> Arrival {
         let p = publisher as usize;
@@ -137,7 +96,7 @@ impl Seen {
     }
 }
 
-async fn subscriber(ctx: CtxRef, j: u64, intended: u64, mut stop: watch::Receiver<bool>, settled: Rc<Cell<u64>>) {
+async fn subscriber(ctx: CtxRef, j: u64, intended: u64, mut phase: Phase) {
     let ws = open_conn(&ctx, j, intended).await;
     let room = room_name(j % ctx.p().rooms);
     let joined = match ws {
@@ -151,13 +110,13 @@ async fn subscriber(ctx: CtxRef, j: u64, intended: u64, mut stop: watch::Receive
         },
         None => None,
     };
-    settled.set(settled.get() + 1);
+    phase.settled();
     let Some(mut ws) = joined else { return };
     ctx.stats.borrow_mut().add(&format!("fanout.room.{}.subs", j % ctx.p().rooms), 1);
     let mut seen = Seen::default();
     loop {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
+            _ = phase.stop.wait_for(|s| *s) => break,
             m = ws.next() => match m {
                 Some(Ok(Message::Text(t))) => on_delivery(&ctx, &mut seen, t.as_str()),
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
@@ -170,31 +129,6 @@ async fn subscriber(ctx: CtxRef, j: u64, intended: u64, mut stop: watch::Receive
         }
     }
     close_conn(&ctx, ws).await;
-}
-
-/// Sends `join` and waits for `joined` (skipping `welcome` and anything else).
-async fn join(ctx: &CtxRef, ws: &mut Ws, room: &str) -> Result<(), &'static str> {
-    let msg = serde_json::json!({"type": "join", "room": room}).to_string();
-    ws.send(Message::text(msg)).await.map_err(|_| "closed_early")?;
-    let wait = async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    let Ok(inc) = serde_json::from_str::<Incoming>(t.as_str()) else {
-                        continue;
-                    };
-                    match inc.ty.as_str() {
-                        "joined" if inc.room.as_deref() == Some(room) => return Ok(()),
-                        "error" => return Err("join_error"),
-                        _ => {}
-                    }
-                }
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Err("closed_early"),
-                Some(Ok(_)) => {}
-            }
-        }
-    };
-    tokio::time::timeout(ctx.timeout(), wait).await.unwrap_or(Err("timeout"))
 }
 
 fn on_delivery(ctx: &CtxRef, seen: &mut Seen, text: &str) {
@@ -217,72 +151,6 @@ fn on_delivery(ctx: &CtxRef, seen: &mut Seen, text: &str) {
     st.record_pair("delivery", now.saturating_sub(stamp.t), now.saturating_sub(stamp.i));
 }
 
-/// Publisher `pid`: joins every room (named by `name`), waits for the go time, then
-/// publishes its share of the schedule; publish k goes to room `k mod rooms`.
-pub(super) async fn publisher(
-    ctx: CtxRef,
-    pid: u64,
-    mut go: watch::Receiver<u64>,
-    mut stop: watch::Receiver<bool>,
-    settled: Rc<Cell<u64>>,
-    name: fn(u64) -> String,
-) {
-    let Some(mut ws) = open_conn(&ctx, pid, mono_us()).await else {
-        settled.set(settled.get() + 1);
-        return;
-    };
-    // One join at a time, each answered before the next: joins of rooms with
-    // history are limited per connection (`rooms.max_pending_joins`). Settled
-    // (for the barrier) once all are joined.
-    for r in 0..ctx.p().rooms {
-        if let Err(reason) = join(&ctx, &mut ws, &name(r)).await {
-            settled.set(settled.get() + 1);
-            ctx.stats.borrow_mut().fail(reason, false);
-            ctx.open.set(ctx.open.get() - 1);
-            return;
-        }
-    }
-    settled.set(settled.get() + 1);
-    let go_us = match go.wait_for(|g| *g > 0).await {
-        Ok(g) => *g,
-        Err(_) => return,
-    };
-    let p = ctx.p().clone();
-    let total = Schedule::events_in(p.msg_rate, p.duration);
-    let sched = Schedule::new(go_us, p.msg_rate, pid, p.publishers, total);
-    let pad = "x".repeat(p.size);
-    let mut n = 0;
-    loop {
-        // A disabled select! branch still builds its future, so keep `due` finite.
-        let due = if n < sched.len() { sched.intended_us(n) } else { mono_us() + 3_600_000_000 };
-        tokio::select! {
-            _ = tokio::time::sleep_until(to_instant(due)), if n < sched.len() => {
-                let k = sched.global_index(n);
-                let room = k % p.rooms;
-                let data = serde_json::json!({"p": pid, "s": n, "t": mono_us(), "i": due, "x": pad});
-                let msg = serde_json::json!({"type": "publish", "room": name(room), "data": data});
-                if ws.send(Message::text(msg.to_string())).await.is_err() {
-                    break;
-                }
-                let mut st = ctx.stats.borrow_mut();
-                st.add("messages.sent", 1);
-                st.add(&format!("fanout.room.{room}.sent"), 1);
-                n += 1;
-            }
-            _ = stop.wait_for(|s| *s) => return close_conn(&ctx, ws).await,
-            m = ws.next() => match m {
-                Some(Ok(Message::Text(t))) if t.as_str().contains("\"error\"") => {
-                    ctx.stats.borrow_mut().fail("publish_error", false);
-                }
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
-                Some(Ok(_)) => {}
-            }
-        }
-    }
-    ctx.open.set(ctx.open.get() - 1);
-    ctx.stats.borrow_mut().fail("closed_early", false);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,5 +164,9 @@ mod tests {
         assert_eq!(s.note(2, 3), Arrival::Duplicate);
         assert_eq!(s.note(0, 200), Arrival::New);
         assert_eq!(s.note(2, 6), Arrival::New);
+        assert_eq!((s.count(2), s.count(0), s.count(9)), (4, 1, 0));
+        assert_eq!(s.first_missing(2, 7), Some(1));
+        assert_eq!(s.first_missing(2, 1), None);
+        assert_eq!(s.first_missing(9, 3), Some(0));
     }
 }

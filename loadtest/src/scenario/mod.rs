@@ -6,6 +6,8 @@ mod connect;
 mod echo;
 mod fanout;
 mod resume;
+mod rooms;
+mod storm;
 
 use std::future::Future;
 use std::time::Duration;
@@ -27,6 +29,7 @@ pub async fn run(ctx: CtxRef) {
         Scenario::Fanout => fanout::run(ctx).await,
         Scenario::Churn => churn::run(ctx).await,
         Scenario::Resume => resume::run(ctx).await,
+        Scenario::Storm => storm::run(ctx).await,
     }
 }
 
@@ -34,7 +37,12 @@ pub async fn run(ctx: CtxRef) {
 /// intended to start at `intended_us`; records `connect`/`upgrade` (actual and
 /// intended) and counts it as attempted and established or failed.
 pub async fn open_conn(ctx: &CtxRef, k: u64, intended_us: u64) -> Option<Ws> {
-    let target = &ctx.targets[(k % ctx.targets.len() as u64) as usize];
+    open_conn_to(ctx, (k % ctx.targets.len() as u64) as usize, k, intended_us).await
+}
+
+/// [`open_conn`] to target `t` (an index into `--url`) instead of `k mod count`.
+pub async fn open_conn_to(ctx: &CtxRef, t: usize, k: u64, intended_us: u64) -> Option<Ws> {
+    let target = &ctx.targets[t];
     let source = source_addr(&target.addr, ctx.p().sources, k);
     ctx.stats.borrow_mut().add("connections.attempted", 1);
     let cfg = client_config(ctx.p().size + 1024);

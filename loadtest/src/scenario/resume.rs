@@ -22,20 +22,21 @@
 //! every dropped subscriber was back.
 
 use std::borrow::Cow;
-use std::cell::Cell;
-use std::rc::Rc;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::fanout::{publisher, Arrival, Seen, Stamp};
-use super::{close_conn, open_conn, pace, spawn, wait_until};
+use super::fanout::{Arrival, Seen};
+use super::rooms::{self, round_robin, Layout, Phase, Stamp};
+use super::{close_conn, open_conn_to};
 use crate::clock::{mono_us, secs_us, sleep_until_us};
-use crate::net::{client_config, establish, source_addr, Ws};
-use crate::schedule::Schedule;
+use crate::net::{client_config, establish, source_addr, Established, Target, Ws};
 use crate::worker::CtxRef;
 
 /// Name of history room `r`.
@@ -43,35 +44,15 @@ pub fn room_name(r: u64) -> String {
     format!("lt-hist-{r}")
 }
 
-/// Runs this worker's share of the resume scenario.
+/// Runs this worker's share of the resume scenario: subscriber j starts on URL
+/// `j mod count`, publishers on `pid mod count`.
 pub async fn run(ctx: CtxRef) {
-    let p = ctx.p().clone();
-    let (w, i) = (p.workers as u64, ctx.task.index as u64);
-    let (go_tx, go_rx) = watch::channel(0u64);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let settled = Rc::new(Cell::new(0u64));
-    let mut tasks = Vec::new();
-    let pubs = Schedule::new(ctx.task.start_us, 0.0, i, w, p.publishers);
-    for n in 0..pubs.len() {
-        let pid = pubs.global_index(n);
-        let f = publisher(ctx.clone(), pid, go_rx.clone(), stop_rx.clone(), settled.clone(), room_name);
-        tasks.push(spawn(f));
-    }
-    let subs = Schedule::new(ctx.task.start_us, p.rate, i, w, p.conns);
-    pace(subs, |_, j, intended| {
-        let f = subscriber(ctx.clone(), j, intended, go_rx.clone(), stop_rx.clone(), settled.clone());
-        tasks.push(spawn(f));
+    let layout = Layout { room: room_name, publisher_target: round_robin };
+    rooms::drive(ctx, layout, |ctx: CtxRef, j, intended, phase| {
+        let first = round_robin(j, ctx.targets.len());
+        subscriber(ctx, j, intended, first, phase)
     })
     .await;
-    let mine = subs.len() + pubs.len();
-    wait_until(ctx.timeout() * 3 + Duration::from_secs(1), || settled.get() >= mine).await;
-    let go = ctx.barrier("subscribed").await;
-    let _ = go_tx.send(go);
-    sleep_until_us(go + secs_us(p.duration) + secs_us(p.drain)).await;
-    let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = t.await;
-    }
 }
 
 /// A room message with its offset, parsed without owned strings.
@@ -93,7 +74,23 @@ struct Reply {
     epoch: Option<String>,
     recovered: Option<bool>,
     code: Option<String>,
+    url: Option<String>,
+    after_ms: Option<u64>,
 }
+
+/// A `reconnect` hint: wait `after_ms`, then connect to `url` (empty: the next
+/// `--url`). See docs/protocol.md, "Reconnect hints".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hint {
+    /// Where to go; empty = the same address (here: the next `--url`).
+    pub url: String,
+    /// How long to wait first, capped at [`MAX_AFTER_MS`].
+    pub after_ms: u64,
+}
+
+/// The longest `after_ms` a subscriber honours (the protocol promises 0-1,000 ms; a
+/// larger value is the server's bug, not a reason to sit out the run).
+pub const MAX_AFTER_MS: u64 = 10_000;
 
 /// What one subscriber knows about its room.
 #[derive(Debug, Default)]
@@ -118,26 +115,39 @@ impl Position {
         self.last = self.last.max(o);
         a
     }
+
+    /// Offsets between the base and the highest one received that never arrived: a
+    /// message lost in the middle of the stream (what is missing at the end shows
+    /// only in the expected count).
+    pub fn holes(&self) -> u64 {
+        (self.last - self.base).saturating_sub(self.seen.count(0))
+    }
+
+    /// The first offset in a hole, if any.
+    pub fn first_hole(&self) -> Option<u64> {
+        self.seen.first_missing(0, self.last - self.base).map(|s| self.base + 1 + s)
+    }
 }
 
 /// Handles one text frame on a joined connection: a room message is checked against
-/// the position and counted; `replayed` says whether it came before `joined`.
-fn on_frame(ctx: &CtxRef, pos: &mut Position, text: &str, replayed: bool) {
+/// the position and counted; `replayed` says whether it came before `joined`. A
+/// `reconnect` hint is returned for the caller to follow.
+fn on_frame(ctx: &CtxRef, pos: &mut Position, text: &str, replayed: bool) -> Option<Hint> {
     let now = mono_us();
-    let mut st = ctx.stats.borrow_mut();
     let (stamp, offset) = match serde_json::from_str::<Delivery>(text) {
         Ok(d) if d.ty == "message" => (d.data, d.offset),
-        _ => match serde_json::from_str::<Reply>(text).map(|r| r.ty) {
-            Ok(t) if t == "error" => return st.fail("server_error", false),
-            Ok(t) if t != "message" => return,
-            _ => return st.fail("bad_message", false),
-        },
+        _ => return on_control(ctx, text),
     };
+    let mut st = ctx.stats.borrow_mut();
     let Some(o) = offset else {
-        return st.fail("no_offset", false);
+        st.fail("no_offset", false);
+        return None;
     };
     match pos.note(o) {
-        Arrival::Duplicate => return st.add("messages.duplicates", 1),
+        Arrival::Duplicate => {
+            st.add("messages.duplicates", 1);
+            return None;
+        }
         Arrival::OutOfOrder => st.add("messages.out_of_order", 1),
         Arrival::New => {}
     }
@@ -147,6 +157,26 @@ fn on_frame(ctx: &CtxRef, pos: &mut Position, text: &str, replayed: bool) {
         st.record("replay_delivery", now.saturating_sub(stamp.t));
     } else {
         st.record_pair("delivery", now.saturating_sub(stamp.t), now.saturating_sub(stamp.i));
+    }
+    None
+}
+
+/// A frame that is not a room message: a hint is returned, an error counted.
+fn on_control(ctx: &CtxRef, text: &str) -> Option<Hint> {
+    let mut st = ctx.stats.borrow_mut();
+    match serde_json::from_str::<Reply>(text) {
+        Ok(r) if r.ty == "reconnect" => {
+            Some(Hint { url: r.url.unwrap_or_default(), after_ms: r.after_ms.unwrap_or(0).min(MAX_AFTER_MS) })
+        }
+        Ok(r) if r.ty == "error" => {
+            st.fail("server_error", false);
+            None
+        }
+        Ok(r) if r.ty != "message" => None,
+        _ => {
+            st.fail("bad_message", false);
+            None
+        }
     }
 }
 
@@ -169,7 +199,9 @@ async fn join(ctx: &CtxRef, ws: &mut Ws, room: &str, pos: &mut Position, first: 
                 Some(Ok(_)) => continue,
             };
             if t.as_str().contains("\"message\"") {
-                on_frame(ctx, pos, t.as_str(), true);
+                // A hint inside a join is not followed: the close that comes after it
+                // is, as a lost connection.
+                let _ = on_frame(ctx, pos, t.as_str(), true);
                 continue;
             }
             let Ok(r) = serde_json::from_str::<Reply>(t.as_str()) else { continue };
@@ -225,60 +257,172 @@ pub fn backoff_us(jitter_s: f64, seed: u64, attempt: u32) -> u64 {
     base / 2 + ((base / 2) as f64 * frac(seed ^ u64::from(attempt))) as u64
 }
 
-/// Reconnects after a drop: the next URL first, then round-robin, with backoff, until
-/// a connection is joined again or the run stops (`None`).
+/// Where a subscriber is connected: the `--url` index the round-robin continues
+/// from, and the address (a hint may name a node that is not in `--url`).
+struct At {
+    target: usize,
+    addr: SocketAddr,
+}
+
+/// Sleeps `d` unless the run stops first (then `false`).
+async fn pause(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = stop.wait_for(|s| *s) => false,
+    }
+}
+
+/// Reconnects after a drop, until a connection is joined again or the run stops
+/// (`None`). After a hint: wait its `after_ms`, then its URL (empty: the next
+/// `--url`), once; the hint's wait replaces the backoff. Otherwise, or when that
+/// fails: the next URL, round-robin, with backoff.
 async fn reconnect(
     ctx: &CtxRef,
     j: u64,
-    target: &mut usize,
+    at: &mut At,
     room: &str,
     pos: &mut Position,
     stop: &mut watch::Receiver<bool>,
+    hint: Option<Hint>,
 ) -> Option<Ws> {
     let n = ctx.targets.len();
     let seed = mix(j ^ mono_us());
     let mut attempt = 0u32;
+    if let Some(h) = hint {
+        if !pause(Duration::from_millis(h.after_ms), stop).await {
+            return None;
+        }
+        let t = hinted_target(ctx, &h.url, at);
+        if let Some(ws) = try_join(ctx, j, &t, room, pos).await {
+            at.addr = t.addr;
+            return Some(ws);
+        }
+        attempt = 1;
+    }
     loop {
         let delay = Duration::from_micros(backoff_us(ctx.p().reconnect_jitter, seed, attempt));
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stop.wait_for(|s| *s) => return None,
+        if !pause(delay, stop).await {
+            return None;
         }
         attempt += 1;
-        *target = (*target + 1) % n;
-        ctx.stats.borrow_mut().add("recovery.reconnect_attempts", 1);
-        let t = &ctx.targets[*target];
-        let cfg = client_config(ctx.p().size + 1024);
-        match establish(t, source_addr(&t.addr, ctx.p().sources, j), ctx.timeout(), cfg).await {
-            Ok((mut ws, _)) => match join(ctx, &mut ws, room, pos, false).await {
+        at.target = (at.target + 1) % n;
+        let t = ctx.targets[at.target].clone();
+        if let Some(ws) = try_join(ctx, j, &t, room, pos).await {
+            at.addr = t.addr;
+            return Some(ws);
+        }
+    }
+}
+
+/// The target a hint names: its URL, or the next `--url` when it is empty (or does not
+/// parse: counted as `recovery.bad_hint_url`). The round-robin continues from the
+/// `--url` at the same address, if there is one.
+fn hinted_target(ctx: &CtxRef, url: &str, at: &mut At) -> Target {
+    let next = |at: &mut At| {
+        at.target = (at.target + 1) % ctx.targets.len();
+        ctx.targets[at.target].clone()
+    };
+    if url.is_empty() {
+        return next(at);
+    }
+    match Target::parse(url) {
+        Ok(t) => {
+            ctx.stats.borrow_mut().add("recovery.hints_with_url", 1);
+            if let Some(i) = ctx.targets.iter().position(|x| x.addr == t.addr) {
+                at.target = i;
+            }
+            t
+        }
+        Err(_) => {
+            ctx.stats.borrow_mut().add("recovery.bad_hint_url", 1);
+            next(at)
+        }
+    }
+}
+
+/// One reconnect attempt to `t`: connect, then re-join with `since`. Counts the
+/// attempt, its failure by reason, and for an established one its upgrade time
+/// (`reconnect_upgrade`) and its 100 ms slot (see [`note_reconnected`]).
+async fn try_join(ctx: &CtxRef, j: u64, t: &Target, room: &str, pos: &mut Position) -> Option<Ws> {
+    ctx.stats.borrow_mut().add("recovery.reconnect_attempts", 1);
+    let cfg = client_config(ctx.p().size + 1024);
+    match establish(t, source_addr(&t.addr, ctx.p().sources, j), ctx.timeout(), cfg).await {
+        Ok((mut ws, e)) => {
+            note_reconnected(ctx, e);
+            match join(ctx, &mut ws, room, pos, false).await {
                 Ok(()) => return Some(ws),
                 Err(reason) => ctx.stats.borrow_mut().add(&format!("recovery.rejoin_failed.{reason}"), 1),
-            },
-            Err(reason) => ctx.stats.borrow_mut().add(&format!("recovery.reconnect_failed.{reason}"), 1),
+            }
         }
-        ctx.stats.borrow_mut().add("recovery.reconnect_failed", 1);
+        Err(reason) => ctx.stats.borrow_mut().add(&format!("recovery.reconnect_failed.{reason}"), 1),
+    }
+    ctx.stats.borrow_mut().add("recovery.reconnect_failed", 1);
+    None
+}
+
+/// Width of the slots reconnects are counted in, microseconds.
+pub const SLOT_US: u64 = 100_000;
+
+/// Counts an established reconnect in its 100 ms slot since the schedule's start
+/// (`recovery.reconnected_100ms.<slot>`, summed exactly across workers, which share
+/// the start time), and records its TCP-start-to-101 time.
+fn note_reconnected(ctx: &CtxRef, e: Established) {
+    let slot = e.upgraded_us.saturating_sub(ctx.task.start_us) / SLOT_US;
+    let mut st = ctx.stats.borrow_mut();
+    st.add(&format!("recovery.reconnected_100ms.{slot}"), 1);
+    st.record("reconnect_upgrade", e.upgraded_us - e.started_us);
+}
+
+/// Follows a hint: closes normally (1000) as the protocol asks, reading what still
+/// comes (room messages count as usual) until the server's close or EOF. A close
+/// that does not finish cleanly within `--timeout` is `recovery.hint_close_unclean`
+/// (not a failure: the re-join with `since` recovers what it missed).
+async fn leave(ctx: &CtxRef, mut ws: Ws, pos: &mut Position) {
+    let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
+    let clean = tokio::time::timeout(ctx.timeout(), async {
+        if ws.send(Message::Close(Some(frame))).await.is_err() {
+            return false;
+        }
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Text(t)) => {
+                    let _ = on_frame(ctx, pos, t.as_str(), false);
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    })
+    .await;
+    if clean != Ok(true) {
+        ctx.stats.borrow_mut().add("recovery.hint_close_unclean", 1);
     }
 }
 
 /// Why the live loop of a subscriber ended.
 enum End {
+    /// The run is over.
     Stop,
-    Lost,
+    /// `--drop-at`: dropped on purpose.
     Dropped,
+    /// A `reconnect` hint.
+    Hinted(Hint),
+    /// The server's close frame, without a hint first.
+    Closed,
+    /// EOF or an error (a killed node, a reset).
+    Lost,
 }
 
-async fn subscriber(
-    ctx: CtxRef,
-    j: u64,
-    intended: u64,
-    mut go: watch::Receiver<u64>,
-    mut stop: watch::Receiver<bool>,
-    settled: Rc<Cell<u64>>,
-) {
+/// Subscriber `j`: connects to target `first`, joins its room, then follows the
+/// room; whenever the connection ends (hint, close, loss, `--drop-at`) it reconnects
+/// and re-joins with `since`. Public to the crate's scenarios (storm puts every
+/// subscriber on the first URL).
+pub(super) async fn subscriber(ctx: CtxRef, j: u64, intended: u64, first: usize, mut phase: Phase) {
     let p = ctx.p().clone();
     let room = room_name(j % p.rooms);
     let mut pos = Position::default();
-    let ws = match open_conn(&ctx, j, intended).await {
+    let ws = match open_conn_to(&ctx, first, j, intended).await {
         Some(mut ws) => match join(&ctx, &mut ws, &room, &mut pos, true).await {
             Ok(()) => Some(ws),
             Err(reason) => {
@@ -289,12 +433,14 @@ async fn subscriber(
         },
         None => None,
     };
-    settled.set(settled.get() + 1);
+    phase.settled();
     let Some(mut ws) = ws else { return };
     ctx.stats.borrow_mut().add(&format!("fanout.room.{}.subs", j % p.rooms), 1);
-    let mut target = (j % ctx.targets.len() as u64) as usize;
+    let first_addr = ctx.targets[first].addr;
+    let mut at = At { target: first, addr: first_addr };
     let mut drop_pending = p.drop_at > 0.0 && j.is_multiple_of(2);
-    let drop_at = async {
+    let mut go = phase.go.clone();
+    let drop_at = async move {
         let g = match go.wait_for(|g| *g > 0).await {
             Ok(g) => *g,
             Err(_) => return std::future::pending().await,
@@ -304,48 +450,75 @@ async fn subscriber(
     tokio::pin!(drop_at);
     loop {
         let end = tokio::select! {
-            _ = stop.wait_for(|s| *s) => End::Stop,
+            _ = phase.stop.wait_for(|s| *s) => End::Stop,
             _ = &mut drop_at, if drop_pending => End::Dropped,
             m = ws.next() => match m {
-                Some(Ok(Message::Text(t))) => {
-                    on_frame(&ctx, &mut pos, t.as_str(), false);
-                    continue;
-                }
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => End::Lost,
+                Some(Ok(Message::Text(t))) => match on_frame(&ctx, &mut pos, t.as_str(), false) {
+                    Some(h) => End::Hinted(h),
+                    None => continue,
+                },
+                Some(Ok(Message::Close(_))) => End::Closed,
+                Some(Err(_)) | None => End::Lost,
                 Some(Ok(_)) => continue,
             },
         };
-        match end {
+        let dropped = mono_us();
+        let hint = match end {
             End::Stop => break,
-            End::Lost | End::Dropped => {
-                if matches!(end, End::Dropped) {
-                    drop_pending = false;
-                }
+            End::Hinted(h) => {
+                ctx.stats.borrow_mut().add("recovery.hints", 1);
+                leave(&ctx, ws, &mut pos).await;
+                Some(h)
+            }
+            other => {
+                let what = match other {
+                    End::Dropped => "recovery.dropped_on_purpose",
+                    End::Closed => "recovery.server_closes",
+                    _ => "recovery.abrupt_closes",
+                };
+                drop_pending &= !matches!(other, End::Dropped);
+                ctx.stats.borrow_mut().add(what, 1);
                 // Dropping the stream closes the socket without a close frame.
                 drop(ws);
-                ctx.open.set(ctx.open.get() - 1);
-                let dropped = mono_us();
-                {
-                    let mut st = ctx.stats.borrow_mut();
-                    st.add("recovery.drops", 1);
-                    st.min("first_drop_us", dropped);
-                }
-                match reconnect(&ctx, j, &mut target, &room, &mut pos, &mut stop).await {
-                    Some(back) => {
-                        let now = mono_us();
-                        let mut st = ctx.stats.borrow_mut();
-                        st.add("recovery.rejoined", 1);
-                        st.record("recovery", now - dropped);
-                        st.max("last_back_us", now);
-                        ctx.open.set(ctx.open.get() + 1);
-                        ws = back;
-                    }
-                    None => {
-                        ctx.stats.borrow_mut().fail("not_back", false);
-                        return;
-                    }
-                }
+                None
             }
+        };
+        ctx.open.set(ctx.open.get() - 1);
+        {
+            let mut st = ctx.stats.borrow_mut();
+            st.add("recovery.drops", 1);
+            st.min("first_drop_us", dropped);
+        }
+        match reconnect(&ctx, j, &mut at, &room, &mut pos, &mut phase.stop, hint).await {
+            Some(back) => {
+                let now = mono_us();
+                let mut st = ctx.stats.borrow_mut();
+                st.add("recovery.rejoined", 1);
+                st.record("recovery", now - dropped);
+                st.max("last_back_us", now);
+                ctx.open.set(ctx.open.get() + 1);
+                ws = back;
+            }
+            None => {
+                ctx.stats.borrow_mut().fail("not_back", false);
+                return;
+            }
+        }
+    }
+    {
+        let mut st = ctx.stats.borrow_mut();
+        if at.addr != first_addr {
+            st.add("recovery.ended_elsewhere", 1);
+        }
+        let holes = pos.holes();
+        if holes > 0 {
+            // Per room too, with the lowest missing offset: where in the stream it was.
+            let r = j % p.rooms;
+            st.add("messages.offset_holes", holes);
+            st.add("messages.subscribers_with_holes", 1);
+            st.add(&format!("holes.room.{r}.subscribers"), 1);
+            st.min(&format!("holes.room.{r}.first_offset"), pos.first_hole().unwrap_or(0));
+            st.max(&format!("holes.room.{r}.last_offset"), pos.first_hole().unwrap_or(0));
         }
     }
     close_conn(&ctx, ws).await;
@@ -366,6 +539,10 @@ mod tests {
         assert_eq!(p.note(40), Arrival::Duplicate, "the base itself came before the join");
         assert_eq!(p.note(7), Arrival::Duplicate);
         assert_eq!(p.last, 43);
+        assert_eq!(p.holes(), 0);
+        assert_eq!(p.note(46), Arrival::New);
+        assert_eq!(p.holes(), 2, "44 and 45 never came");
+        assert_eq!(p.first_hole(), Some(44));
     }
 
     #[test]
