@@ -99,6 +99,83 @@ async fn direct_path_serves_the_protocol_without_a_process_fd_per_connection() {
     }
 }
 
+/// Idle direct-path connections hold no reader task: after a quiet sweep
+/// interval every reader retires, and whatever arrives next (a message, a
+/// server close answered by the client, a client close) starts one again.
+/// The room member that idled still gets a publish; the idle timeout's
+/// close reaches a retired connection and frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_direct_readers_retire_and_come_back_for_what_arrives() {
+    const N: usize = 200;
+    let node = NodeProc::start(&[
+        "--shards",
+        "2",
+        "--set",
+        "server.io=direct",
+        "--set",
+        "websocket.sweep_interval_ms=100",
+        "--set",
+        "websocket.ping_interval_ms=2000",
+        "--set",
+        "websocket.idle_timeout_ms=2500",
+    ]);
+    if no_uring(&node) {
+        return;
+    }
+    let mut held = open_echoes(&node, N).await;
+    let (mut member, _) = rooms_client(&node, "idle-member").await;
+    send_json(&mut member, json!({"type":"join","room":"quiet"})).await;
+    assert_eq!(next_json(&mut member).await["type"], "joined");
+    let retired = |n: &NodeProc| n.metric_sum("ringside_readers_retired_total");
+    let t0 = std::time::Instant::now();
+    while retired(&node) < (N + 1) as f64 && t0.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(retired(&node) >= (N + 1) as f64, "readers retired: {}", retired(&node));
+    // Every retired connection still echoes (a reader starts for the data).
+    for (i, ws) in held.iter_mut().enumerate() {
+        ws.send(Message::Text("back".into())).await.unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+        assert!(matches!(&m, Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "back"), "echo {i}: {m:?}");
+    }
+    assert!(node.metric_sum("ringside_readers_restarted_total") >= N as f64);
+    // A publish from another connection reaches the retired member.
+    let (mut publisher, _) = rooms_client(&node, "idle-publisher").await;
+    send_json(&mut publisher, json!({"type":"join","room":"quiet"})).await;
+    assert_eq!(next_json(&mut publisher).await["type"], "joined");
+    send_json(&mut publisher, json!({"type":"publish","room":"quiet","data":7})).await;
+    let m = next_json(&mut member).await;
+    assert_eq!((m["type"].as_str(), m["data"].as_i64()), (Some("message"), Some(7)), "{m}");
+    // A client close on a retired connection completes the handshake.
+    let mut first = held.remove(0);
+    tokio::time::sleep(Duration::from_millis(400)).await; // retired again
+    first.close(None).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(_)) = first.next().await {} });
+    assert!(closed.await.is_ok(), "the client's close was answered");
+    // Nobody reads for a while: the server's ping (at 2 s of silence) goes
+    // unanswered, and the idle timeout (2.5 s) closes the rest with 4001; the
+    // client's answer to that close on a retired connection frees the slot.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    for mut ws in held {
+        let code = loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(Message::Close(f)))) => break f.map(|f| u16::from(f.code)),
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("no close: {other:?}"),
+            }
+        };
+        assert_eq!(code, Some(4001));
+        let end = tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(_)) = ws.next().await {} });
+        assert!(end.await.is_ok(), "the close handshake ended");
+    }
+    drop((member, publisher));
+    let t0 = std::time::Instant::now();
+    while node.metric_sum("ringside_websockets_open") > 0.0 && t0.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(node.metric_sum("ringside_websockets_open"), 0.0, "every slot freed");
+}
+
 #[tokio::test]
 async fn poll_path_serves_the_same_protocol_with_an_fd_per_connection() {
     let node = NodeProc::start(&["--shards", "2", "--set", "server.io=poll"]);

@@ -115,6 +115,10 @@ pub struct ShardMetrics {
     pub handed_over: Counter,
     /// Upgrade: connections taken over from the old process.
     pub resumed: Counter,
+    /// Idle direct-path readers that ended (their connection waits without a task).
+    pub readers_retired: Counter,
+    /// Readers started again for retired connections.
+    pub readers_restarted: Counter,
     /// Drain: open WebSockets that got a reconnect hint.
     pub drain_hinted: Counter,
     /// Drain: WebSockets still open at its end, closed with 1001.
@@ -184,6 +188,8 @@ impl Default for ShardMetrics {
             pings_sent: Counter::default(),
             handed_over: Counter::default(),
             resumed: Counter::default(),
+            readers_retired: Counter::default(),
+            readers_restarted: Counter::default(),
             drain_hinted: Counter::default(),
             drain_closed: Counter::default(),
             unfinished_closed: Counter::default(),
@@ -352,6 +358,10 @@ pub fn render(t: &mut Text, shards: &[&ShardMetrics], mailbox_depth: &[(usize, u
     per_shard(t, shards, "upgrade_resumed_total", C, "Upgrade: connections taken over from the old process.", |m| {
         m.resumed.get()
     });
+    let help = "Idle direct-path readers retired: their connection waits with no task.";
+    per_shard(t, shards, "readers_retired_total", C, help, |m| m.readers_retired.get());
+    let help = "Readers started again for retired connections (data, EOF or a close arrived).";
+    per_shard(t, shards, "readers_restarted_total", C, help, |m| m.readers_restarted.get());
     per_shard(t, shards, "drain_hinted_total", C, "Drain: open WebSockets sent a reconnect hint.", |m| {
         m.drain_hinted.get()
     });

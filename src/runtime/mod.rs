@@ -14,6 +14,7 @@
 
 pub mod accept;
 pub mod handover;
+pub mod idle;
 pub mod limits;
 pub mod mailbox;
 pub mod metrics;

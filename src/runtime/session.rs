@@ -42,6 +42,9 @@ enum Next {
     /// The shard is handing its connections to a new process: stop reading,
     /// touch nothing (the socket may already be the new process's).
     Frozen,
+    /// Idle on the direct path: the task ends, the connection stays; an idle
+    /// waker starts a new reader when something arrives ([`super::idle`]).
+    Retire,
 }
 
 /// Runs one accepted connection to the end.
@@ -73,7 +76,7 @@ pub async fn run<A: App>(shard: Rc<Shard<A>>, stream: Rc<SharedStream>, id: Conn
 
 async fn finish<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: ConnId, next: Next) {
     match next {
-        Next::Frozen => {}
+        Next::Frozen | Next::Retire => {}
         Next::Linger => {
             Box::pin(linger(shard, stream, id)).await;
             shard.remove_conn(id);
@@ -414,9 +417,10 @@ async fn read_loop<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: 
     // the task running without this count.
     let mut streak = 0u32;
     loop {
-        match wait_readable(stream).await {
-            Ok(true) => streak = 0,
-            Ok(false) => {}
+        match wait_readable(shard, stream, id).await {
+            Ok(Some(true)) => streak = 0,
+            Ok(Some(false)) => {}
+            Ok(None) => return Next::Retire,
             Err(_) => return Next::Linger,
         }
         loop {
@@ -471,15 +475,51 @@ async fn read_loop<A: App>(shard: &Rc<Shard<A>>, stream: &Rc<SharedStream>, id: 
     }
 }
 
-/// Waits for readability; true if the wait really suspended the task.
-async fn wait_readable(stream: &SharedStream) -> std::io::Result<bool> {
+/// Waits for readability; `Some(true)` if the wait really suspended the
+/// task. On the direct path a reader that the sweep asked to retire
+/// (`Conn::retire`) and that would wait now hands the wait to an idle waker
+/// instead and gets `None`: its task ends ([`super::idle`]).
+async fn wait_readable<A: App>(shard: &Shard<A>, stream: &SharedStream, id: ConnId) -> std::io::Result<Option<bool>> {
     let mut fut = std::pin::pin!(stream.readable());
     let mut polls = 0u32;
     poll_fn(|cx| {
         polls += 1;
-        fut.as_mut().poll(cx).map(|r| r.map(|()| polls > 1))
+        if let Poll::Ready(r) = fut.as_mut().poll(cx) {
+            return Poll::Ready(r.map(|()| Some(polls > 1)));
+        }
+        if !stream.can_retire() || !retire(shard, id) {
+            return Poll::Pending;
+        }
+        let waker = super::idle::idle_waker(id);
+        match fut.as_mut().poll(&mut std::task::Context::from_waker(&waker)) {
+            // Something arrived in between: read on.
+            Poll::Ready(r) => {
+                if let Some(c) = shard.table.borrow_mut().get_mut(id) {
+                    c.retired = false;
+                }
+                Poll::Ready(r.map(|()| Some(true)))
+            }
+            Poll::Pending => {
+                shard.metrics().readers_retired.inc();
+                Poll::Ready(Ok(None))
+            }
+        }
     })
     .await
+}
+
+/// Whether `id`'s reader retires now: asked to by the sweep, open, and
+/// nothing being written or waited for. Marks it retired.
+fn retire<A: App>(shard: &Shard<A>, id: ConnId) -> bool {
+    let mut table = shard.table.borrow_mut();
+    let Some(c) = table.get_mut(id) else { return false };
+    if !c.retire {
+        return false;
+    }
+    c.retire = false;
+    let ok = c.phase == Phase::Open && !c.writing && c.out.is_empty() && !shard.frozen.get();
+    c.retired = ok;
+    ok
 }
 
 /// An inline write that holds the reader this long counts as a read pause.

@@ -30,6 +30,7 @@ impl<A: App> Shard<A> {
         let mut queued = 0;
         let mut stalled = Vec::new();
         let mut blocked = Vec::new();
+        let mut retiring = Vec::new();
         {
             let mut table = self.table.borrow_mut();
             for (id, c) in table.iter_mut() {
@@ -40,6 +41,20 @@ impl<A: App> Shard<A> {
                     c.ctx = None;
                 }
                 readers += c.ctx.is_some() as usize;
+                // Quiet for a sweep interval on the direct path: its reader
+                // task ends at its next wait (see runtime/idle.rs).
+                if c.phase == Phase::Open
+                    && quiet >= w.sweep_interval_ms
+                    && !c.retired
+                    && !c.retire
+                    && !c.writing
+                    && c.out.is_empty()
+                {
+                    if let Some(s) = c.stream.as_ref().filter(|s| s.can_retire()) {
+                        c.retire = true;
+                        retiring.push(s.clone());
+                    }
+                }
                 queued += c.queued();
                 let stuck = c.inflight > 0 && now.saturating_sub(c.write_started_ms) > w.write_timeout_ms;
                 if c.phase == Phase::Open && stuck {
@@ -78,6 +93,9 @@ impl<A: App> Shard<A> {
         self.publish_deflate_stats();
         if let Some(ring) = self.ring.get() {
             self.metrics().recv_buffers_exhausted.set(ring.stats().enobufs);
+        }
+        for s in retiring {
+            s.wake_reader();
         }
         for id in blocked {
             self.metrics().slow_consumer_closed.inc();

@@ -138,6 +138,10 @@ pub struct Conn<S> {
     pub upgraded: bool,
     /// Being detached for a handover to a new process.
     pub handing: bool,
+    /// The sweep asks its (direct-path) reader to retire at its next wait.
+    pub retire: bool,
+    /// No reader task: an idle waker starts one ([`super::idle`]).
+    pub retired: bool,
     /// Close code we sent or will send (for metrics), 0 = none.
     pub close_code: u16,
     /// permessage-deflate, when the upgrade accepted it: where the inbound
@@ -178,6 +182,8 @@ impl<S: Default> Conn<S> {
             stream: None,
             upgraded: false,
             handing: false,
+            retire: false,
+            retired: false,
             close_code: 0,
             deflate: None,
         }

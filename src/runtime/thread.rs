@@ -149,6 +149,7 @@ async fn shard_main<A: App>(
             for _ in 0..accept::DIRECT_ACCEPTS {
                 monoio::spawn(accept::accept_direct(shard.clone(), ring.clone(), l.clone()));
             }
+            monoio::spawn(super::idle::dispatch(shard.clone()));
         }
     }
     if let Some(admin) = admin {

@@ -47,6 +47,22 @@ impl SharedStream {
         }
     }
 
+    /// Whether an idle reader may end and leave the wait to a waker of its
+    /// own (the direct path: readiness is a completion in the shard's ring,
+    /// which wakes whatever waker was registered; monoio's readiness wait
+    /// is an op that lives as long as its future).
+    pub fn can_retire(&self) -> bool {
+        matches!(self, SharedStream::Direct(_))
+    }
+
+    /// Wakes the reader waiting on this socket (direct path), so that it
+    /// looks at its connection's state again.
+    pub fn wake_reader(&self) {
+        if let SharedStream::Direct(d) = self {
+            d.ring.wake(d.recv);
+        }
+    }
+
     /// Waits until the socket has data (or EOF, or an error) to read.
     pub async fn readable(&self) -> io::Result<()> {
         match self {

@@ -680,6 +680,14 @@ impl Ring {
         self.rearm_starved(1);
     }
 
+    /// Wakes the waker `key` registered, if any (its reader looks again).
+    pub fn wake(&self, key: usize) {
+        let waker = self.recvs.borrow_mut().get_mut(key).and_then(|st| st.waker.take());
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
     /// Marks `key` shut for reading: its reader sees EOF once it read what
     /// had arrived.
     pub fn shut_read(&self, key: usize) {
