@@ -45,8 +45,13 @@ const SHUT_TAG: u64 = 1 << 60;
 /// is over its cap, or its task is slow) would otherwise take the shared
 /// ring's buffers one arrival after another; past this it is re-armed only
 /// once its task read what it holds, and meanwhile its peer's TCP window
-/// fills, as on the poll path. The kernel may fill many more before the
-/// cancel lands (see `server.recv_multishot`).
+/// fills, as on the poll path. A cancel cannot stop a receive the kernel
+/// is busy re-issuing on a socket with a backlog (it answers `ENOENT`), so
+/// each multishot receive also ends by itself after [`MAX_HELD`] buffers'
+/// worth of bytes (`IORING_RECV_MSHOT_LIM`, see [`Ring::mshot_limit`]): on
+/// a backlog every receive fills a whole buffer, so that is at most
+/// `MAX_HELD` buffers; a trickle of small arrivals each reaches user space
+/// (one task-work run per kernel entry), where the cancel does land.
 const MAX_HELD: usize = 4;
 
 /// Completion queue entries (16 bytes each): a mass close (a sweep timing
@@ -78,9 +83,12 @@ pub struct RingSetup {
     pub buffers: u16,
     /// Bytes per receive buffer.
     pub buffer_bytes: usize,
-    /// Arm multishot receives (one SQE per connection until it ends)
-    /// rather than one buffer-select receive per arrival. See
-    /// `server.recv_multishot` for why this is not the default.
+    /// Arm multishot receives (one SQE per connection serves many
+    /// arrivals) rather than one buffer-select receive per arrival. Only
+    /// where the kernel caps a multishot receive's bytes
+    /// (`IORING_RECV_MSHOT_LIM`, 6.17): elsewhere the one-shot receive is
+    /// used, since an uncapped one lets a flooder take the whole buffer
+    /// ring (`server.recv_multishot`).
     pub multishot: bool,
     /// `IORING_SETUP_COOP_TASKRUN` (`server.uring_coop_taskrun`): completion
     /// work runs at the shard's next kernel entry instead of interrupting
@@ -214,6 +222,11 @@ pub struct RingStats {
     pub enobufs: u64,
     /// `io_uring_enter` calls made to submit.
     pub submits: u64,
+    /// Receive SQEs pushed (one per arrival on the one-shot path; one per
+    /// `MAX_HELD` buffers' worth, or per cancel, on the multishot path).
+    pub recv_arms: u64,
+    /// Completions reaped.
+    pub completions: u64,
 }
 
 /// A shard's raw ring. Single-threaded: it lives in an `Rc` on its shard.
@@ -228,7 +241,9 @@ pub struct Ring {
     submitter: RefCell<Option<Waker>>,
     scratch: Cell<Vec<(u64, i32, u32)>>,
     stats: Cell<RingStats>,
-    multishot: bool,
+    /// Bytes after which a multishot receive ends by itself; 0: one-shot
+    /// receives (multishot not asked for, or the kernel cannot cap it).
+    mshot_bytes: u32,
 }
 
 impl Ring {
@@ -240,7 +255,7 @@ impl Ring {
         if setup.coop_taskrun {
             b.setup_coop_taskrun();
         }
-        let uring = match b.build(setup.entries) {
+        let mut uring = match b.build(setup.entries) {
             Ok(u) => u,
             // Kernels before 5.19 know no COOP_TASKRUN: a plain ring then.
             Err(_) if setup.coop_taskrun => {
@@ -250,6 +265,21 @@ impl Ring {
         };
         uring.submitter().register_files_sparse(setup.files)?;
         let bufs = BufRing::new(&uring, 0, setup.buffers, setup.buffer_bytes)?;
+        let mshot_bytes = if setup.multishot {
+            match Self::mshot_limit(&mut uring, &bufs) {
+                Ok(true) => (setup.buffer_bytes * MAX_HELD).min(u32::MAX as usize) as u32,
+                res => {
+                    tracing::warn!(
+                        result = ?res,
+                        "server.recv_multishot: this kernel cannot cap a multishot receive's bytes \
+                         (IORING_RECV_MSHOT_LIM, Linux 6.17); using one-shot receives"
+                    );
+                    0
+                }
+            }
+        } else {
+            0
+        };
         Ok(Rc::new(Ring {
             uring: RefCell::new(uring),
             ops: RefCell::new(Slab::new()),
@@ -261,8 +291,59 @@ impl Ring {
             submitter: RefCell::new(None),
             scratch: Cell::new(Vec::new()),
             stats: Cell::new(RingStats::default()),
-            multishot: setup.multishot,
+            mshot_bytes,
         }))
+    }
+
+    /// Whether this kernel ends a multishot receive after the bytes given
+    /// in `sqe->optlen` (`IORING_RECV_MSHOT_LIM`, Linux 6.17); older ones
+    /// ignore the field. Asked of a fresh ring (before its drivers run) on a
+    /// socket pair holding 2 bytes, with a cap of 1: a capped receive
+    /// ends after its first read (6.18 reads both bytes, the cap is checked
+    /// after each read), without `IORING_CQE_F_MORE`; an uncapped one stays
+    /// armed (and is cancelled here).
+    fn mshot_limit(uring: &mut IoUring, bufs: &BufRing) -> io::Result<bool> {
+        let mut fds = [0; 2];
+        // SAFETY: plain syscall filling a local array.
+        if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds are fresh and owned here; they close on drop.
+        let (a, b) = unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: writes 2 bytes from a local array to our own socket.
+        if unsafe { libc::write(b.as_raw_fd(), b"ab".as_ptr().cast(), 2) } != 2 {
+            return Err(io::Error::last_os_error());
+        }
+        let sqe = with_optlen(opcode::RecvMulti::new(types::Fd(a.as_raw_fd()), bufs.group()).build(), 1);
+        // SAFETY: the SQE points at no memory of ours (the buffer ring's
+        // mappings live as long as the ring).
+        unsafe { uring.submission().push(&sqe.user_data(1)) }.map_err(|_| io::Error::other("probe: SQ full"))?;
+        uring.submit_and_wait(1)?;
+        let first = uring.completion().next().map(|c| (c.result(), c.flags()));
+        let capped = matches!(first, Some((n, f)) if n > 0 && !cqueue::more(f));
+        let mut pending = first.is_some_and(|(_, f)| cqueue::more(f));
+        if let Some(bid) = first.and_then(|(_, f)| cqueue::buffer_select(f)) {
+            bufs.give_back(bid);
+        }
+        if pending {
+            // Uncapped: the receive is still armed; cancel it and wait for its end.
+            let cancel = opcode::AsyncCancel::new(1).build().user_data(2);
+            // SAFETY: as above.
+            unsafe { uring.submission().push(&cancel) }.map_err(|_| io::Error::other("probe: SQ full"))?;
+            while pending {
+                uring.submit_and_wait(1)?;
+                for c in uring.completion() {
+                    if c.user_data() == 1 {
+                        pending = cqueue::more(c.flags());
+                        if let Some(bid) = cqueue::buffer_select(c.flags()) {
+                            bufs.give_back(bid);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(capped)
     }
 
     /// Counters so far.
@@ -368,6 +449,9 @@ impl Ring {
                 }
                 break;
             }
+            let mut st = self.stats.get();
+            st.completions += batch.len() as u64;
+            self.stats.set(st);
             for &(ud, res, flags) in &batch {
                 self.complete(ud, res, flags);
             }
@@ -478,7 +562,9 @@ impl Ring {
             return;
         }
         let again = match self.recvs.borrow_mut().get_mut(key) {
-            Some(st) if st.armed && st.closed => true,
+            // Closed or being detached: it must end (a detach waits for
+            // it); a busy multishot receive is found on a later try.
+            Some(st) if st.armed && (st.closed || st.shut_rd) => true,
             Some(st) => {
                 st.cancelling = false;
                 false
@@ -513,8 +599,11 @@ impl Ring {
             st.armed = true;
         }
         let fd = types::Fixed(slot);
-        let sqe = if self.multishot {
-            opcode::RecvMulti::new(fd, self.bufs.group()).build()
+        let mut st = self.stats.get();
+        st.recv_arms += 1;
+        self.stats.set(st);
+        let sqe = if self.mshot_bytes > 0 {
+            with_optlen(opcode::RecvMulti::new(fd, self.bufs.group()).build(), self.mshot_bytes)
         } else {
             // Length 0: the selected buffer's. The buffer is picked when
             // data arrives, so a connection waiting here holds none.
@@ -826,6 +915,19 @@ impl Ring {
         }
         (Ok(res as usize), buf)
     }
+}
+
+/// `sqe` with `optlen` (bytes 44..48 of the kernel's SQE) set: for a
+/// multishot receive, the bytes after which it ends (`IORING_RECV_MSHOT_LIM`).
+fn with_optlen(mut sqe: squeue::Entry, optlen: u32) -> squeue::Entry {
+    // SAFETY: `Entry` is `repr(C)` over the kernel's 64-byte SQE; `optlen`
+    // is the u32 at offset 44 (the union with `splice_fd_in`/`file_index`,
+    // which a receive does not use).
+    unsafe {
+        let raw = &mut *(&mut sqe as *mut squeue::Entry).cast::<[u8; 64]>();
+        raw[44..48].copy_from_slice(&optlen.to_ne_bytes());
+    }
+    sqe
 }
 
 fn cancel_sqe(key: usize, ud: u64) -> squeue::Entry {
