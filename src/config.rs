@@ -147,17 +147,18 @@ pub struct ServerConfig {
     /// read is one turn of the shard). Default 65536.
     pub recv_buffer_bytes: usize,
     /// Receive with multishot receives (`io = direct`): one SQE per
-    /// connection serves every arrival until it ends. Default false: a
-    /// multishot receive armed on a socket with a backlog keeps taking
-    /// buffers (the kernel loops while data is there) before its first
-    /// completion is even reaped, and cancelling it fails (`ENOENT`) while
-    /// it is busy; a flooding peer whose task waits on a blocked write then
-    /// holds the whole shared ring and its neighbours starve (measured: a
-    /// ping flood took all 256 buffers, `/health` on the same shard timed
-    /// out). With false, each arrival is one buffer-select receive, re-armed
-    /// once the connection's task read the buffer: at most one buffer per
-    /// connection, and still no syscall of its own (the SQE is submitted
-    /// with the loop turn's batch).
+    /// connection serves every arrival until it ends. Each is capped at 4
+    /// buffers' worth of bytes (`IORING_RECV_MSHOT_LIM`, kernel 6.17; on an
+    /// older kernel ringside falls back to one-shot receives with a
+    /// warning), so a flooding peer cannot take the shared ring even when
+    /// cancelling its receive fails while it is busy (`ENOENT`), which
+    /// uncapped it did (a ping flood took all 256 buffers). Default false:
+    /// it saved 2-3 % of CPU per message (results/2026-12-01-uring-cpu),
+    /// and an upgrade's detach of a busy multishot receive can time out
+    /// (the connection then gets a reconnect hint instead of moving). With
+    /// false, each arrival is one buffer-select receive, re-armed once the
+    /// connection's task read the buffer: at most one buffer per
+    /// connection, and still no syscall of its own.
     pub recv_multishot: bool,
     /// Node identity in metrics, welcome messages and Redis. Empty = generated.
     pub node_id: String,
