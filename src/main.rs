@@ -130,6 +130,10 @@ fn main() -> ExitCode {
     // the default action (exit 143 without a word).
     let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]);
     let args = Args::parse();
+    // mimalloc purges freed pages only while their thread allocates; a
+    // shard whose readers retired may then stay quiet (runtime/idle.rs).
+    // SAFETY: mi_collect only walks the calling thread's own heap.
+    ringside::runtime::set_heap_collect(|| unsafe { libmimalloc_sys::mi_collect(false) });
     init_logging(&args);
     abort_on_panic();
     let config = match load(&args) {

@@ -225,7 +225,7 @@ pub struct Session {
     /// Client id on `/ws`.
     pub client_id: Option<Arc<str>>,
     /// Rooms joined on `/ws`.
-    pub rooms: Vec<Rc<str>>,
+    pub rooms: Joined,
     /// Message rate (`limits.messages_per_second`), created on the first message.
     pub rate: Option<Box<TokenBucket>>,
     /// What the token allows (`auth.mode = "token"`); `None`: everything.
@@ -239,6 +239,45 @@ pub struct Session {
     pub in_flight: u8,
     /// What the connect backend said to do on open (rooms, welcome data).
     pub connect: Option<Box<backend::Grant>>,
+}
+
+/// The rooms a session joined: 8 bytes while it has none (every idle
+/// connection holds one), a `Vec` once it joins.
+#[derive(Debug, Default, Clone)]
+// Boxed on purpose: 8 bytes in every session instead of a `Vec`'s 24.
+#[allow(clippy::box_collection)]
+pub struct Joined(Option<Box<Vec<Rc<str>>>>);
+
+impl Joined {
+    /// Adds `room`.
+    pub fn push(&mut self, room: Rc<str>) {
+        self.0.get_or_insert_with(Box::default).push(room);
+    }
+
+    /// Removes the room at `i` (the last one takes its place).
+    pub fn swap_remove(&mut self, i: usize) -> Rc<str> {
+        let v = self.0.as_mut().expect("index of a joined room");
+        let r = v.swap_remove(i);
+        if v.is_empty() {
+            self.0 = None;
+        }
+        r
+    }
+}
+
+impl std::ops::Deref for Joined {
+    type Target = [Rc<str>];
+    fn deref(&self) -> &[Rc<str>] {
+        self.0.as_deref().map_or(&[], |v| v.as_slice())
+    }
+}
+
+impl<'a> IntoIterator for &'a Joined {
+    type Item = &'a Rc<str>;
+    type IntoIter = std::slice::Iter<'a, Rc<str>>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
 }
 
 /// What a connection's token allows, until when.

@@ -118,7 +118,7 @@ pub fn movable_kind<S>(c: &Conn<S>) -> bool {
 /// message open (a frame still arriving is fine: its bytes go along), no
 /// write in flight.
 pub fn at_rest<S>(c: &Conn<S>) -> bool {
-    movable_kind(c) && c.boundary.movable() && !c.writing
+    movable_kind(c) && c.boundary.as_ref().is_none_or(|b| b.movable()) && !c.writing
 }
 
 impl<A: App> Shard<A> {

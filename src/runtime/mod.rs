@@ -13,6 +13,23 @@
 //!   channel, and the single-writer counters.
 
 pub mod accept;
+
+/// What returns a shard thread's freed memory to the system (the binary's
+/// allocator sets it: [`set_heap_collect`]); `None` in library use.
+static HEAP_COLLECT: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Installs `f`, called on a shard thread after its idle readers retired:
+/// an allocator that purges freed pages only while its thread allocates
+/// (mimalloc) would otherwise keep a quiet shard's freed pages resident.
+pub fn set_heap_collect(f: fn()) {
+    let _ = HEAP_COLLECT.set(f);
+}
+
+fn collect_heap() {
+    if let Some(f) = HEAP_COLLECT.get() {
+        f();
+    }
+}
 pub mod handover;
 pub mod idle;
 pub mod limits;

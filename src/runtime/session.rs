@@ -641,7 +641,7 @@ fn process_input<A: App>(shard: &Rc<Shard<A>>, id: ConnId, data: &[u8]) -> Next 
             }
             next = Next::Linger;
         }
-        c.unfinished_since_ms = match (c.boundary.at_rest(), c.unfinished_since_ms) {
+        c.unfinished_since_ms = match (c.boundary.is_none(), c.unfinished_since_ms) {
             (true, _) => 0,
             (false, 0) => now.max(1),
             (false, t) => t,
@@ -705,8 +705,13 @@ fn inflate_frames<A: App>(
 /// tungstenite, the rest waits in `c.partial`. Also says whether invalid
 /// UTF-8 arrived (then nothing from its frame on is kept or handed on).
 fn whole_frames<S>(c: &mut Conn<S>, data: &[u8], max_frame: u64) -> (Whole, bool) {
-    let cut = c.boundary.feed(data, max_frame);
-    let failed = c.boundary.invalid_utf8();
+    // On the stack while it works; kept (boxed) only if not at rest.
+    let mut boundary = c.boundary.take().map(|b| *b).unwrap_or_default();
+    let cut = boundary.feed(data, max_frame);
+    let failed = boundary.invalid_utf8();
+    if !boundary.at_rest() {
+        c.boundary = Some(Box::new(boundary));
+    }
     let mut stash = c.partial.take().map(|b| *b).unwrap_or_default();
     let whole = match (stash.is_empty(), cut) {
         (true, _) => {
@@ -818,7 +823,8 @@ fn read_step<A: App>(shard: &Shard<A>, c: &mut Conn<A::Conn>, input: &mut &[u8],
 /// Updates the shard's count of unfinished bytes with what `c` holds now;
 /// true when the shard is over its budget (and `c` holds some of it).
 fn account_unfinished<A: App>(shard: &Shard<A>, c: &mut Conn<A::Conn>) -> bool {
-    let held = c.partial.as_ref().map_or(0, |p| p.len()) + c.boundary.message_bytes() as usize;
+    let held =
+        c.partial.as_ref().map_or(0, |p| p.len()) + c.boundary.as_ref().map_or(0, |b| b.message_bytes()) as usize;
     let total = shard.unfinished.get() + held - c.unfinished_bytes as usize;
     shard.unfinished.set(total);
     // A frame and a message are each bounded by limits far below 4 GiB.

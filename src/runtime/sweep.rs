@@ -35,7 +35,7 @@ impl<A: App> Shard<A> {
             let mut table = self.table.borrow_mut();
             for (id, c) in table.iter_mut() {
                 let quiet = now.saturating_sub(c.last_rx_ms);
-                let reader_idle = c.ctx.as_ref().is_some_and(|ctx| ctx.can_write()) && c.boundary.at_rest();
+                let reader_idle = c.ctx.as_ref().is_some_and(|ctx| ctx.can_write()) && c.boundary.is_none();
                 if c.phase == Phase::Open && quiet >= w.sweep_interval_ms && reader_idle {
                     // Quiet at a frame boundary: give the read buffer back.
                     c.ctx = None;

@@ -138,7 +138,10 @@ pub struct Conn<S> {
     /// and dropped again when the connection rests at a frame boundary.
     pub ctx: Option<Box<WebSocketContext>>,
     /// Where the inbound byte stream stands relative to frames.
-    pub boundary: Boundary,
+    /// `None` at rest (whole frames only, no fragmented message open): a
+    /// resting boundary is a fresh one, and the many idle connections then
+    /// pay 8 bytes for it instead of 48.
+    pub boundary: Option<Box<Boundary>>,
     /// Bytes of a frame still arriving (tungstenite gets whole frames only);
     /// boxed, so that the many connections without one pay 8 bytes.
     pub partial: Option<Box<Vec<u8>>>,
@@ -194,7 +197,7 @@ impl<S: Default> Conn<S> {
             close_deadline_ms: 0,
             app: S::default(),
             ctx: None,
-            boundary: Boundary::default(),
+            boundary: None,
             partial: None,
             unfinished_bytes: 0,
             unfinished_since_ms: 0,

@@ -236,8 +236,16 @@ fn nofile() -> usize {
 
 async fn sweeper<A: App>(shard: Rc<Shard<A>>) {
     let every = Duration::from_millis(shard.node.config.websocket.sweep_interval_ms);
+    let mut retired = 0;
     loop {
         monoio::time::sleep(every).await;
+        // Readers that retired since the last sweep freed their tasks: the
+        // allocator gets to purge those pages now (the shard may stay quiet).
+        let now = shard.metrics().readers_retired.get();
+        if now != retired {
+            retired = now;
+            super::collect_heap();
+        }
         shard.sweep();
     }
 }

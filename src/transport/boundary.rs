@@ -276,6 +276,54 @@ mod tests {
         }
     }
 
+    /// The runtime drops a connection's boundary whenever it is at rest and
+    /// starts the next read from a fresh one: that must be the same as
+    /// keeping it, for any stream split anywhere.
+    #[test]
+    fn a_boundary_at_rest_is_a_fresh_one() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..300 {
+            let mut stream = Vec::new();
+            for _ in 0..rng.usize(1..12) {
+                match rng.u8(0..5) {
+                    0 => stream.extend(frame(1, true, rng.usize(0..200))),
+                    1 => stream.extend(frame(2, true, rng.usize(0..70_000))),
+                    2 => stream.extend(frame(9, true, rng.usize(0..125))),
+                    3 => {
+                        // A fragmented text message with a ping inside.
+                        stream.extend(frame(1, false, rng.usize(0..50)));
+                        stream.extend(frame(9, true, 3));
+                        stream.extend(frame(0, true, rng.usize(0..50)));
+                    }
+                    _ => {
+                        // Unmasked payload under a zero key: invalid UTF-8 in text.
+                        stream.extend([0x81, 0x82, 0, 0, 0, 0, 0xC3, 0x28]);
+                    }
+                }
+            }
+            let (mut kept, mut dropped) = (Boundary::default(), Boundary::default());
+            let mut at = 0;
+            while at < stream.len() {
+                let n = rng.usize(1..=(stream.len() - at).min(5000));
+                let part = &stream[at..at + n];
+                at += n;
+                let a = kept.feed(part, 1 << 20);
+                let b = dropped.feed(part, 1 << 20);
+                assert_eq!(a, b, "cut");
+                assert_eq!(kept.invalid_utf8(), dropped.invalid_utf8());
+                assert_eq!(kept.at_rest(), dropped.at_rest());
+                assert_eq!(kept.message_bytes(), dropped.message_bytes());
+                assert_eq!(kept.movable(), dropped.movable());
+                if kept.invalid_utf8() {
+                    break;
+                }
+                if dropped.at_rest() {
+                    dropped = Boundary::default();
+                }
+            }
+        }
+    }
+
     #[test]
     fn partial_frames_and_open_fragments_are_not_at_rest() {
         let mut b = Boundary::default();

@@ -26,15 +26,15 @@ use monoio::net::TcpStream;
 use super::uring::Ring;
 
 /// A connection's socket, shared by its reader and its writer: a handle
-/// (cloning it is a reference count). Each variant is its own `Rc`, so a
-/// connection pays for its path's state only (a direct stream is 24 bytes,
-/// a poll stream monoio's 80): an idle connection holds one of these.
+/// (cloning it counts a reference). A poll stream is monoio's 80 bytes in
+/// an `Rc`; a direct stream is 16 bytes inline whose references the ring
+/// counts, so an idle direct connection allocates nothing for its socket.
 #[derive(Clone)]
 pub enum SharedStream {
     /// A plain fd served through monoio.
     Poll(Rc<PollStream>),
     /// A direct descriptor in the shard's ring.
-    Direct(Rc<DirectStream>),
+    Direct(DirectStream),
 }
 
 impl SharedStream {
@@ -45,7 +45,7 @@ impl SharedStream {
 
     /// Wraps a direct descriptor.
     pub fn direct(stream: DirectStream) -> Self {
-        SharedStream::Direct(Rc::new(stream))
+        SharedStream::Direct(stream)
     }
 
     /// The socket's fd; -1 for a direct descriptor (which has none).
@@ -68,7 +68,7 @@ impl SharedStream {
     /// looks at its connection's state again.
     pub fn wake_reader(&self) {
         if let SharedStream::Direct(d) = self {
-            d.ring.wake(d.recv);
+            d.ring.wake(d.key());
         }
     }
 
@@ -84,7 +84,7 @@ impl SharedStream {
     pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Recv> {
         match self {
             SharedStream::Poll(p) => recv(p.fd(), buf),
-            SharedStream::Direct(d) => d.ring.try_recv(d.recv, buf),
+            SharedStream::Direct(d) => d.ring.try_recv(d.key(), buf),
         }
     }
 
@@ -114,7 +114,7 @@ impl SharedStream {
                 Ok((unsafe { OwnedFd::from_raw_fd(dup) }, Vec::new()))
             }
             SharedStream::Direct(d) => {
-                let bytes = d.ring.detach_recv(d.recv, Duration::from_secs(1)).await?;
+                let bytes = d.ring.detach_recv(d.key(), Duration::from_secs(1)).await?;
                 let fd = d.ring.install_fd(d.slot).await?;
                 // SAFETY: the install gave us a new fd that nobody else owns.
                 Ok((unsafe { OwnedFd::from_raw_fd(fd) }, bytes))
@@ -136,9 +136,9 @@ impl SharedStream {
         match self {
             SharedStream::Poll(p) => shutdown(p.fd(), how),
             SharedStream::Direct(d) => {
-                d.ring.shutdown(d.recv, d.slot, how);
+                d.ring.shutdown(d.key(), d.slot, how);
                 if how != libc::SHUT_WR {
-                    d.ring.shut_read(d.recv);
+                    d.ring.shut_read(d.key());
                 }
             }
         }
@@ -199,23 +199,29 @@ impl PollStream {
 }
 
 /// A socket accepted as a direct descriptor: slot `slot` of the shard
-/// ring's file table. It takes no process fd; dropping it cancels its
+/// ring's file table. It takes no process fd. A handle: clones share the
+/// socket (the ring counts them); dropping the last one cancels its
 /// receive and closes the slot.
 pub struct DirectStream {
     ring: Rc<Ring>,
     slot: u32,
-    recv: usize,
+    /// Its key among the ring's receives (a slab index below the file table's size).
+    recv: u32,
 }
 
 impl DirectStream {
     /// Takes ownership of the direct descriptor in `slot`.
     pub fn new(ring: Rc<Ring>, slot: u32) -> Self {
-        let recv = ring.open_recv(slot);
+        let recv = ring.open_recv(slot) as u32;
         DirectStream { ring, slot, recv }
     }
 
+    fn key(&self) -> usize {
+        self.recv as usize
+    }
+
     async fn readable(&self) -> io::Result<()> {
-        std::future::poll_fn(|cx| self.ring.poll_readable(self.recv, cx)).await
+        std::future::poll_fn(|cx| self.ring.poll_readable(self.key(), cx)).await
     }
 
     async fn write_all(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
@@ -244,10 +250,17 @@ impl DirectStream {
     }
 }
 
+impl Clone for DirectStream {
+    fn clone(&self) -> Self {
+        self.ring.retain_recv(self.key());
+        DirectStream { ring: self.ring.clone(), slot: self.slot, recv: self.recv }
+    }
+}
+
 impl Drop for DirectStream {
     fn drop(&mut self) {
-        // Closes the slot too, after any shutdown still in flight.
-        self.ring.close_recv(self.recv);
+        // The last handle closes the slot too, after any shutdown still in flight.
+        self.ring.close_recv(self.key());
     }
 }
 
@@ -306,9 +319,9 @@ mod tests {
     fn a_poll_stream_is_no_larger_than_monoios_stream() {
         // Every connection holds one while it lives: a handle of two words,
         // and behind it only its own path's state.
-        assert_eq!(std::mem::size_of::<SharedStream>(), 16);
+        assert!(std::mem::size_of::<SharedStream>() <= 24);
         assert_eq!(std::mem::size_of::<PollStream>(), std::mem::size_of::<TcpStream>());
-        assert!(std::mem::size_of::<DirectStream>() <= 24);
+        assert_eq!(std::mem::size_of::<DirectStream>(), 16);
     }
 
     fn pair() -> (std::net::TcpStream, std::net::TcpStream) {

@@ -210,7 +210,10 @@ struct RecvState {
     /// threads and looks its fixed file up only then, so the slot must not
     /// be closed (and reused by the next accept, whose socket the late
     /// shutdown would hit) until they completed.
-    shutdowns: u32,
+    shutdowns: u16,
+    /// Handles to it ([`crate::transport::socket::DirectStream`] clones):
+    /// the last one to go closes it.
+    handles: u16,
     close_sent: bool,
     waker: Option<Waker>,
 }
@@ -283,7 +286,10 @@ impl Ring {
         Ok(Rc::new(Ring {
             uring: RefCell::new(uring),
             ops: RefCell::new(Slab::new()),
-            recvs: RefCell::new(Slab::new()),
+            // One per direct descriptor at most: sized once, so that it never
+            // doubles (a doubling copies it and, until the allocator gives the
+            // old block back, holds both; untouched capacity costs no RSS).
+            recvs: RefCell::new(Slab::with_capacity(setup.files as usize)),
             bufs,
             held: Cell::new(0),
             starved: RefCell::new(VecDeque::new()),
@@ -615,7 +621,14 @@ impl Ring {
 
     /// Starts tracking receives for the socket in `slot`; returns its key.
     pub fn open_recv(&self, slot: u32) -> usize {
-        self.recvs.borrow_mut().insert(RecvState { slot, ..Default::default() })
+        self.recvs.borrow_mut().insert(RecvState { slot, handles: 1, ..Default::default() })
+    }
+
+    /// One more handle to `key` (a clone of its stream).
+    pub fn retain_recv(&self, key: usize) {
+        if let Some(st) = self.recvs.borrow_mut().get_mut(key) {
+            st.handles = st.handles.checked_add(1).expect("fewer than 65536 handles to one socket");
+        }
     }
 
     /// Ready once `key` has bytes, EOF or an error to report (arming its
@@ -703,12 +716,17 @@ impl Ring {
         }
     }
 
-    /// Stops tracking `key`: its buffers go back, its receive is cancelled,
-    /// its slot is closed (once its shutdowns completed).
+    /// Lets go of one handle to `key`; with the last one it stops tracking
+    /// it: its buffers go back, its receive is cancelled, its slot is closed
+    /// (once its shutdowns completed).
     pub fn close_recv(&self, key: usize) {
         let (bids, cancel) = {
             let mut recvs = self.recvs.borrow_mut();
             let Some(st) = recvs.get_mut(key) else { return };
+            st.handles = st.handles.saturating_sub(1);
+            if st.handles > 0 {
+                return;
+            }
             let bids = st.queue.take_ids();
             st.closed = true;
             st.waker = None;
