@@ -259,7 +259,9 @@ async fn a_peer_that_stops_reading_ends_the_handover_within_bounds() {
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("up.sock");
     let up = format!("server.upgrade_socket={}", sock.display());
-    let mut old = NodeProc::start(&["--shards", "2", "--set", "server.pin_cores=false", "--set", &up]);
+    // The poll path: one fd per connection, so the fds in flight show.
+    let mut old =
+        NodeProc::start(&["--shards", "2", "--set", "server.pin_cores=false", "--set", "server.io=poll", "--set", &up]);
     let mut clients = Vec::new();
     for i in 0..N {
         clients.push(rooms_client(&old, &format!("s{i}")).await.0);
