@@ -177,7 +177,7 @@ impl<A: App> Shard<A> {
                         }
                         HandOne::Failed => {
                             progress = true;
-                            self.cannot_move(id);
+                            closed += usize::from(self.cannot_move(id));
                         }
                         HandOne::NotYet | HandOne::Gone => {}
                     }
@@ -197,15 +197,8 @@ impl<A: App> Shard<A> {
         let rest: Vec<ConnId> =
             self.table.borrow_mut().iter_mut().filter(|(_, c)| c.phase == Phase::Open).map(|(id, _)| id).collect();
         for id in rest {
-            closed += 1;
-            self.app.on_upgrade_close(&self, id);
-            self.start_close(id, close::GOING_AWAY, "server upgrading: reconnect", false);
-            // Its reader stopped at the freeze: one lingers for the close.
-            if let Some(stream) = self.table.borrow().get(id).and_then(|c| c.stream.clone()) {
-                monoio::spawn(super::session::resumed(self.clone(), stream, id));
-            }
+            closed += usize::from(self.cannot_move(id));
         }
-        let closed = closed + self.unmovable.take();
         let _ = tx.send(Item::Done { shard: self.id, moved, closed });
         // What could not move closes as usual; then the shard stops.
         let end = Instant::now() + Duration::from_millis(self.node.config.websocket.close_timeout_ms + 500);
@@ -263,24 +256,26 @@ impl<A: App> Shard<A> {
         }
     }
 
-    /// A connection picked for the handover that could not go (detaching
-    /// failed, or it became busy meanwhile): hinted and closed.
-    fn cannot_move(self: &Rc<Self>, id: ConnId) {
+    /// An open connection that does not go (detaching failed, it never
+    /// came to rest, or it became busy meanwhile): hinted and closed 1001;
+    /// its reader stopped at the freeze, so one lingers for the close.
+    /// False when it was no longer open.
+    fn cannot_move(self: &Rc<Self>, id: ConnId) -> bool {
         let stream = {
             let mut table = self.table.borrow_mut();
-            let Some(c) = table.get_mut(id) else { return };
+            let Some(c) = table.get_mut(id) else { return false };
             c.handing = false;
             if c.phase != Phase::Open {
-                return;
+                return false;
             }
             c.stream.clone()
         };
-        self.unmovable.set(self.unmovable.get() + 1);
         self.app.on_upgrade_close(self, id);
         self.start_close(id, close::GOING_AWAY, "server upgrading: reconnect", false);
         if let Some(stream) = stream {
             monoio::spawn(super::session::resumed(self.clone(), stream, id));
         }
+        true
     }
 
     /// Takes `id` out of the table for the new process, without a close:

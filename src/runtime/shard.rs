@@ -50,8 +50,6 @@ pub struct Shard<A: App> {
     pub frozen: Cell<bool>,
     /// Handover barrier markers received, per round.
     pub barriers: RefCell<[usize; super::handover::ROUNDS as usize]>,
-    /// Connections picked for the handover that had to be closed instead.
-    pub unmovable: Cell<usize>,
     /// Readers waiting for their connection's writer to finish (before a
     /// lingering close, or over the send cap): few at a time, so kept here
     /// rather than a waker's 16 bytes in every connection's entry.
@@ -106,7 +104,6 @@ impl<A: App> Shard<A> {
             accepting_stopped: Cell::new(false),
             frozen: Cell::new(false),
             barriers: RefCell::new([0; super::handover::ROUNDS as usize]),
-            unmovable: Cell::new(0),
             adopting: Cell::new(0),
             flush_wakers: RefCell::default(),
             parked: RefCell::new(Vec::new()),
