@@ -100,9 +100,11 @@ impl Edge {
             s.grants = grants;
         });
         let Some(client) = client else { return };
-        if m.conn != 0 && self.broker().orders_rooms() {
-            // Its session in the cluster was the old process's connection:
-            // that one goes, this one comes (through the home shard, after).
+        if m.conn != 0 {
+            // The broker knew the session as the old process's connection
+            // (the cluster's sessions set names it): that one goes, this one
+            // comes (through the home shard, after). A single node's broker
+            // keeps no sessions: nothing to rename.
             self.broker().conn_closed(&client, ConnId::from_raw(m.conn));
         }
         let home = self.shared.home_shard(&client, cx.node().shards.len());
