@@ -97,6 +97,12 @@ impl<A: App> Shard<A> {
         for s in retiring {
             s.wake_reader();
         }
+        // Waiters come and go; a burst of them must not keep its map's size.
+        let mut waiters = self.flush_wakers.borrow_mut();
+        if waiters.is_empty() && waiters.capacity() > 1024 {
+            waiters.shrink_to_fit();
+        }
+        drop(waiters);
         for id in blocked {
             self.metrics().slow_consumer_closed.inc();
             self.start_close(id, close::POLICY, "send blocked: reading too slowly", true);
