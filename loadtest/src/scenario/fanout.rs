@@ -99,17 +99,11 @@ impl Seen {
 async fn subscriber(ctx: CtxRef, j: u64, intended: u64, mut phase: Phase) {
     let ws = open_conn(&ctx, j, intended).await;
     let room = room_name(j % ctx.p().rooms);
-    let joined = match ws {
-        Some(mut ws) => match join(&ctx, &mut ws, &room).await {
-            Ok(()) => Some(ws),
-            Err(reason) => {
-                ctx.stats.borrow_mut().fail(reason, false);
-                ctx.open.set(ctx.open.get() - 1);
-                None
-            }
-        },
-        None => None,
-    };
+    let joined = rooms::first_join(&ctx, ws, |mut ws| async {
+        let r = join(&ctx, &mut ws, &room).await;
+        (ws, r)
+    })
+    .await;
     phase.settled();
     let Some(mut ws) = joined else { return };
     ctx.stats.borrow_mut().add(&format!("fanout.room.{}.subs", j % ctx.p().rooms), 1);

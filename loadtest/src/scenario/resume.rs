@@ -422,17 +422,12 @@ pub(super) async fn subscriber(ctx: CtxRef, j: u64, intended: u64, first: usize,
     let p = ctx.p().clone();
     let room = room_name(j % p.rooms);
     let mut pos = Position::default();
-    let ws = match open_conn_to(&ctx, first, j, intended).await {
-        Some(mut ws) => match join(&ctx, &mut ws, &room, &mut pos, true).await {
-            Ok(()) => Some(ws),
-            Err(reason) => {
-                ctx.stats.borrow_mut().fail(reason, false);
-                ctx.open.set(ctx.open.get() - 1);
-                None
-            }
-        },
-        None => None,
-    };
+    let ws = open_conn_to(&ctx, first, j, intended).await;
+    let ws = rooms::first_join(&ctx, ws, |mut ws| async {
+        let r = join(&ctx, &mut ws, &room, &mut pos, true).await;
+        (ws, r)
+    })
+    .await;
     phase.settled();
     let Some(mut ws) = ws else { return };
     ctx.stats.borrow_mut().add(&format!("fanout.room.{}.subs", j % p.rooms), 1);

@@ -110,6 +110,23 @@ pub struct Incoming {
     pub room: Option<String>,
 }
 
+/// A subscriber's first join: `ws` (if it opened) joined by `join`, or `None`
+/// with the failure counted and the connection no longer counted open.
+pub async fn first_join<'a, F>(ctx: &CtxRef, ws: Option<Ws>, join: impl FnOnce(Ws) -> F) -> Option<Ws>
+where
+    F: Future<Output = (Ws, Result<(), &'static str>)> + 'a,
+{
+    let (ws, r) = join(ws?).await;
+    match r {
+        Ok(()) => Some(ws),
+        Err(reason) => {
+            ctx.stats.borrow_mut().fail(reason, false);
+            ctx.open.set(ctx.open.get() - 1);
+            None
+        }
+    }
+}
+
 /// Sends `join` and waits for `joined` (skipping `welcome` and anything else).
 pub async fn join(ctx: &CtxRef, ws: &mut Ws, room: &str) -> Result<(), &'static str> {
     let msg = serde_json::json!({"type": "join", "room": room}).to_string();
