@@ -433,8 +433,13 @@ impl Edge {
     /// Delivers a room frame to local members except `origin`.
     fn deliver_room<C: Conns<Self>>(&self, cx: &C, room: &str, frame: &Bytes, origin: Option<ConnId>, offset: u64) {
         if offset > 0 {
-            if let Some(p) = self.positions.borrow_mut().get_mut(room) {
-                p.1 = p.1.max(offset);
+            // Only rooms the cluster orders have positions: a single node
+            // (offsets from its own sequencer) skips hashing the name.
+            let mut positions = self.positions.borrow_mut();
+            if !positions.is_empty() {
+                if let Some(p) = positions.get_mut(room) {
+                    p.1 = p.1.max(offset);
+                }
             }
         }
         let rooms = self.rooms.borrow();
