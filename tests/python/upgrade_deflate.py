@@ -38,6 +38,7 @@ async def client(base, i, stop, result):
         await ws.send(json.dumps({"type": "join", "room": "h"}))
         joined = json.loads(await ws.recv())
         assert joined["type"] == "joined", joined
+        stop["joined"] += 1
     offsets, echoes, n, err = [], 0, 0, None
     data = ("compress me " * 1000) + str(i)  # 12 KB, compressible: tests the codec both ways
     await ws.send(json.dumps({"type": "echo", "data": [n, data]}))
@@ -80,7 +81,7 @@ async def main():
     common = ["--set", "websocket.deflate=true", "--set", "rooms.history_size=100000", "--set", "server.pin_cores=false"]
     old, addr = start_node(*common, "--set", f"server.upgrade_socket={sock}")
     base = f"ws://{addr}"
-    stop = {"echo": False, "sent": 1 << 60, "t": time.monotonic()}
+    stop = {"echo": False, "sent": 1 << 60, "t": time.monotonic(), "joined": 0}
     result = {}
     tasks = [asyncio.create_task(client(base, i, stop, result)) for i in range(CLIENTS)]
     pub = await websockets.connect(f"{base}/ws?client_id=publisher")
@@ -88,6 +89,11 @@ async def main():
     await pub.send(json.dumps({"type": "join", "room": "h"}))
     await pub.recv()
     sent = 0
+    # Every member is in the room before the first publish (offset 1).
+    until = time.monotonic() + 10
+    while stop["joined"] < MEMBERS and time.monotonic() < until:
+        await asyncio.sleep(0.01)
+    check(f"{MEMBERS} members joined before the first publish", stop["joined"] == MEMBERS, stop["joined"])
 
     async def publish():
         nonlocal sent
