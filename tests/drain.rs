@@ -56,11 +56,9 @@ fn agent_says(port: u16) -> String {
 
 async fn drain_with(io: &str) {
     let io = format!("server.io={io}");
-    let agent_port = free_port();
-    let agent = format!("server.agent_listen=127.0.0.1:{agent_port}");
     let mut node = NodeProc::start(&[
         "--set",
-        &agent,
+        "server.agent_listen=127.0.0.1:0",
         "--set",
         "server.max_connections_per_shard=50",
         "--shards",
@@ -74,6 +72,7 @@ async fn drain_with(io: &str) {
         "--set",
         "shutdown.reconnect_spread_ms=1500",
     ]);
+    let agent_port = logged_addr(&node.log, "agent-check").port();
     let mut readers = Vec::new();
     for i in 0..20 {
         let (mut c, welcome) = rooms_client(&node, &format!("c{i}")).await;

@@ -60,18 +60,7 @@ fn start_limited(shards: &str, args: &[&str]) -> Limited {
 
 /// The internal listener's address, from the node's start-up log.
 fn admin_addr(node: &NodeProc) -> SocketAddr {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let found = node.log.lock().unwrap().iter().find_map(|l| {
-            let rest = l.split("internal endpoints").nth(1)?.split("listening on ").nth(1)?;
-            rest.split_whitespace().next()?.parse().ok()
-        });
-        if let Some(a) = found {
-            return a;
-        }
-        assert!(Instant::now() < end, "no internal listener in the log: {:?}", node.log.lock().unwrap());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    logged_addr(&node.log, "internal endpoints")
 }
 
 /// 127.0.0.`n`.

@@ -69,12 +69,13 @@ fn node(name: &str, toml: &str, extra: &[&str]) -> (NodeProc, SocketAddr) {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("node.toml");
     std::fs::write(&file, toml).unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut args = vec!["--config".to_string(), file.display().to_string()];
-    args.extend(["--set".into(), format!("server.admin_listen={admin}")]);
+    args.extend(["--set".into(), "server.admin_listen=127.0.0.1:0".into()]);
     args.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    (NodeProc::start(&refs), admin)
+    let node = NodeProc::start(&refs);
+    let admin = logged_addr(&node.log, "internal endpoints");
+    (node, admin)
 }
 
 fn upstream(port: u16, knobs: &str) -> String {

@@ -4,6 +4,10 @@
 //! the registry. Every process is started here and killed by its own handle.
 #![allow(dead_code)]
 
+#[path = "../common/logged.rs"]
+mod logged;
+pub use logged::logged_addr;
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -275,6 +279,15 @@ impl Node {
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0)
+    }
+
+    /// The sum of every series of `name`, with or without labels.
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        self.get("/metrics")
+            .lines()
+            .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     /// Waits until the breaker is closed; the time it took.

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+mod logged;
+pub use logged::logged_addr;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
