@@ -6,6 +6,7 @@
 
 #[path = "../common/logged.rs"]
 mod logged;
+#[allow(unused_imports)]
 pub use logged::logged_addr;
 
 use std::io::{BufRead, BufReader};

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 mod logged;
+#[allow(unused_imports)]
 pub use logged::logged_addr;
 
 use std::io::{BufRead, BufReader, Read, Write};
