@@ -27,9 +27,11 @@ use tokio_tungstenite::tungstenite::Message;
 
 const MIB: u64 = 1 << 20;
 
-/// Held by the floods, which each keep a core busy: run one at a time, so
-/// that what one measures is not another's load.
-static FLOOD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Held for writing by the floods and the slow loris, which each keep a
+/// core busy and assert times: they run one at a time, and not while a
+/// lighter test (held for reading) runs, so that what one measures is not
+/// another's load on this 2-core machine.
+static FLOOD: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 const UPGRADE_HEAD: &[u8] = b"Host: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
 
@@ -169,7 +171,7 @@ struct PingFlood {
 /// Attack 1: a client with a tiny receive window upgrades to /echo, sends
 /// ~100 KB of echo it never reads, then streams 125-byte pings for 5 s.
 fn ping_flood(extra: &[&str]) -> PingFlood {
-    let _one_at_a_time = FLOOD.blocking_lock();
+    let _one_at_a_time = FLOOD.blocking_write();
     // A write the peer never takes applies the slow-consumer policy after
     // websocket.write_timeout_ms (short here; 10 s by default).
     let node = NodeProc::start(&[&["--shards", "1", "--set", "websocket.write_timeout_ms=1500"], extra].concat());
@@ -250,7 +252,7 @@ async fn empty_pong_flood_starves_nobody_on_epoll_either() {
 }
 
 async fn empty_pong_flood(extra: &[&str]) {
-    let _one_at_a_time = FLOOD.lock().await;
+    let _one_at_a_time = FLOOD.write().await;
     let node = NodeProc::start(&[&["--shards", "1", "--set", "server.handshake_timeout_ms=1000"], extra].concat());
     let addr = node.addr;
     let mut neighbour = connect(&node.url("/echo")).await;
@@ -312,6 +314,7 @@ const BIG_FRAMES: [&str; 2] = ["--set", "websocket.max_frame_bytes=65536"];
 
 #[test]
 fn unfinished_frames_cost_what_arrived_not_what_was_announced() {
+    let _not_during_a_flood = FLOOD.blocking_read();
     let node = NodeProc::start(&[&["--shards", "2"], &BIG_FRAMES[..]].concat());
     let pid = node.child.id();
     let rss0 = settled_rss(&node);
@@ -338,6 +341,7 @@ fn unfinished_frames_cost_what_arrived_not_what_was_announced() {
 
 #[test]
 fn stalled_frame_is_closed_1008_after_the_message_timeout() {
+    let _not_during_a_flood = FLOOD.blocking_read();
     let args = [&["--shards", "1", "--set", "websocket.message_timeout_ms=1500"], &BIG_FRAMES[..]].concat();
     let node = NodeProc::start(&args);
     let mut s = raw_ws(node.addr, "/echo");
@@ -352,6 +356,7 @@ fn stalled_frame_is_closed_1008_after_the_message_timeout() {
 
 #[test]
 fn shard_budget_for_unfinished_frames_closes_the_one_that_overflows_it() {
+    let _not_during_a_flood = FLOOD.blocking_read();
     let budget = ["--set", "websocket.max_unfinished_bytes_per_shard=70000"];
     let node = NodeProc::start(&[&["--shards", "1"], &budget[..], &BIG_FRAMES[..]].concat());
     let mut first = raw_ws(node.addr, "/echo");
@@ -392,6 +397,7 @@ fn count(socks: &[TcpStream], state: Input) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_loris_upgrades_time_out_while_real_clients_get_in() {
+    let _one_at_a_time = FLOOD.write().await;
     // Sockets from 20 addresses, 100 each: under the per-address share of
     // pending handshakes; the per-shard bound is raised above the 2,000 so
     // that every one of them meets the timeout.

@@ -232,7 +232,7 @@ async fn a_sigkilled_node_expires_and_its_clients_work_elsewhere() {
     })
     .await;
     let took = killed.elapsed();
-    assert!(gone && took <= Duration::from_millis(3 * INTERVAL_MS + 300), "node key gone after {took:?}");
+    assert!(gone && took <= Duration::from_millis(3 * INTERVAL_MS + 1000), "node key gone after {took:?}");
     assert!(erin.recv_within(Duration::from_secs(1)).await.is_none(), "erin's socket died with xa");
     // The survivors' views drop xa at their next registry read.
     let ok = eventually(Duration::from_secs(3), || async {
@@ -595,7 +595,7 @@ async fn presence_spans_nodes_events_cross_and_a_killed_node_drops_out() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(view, ["ann"], "ben's entry outlived b by {:?}", killed.elapsed());
-    assert!(killed.elapsed() <= Duration::from_millis(4 * INTERVAL_MS + 500), "{:?}", killed.elapsed());
+    assert!(killed.elapsed() <= Duration::from_millis(4 * INTERVAL_MS + 1000), "{:?}", killed.elapsed());
     drop(ben);
 }
 

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
@@ -48,6 +48,27 @@ async fn messages(ws: &mut Ws, n: usize) -> Vec<Value> {
         out.push(m);
     }
     out
+}
+
+/// Waits until `room`'s sequencer has handed out offset `want`: a probe
+/// client joins and leaves until its `joined` says so. A publish is sent
+/// without an answer and goes to the room's home shard; a later join from
+/// another shard reaches it through another mailbox, so the test must not
+/// assume the publishes got there first.
+async fn sequenced(node: &NodeProc, room: &str, want: u64) {
+    let (mut probe, _) = rooms_client(node, "sequenced-probe").await;
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, joined) = join(&mut probe, room, None).await;
+        send_json(&mut probe, json!({"type": "leave", "room": room})).await;
+        while next_json(&mut probe).await["type"] != "left" {}
+        let at = joined["offset"].as_u64().unwrap_or_else(|| panic!("no offset: {joined}"));
+        if at >= want {
+            return;
+        }
+        assert!(Instant::now() < end, "{room} at offset {at}, never {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn offsets(ms: &[Value]) -> Vec<u64> {
@@ -131,6 +152,7 @@ async fn a_reconnect_with_since_gets_what_it_missed_then_live_ones_once() {
     for i in 5..10 {
         publish(&mut publisher, "r", json!(i)).await;
     }
+    sequenced(&node, "r", 10).await;
     // Back (possibly on another shard), from offset 5.
     let (mut sub, _) = rooms_client(&node, "s2").await;
     let (missed, joined) = join(&mut sub, "r", Some((last, &epoch))).await;
@@ -200,7 +222,7 @@ async fn a_gap_that_left_the_history_or_another_epoch_is_not_recovered() {
     for i in 0..6 {
         publish(&mut publisher, "small", json!(i)).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    sequenced(&node, "small", 6).await;
     // Kept: 4, 5, 6. From 3: all of the gap is kept.
     let (mut a, _) = rooms_client(&node, "a").await;
     let (missed, joined) = join(&mut a, "small", Some((3, &epoch))).await;
@@ -264,7 +286,7 @@ async fn a_replay_larger_than_the_send_queue_allows_is_refused_not_cut() {
     for i in 0..200 {
         publish(&mut p, "big", json!(format!("message {i:04}"))).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    sequenced(&node, "big", 200).await;
     let (mut late, _) = rooms_client(&node, "late").await;
     let (missed, joined) = join(&mut late, "big", Some((0, &epoch))).await;
     assert!(missed.is_empty(), "nothing partial: {} messages", missed.len());

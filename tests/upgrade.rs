@@ -112,7 +112,7 @@ fn fds_of(pid: u32) -> usize {
 }
 
 async fn upgrade_with(io: &str) {
-    let dir = std::env::temp_dir().join(format!("ringside-upgrade-{}-{}", std::process::id(), free_port()));
+    let dir = std::env::temp_dir().join(format!("ringside-upgrade-{io}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("up.sock");
     let io = io.to_string();
@@ -255,7 +255,7 @@ fn frame(v: Value) -> Vec<u8> {
 async fn a_peer_that_stops_reading_ends_the_handover_within_bounds() {
     use std::io::{Read, Write};
     const N: usize = 1500;
-    let dir = std::env::temp_dir().join(format!("ringside-upgrade-stall-{}-{}", std::process::id(), free_port()));
+    let dir = std::env::temp_dir().join(format!("ringside-upgrade-stall-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("up.sock");
     let up = format!("server.upgrade_socket={}", sock.display());

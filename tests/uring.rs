@@ -132,6 +132,15 @@ async fn idle_direct_readers_retire_and_come_back_for_what_arrives() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(retired(&node) >= (N + 1) as f64, "readers retired: {}", retired(&node));
+    // A publish from another connection reaches the retired member (first:
+    // the member reads nothing else, so it must come well within the idle
+    // timeout).
+    let (mut publisher, _) = rooms_client(&node, "idle-publisher").await;
+    send_json(&mut publisher, json!({"type":"join","room":"quiet"})).await;
+    assert_eq!(next_json(&mut publisher).await["type"], "joined");
+    send_json(&mut publisher, json!({"type":"publish","room":"quiet","data":7})).await;
+    let m = next_json(&mut member).await;
+    assert_eq!((m["type"].as_str(), m["data"].as_i64()), (Some("message"), Some(7)), "{m}");
     // Every retired connection still echoes (a reader starts for the data).
     for (i, ws) in held.iter_mut().enumerate() {
         ws.send(Message::Text("back".into())).await.unwrap();
@@ -139,13 +148,6 @@ async fn idle_direct_readers_retire_and_come_back_for_what_arrives() {
         assert!(matches!(&m, Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "back"), "echo {i}: {m:?}");
     }
     assert!(node.metric_sum("ringside_readers_restarted_total") >= N as f64);
-    // A publish from another connection reaches the retired member.
-    let (mut publisher, _) = rooms_client(&node, "idle-publisher").await;
-    send_json(&mut publisher, json!({"type":"join","room":"quiet"})).await;
-    assert_eq!(next_json(&mut publisher).await["type"], "joined");
-    send_json(&mut publisher, json!({"type":"publish","room":"quiet","data":7})).await;
-    let m = next_json(&mut member).await;
-    assert_eq!((m["type"].as_str(), m["data"].as_i64()), (Some("message"), Some(7)), "{m}");
     // A client close on a retired connection completes the handshake.
     let mut first = held.remove(0);
     tokio::time::sleep(Duration::from_millis(400)).await; // retired again
