@@ -111,7 +111,12 @@ async fn a_cluster_node_is_upgraded_without_a_close_a_loss_or_a_stale_session() 
     let new = Node::start_args("ua", &redis.url(), &[HIST, &sock2], &["--upgrade-from", &sock_path]);
     let code = tokio::task::spawn_blocking(move || a.wait_exit(Duration::from_secs(20))).await.unwrap();
     assert_eq!(code, Some(0), "the old process exits 0 once empty");
-    assert!(new.log.lock().unwrap().iter().any(|l| l.contains("upgrade done")), "the new process took over");
+    // The old process exits once it sent "done"; the new one logs it a moment later.
+    let took_over = eventually(Duration::from_secs(5), || {
+        let done = new.log.lock().unwrap().iter().any(|l| l.contains("upgrade done"));
+        async move { done }
+    });
+    assert!(took_over.await, "the new process took over");
     tokio::time::sleep(Duration::from_millis(700)).await; // publishing on, to the new process
 
     stop.store(true, Ordering::Relaxed);

@@ -101,9 +101,15 @@ pub trait Broker: Send + Sync {
     /// id took the clients over; write nothing more about this node, and do
     /// not deregister it at the stop.
     fn handed_over(&self) {}
+    /// Zero-disconnect upgrade, new process, before the first handed-over
+    /// session arrives: room subscriptions wait for [`Broker::resume_floors`]
+    /// (sessions join their rooms as they arrive, and a room subscribed
+    /// before the lowest position is known would be fetched from too late).
+    fn resume_expected(&self) {}
     /// Zero-disconnect upgrade, new process, before any handed-over session
     /// resumes: the lowest (room, epoch, offset) they had got in each room
     /// with history; what came after is fetched once the room is subscribed.
+    /// Always called once after [`Broker::resume_expected`], even with none.
     fn resume_floors(&self, _floors: Vec<(String, String, u64)>) {}
 }
 

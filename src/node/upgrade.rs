@@ -226,6 +226,9 @@ pub fn connect(path: &Path, shards: usize) -> io::Result<Inherited> {
 /// of its own, until the old process is done).
 pub fn take_over(inh: Inherited, state: Arc<NodeState<AppMsg>>, shared: Arc<EdgeShared>) -> io::Result<()> {
     let mut s = inh.stream;
+    // Before the first session arrives (and joins its rooms): the cluster
+    // holds room subscriptions until it knows where they all stood.
+    shared.broker.resume_expected();
     send(&s, &Msg::Ready, &[])?;
     std::thread::Builder::new().name("ringside-takeover".into()).spawn(move || {
         let n = state.shards.len();
@@ -294,9 +297,8 @@ fn resume_all(
     shared: &EdgeShared,
     floors: std::collections::HashMap<(String, String), u64>,
 ) {
-    if !floors.is_empty() {
-        shared.broker.resume_floors(floors.into_iter().map(|((room, epoch), o)| (room, epoch, o)).collect());
-    }
+    // Even with none: this ends the cluster's hold on room subscriptions.
+    shared.broker.resume_floors(floors.into_iter().map(|((room, epoch), o)| (room, epoch, o)).collect());
     let restored = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for sh in &state.shards {
         let _ = sh.mailbox.send(ShardMsg::ResumeAll { restored: restored.clone() });

@@ -143,6 +143,9 @@ pub enum ClusterCmd {
     /// node's id over; from now on nothing is written to the registry, and
     /// the stop does not deregister.
     HandedOver,
+    /// Zero-disconnect upgrade, new process, before sessions arrive: hold
+    /// room subscriptions until `ResumeFloors` (at most [`worker::RESUME_HOLD`]).
+    ResumeExpected,
     /// Zero-disconnect upgrade, new process: where the sessions that came
     /// over stood in rooms with history, (room, epoch, lowest offset):
     /// fetched from there once each room is subscribed.
@@ -285,6 +288,7 @@ impl ClusterCmd {
             | ClusterCmd::RoomInterest { .. }
             | ClusterCmd::Moved { .. }
             | ClusterCmd::HandedOver
+            | ClusterCmd::ResumeExpected
             | ClusterCmd::ResumeFloors { .. }
             | ClusterCmd::Shutdown => None,
         }
@@ -405,6 +409,10 @@ impl Broker for RedisBroker {
 
     fn handed_over(&self) {
         let _ = self.tx.send(ClusterCmd::HandedOver, None);
+    }
+
+    fn resume_expected(&self) {
+        let _ = self.tx.send(ClusterCmd::ResumeExpected, None);
     }
 
     fn resume_floors(&self, floors: Vec<(String, String, u64)>) {

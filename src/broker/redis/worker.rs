@@ -32,6 +32,10 @@ const MAX_PENDING_DIRECTS: usize = 4096;
 /// Most rooms an upgrade hands floors over for (one entry per room with
 /// history that a handed-over session was in).
 const MAX_RESUME_FLOORS: usize = 65_536;
+/// Longest a new process holds its room subscriptions back waiting for the
+/// handed-over sessions' floors (the upgrade thread sends them once the old
+/// process is done, or gone; this only bounds a thread that never does).
+pub const RESUME_HOLD: Duration = Duration::from_secs(30);
 /// Affinity lookups of new connections are gathered this long into one
 /// round trip: at 2,000 connects/s that is ~100 round trips/s instead of
 /// 2,000, for a hint that arrives at most 10 ms later (publishes and direct
@@ -135,6 +139,10 @@ pub struct Worker<C: Connector> {
     /// offset the sessions that came over had got), repaired from there
     /// once subscribed. Bounded by [`MAX_RESUME_FLOORS`].
     resume_floors: HashMap<Arc<str>, (String, u64)>,
+    /// A zero-disconnect upgrade is bringing sessions in: no room is
+    /// subscribed until their floors arrived (or this deadline passed), so
+    /// that each room's repair starts from the lowest of them.
+    hold_rooms_until: Option<Instant>,
     /// The node id was taken over by a new process: no registry writes.
     handed_over: bool,
     /// Prompt writes (`ZREM`s of closed sessions, presence entries), sent
@@ -199,6 +207,7 @@ impl<C: Connector> Worker<C> {
             recovered_floor: HashMap::new(),
             repairs: Vec::new(),
             resume_floors: HashMap::new(),
+            hold_rooms_until: None,
             handed_over: false,
             ever_connected: false,
             incoming: Budget::new(super::INCOMING_BYTES),
@@ -334,7 +343,10 @@ impl<C: Connector> Worker<C> {
                     self.state.moved(client_id, target);
                 }
                 ClusterCmd::HandedOver => self.handed_over = true,
+                ClusterCmd::ResumeExpected => self.hold_rooms_until = Some(Instant::now() + RESUME_HOLD),
                 ClusterCmd::ResumeFloors { floors } => {
+                    // Subscribed at the end of this batch, repaired from these.
+                    self.hold_rooms_until = None;
                     for (room, epoch, offset) in floors {
                         if self.resume_floors.len() >= MAX_RESUME_FLOORS {
                             break;
@@ -877,6 +889,13 @@ impl<C: Connector> Worker<C> {
 
     /// Subscribes and unsubscribes room channels to match local interest.
     async fn sync_rooms(&mut self) {
+        if let Some(until) = self.hold_rooms_until {
+            if Instant::now() < until {
+                return; // the upgrade's floors first
+            }
+            tracing::warn!("upgrade: no session floors after {RESUME_HOLD:?}; subscribing rooms without them");
+            self.hold_rooms_until = None;
+        }
         let (on, off) = self.state.room_changes();
         if on.is_empty() && off.is_empty() {
             return;
