@@ -156,6 +156,25 @@ async fn rooms_cross_nodes_once_and_skip_the_origin() {
 }
 
 #[tokio::test]
+async fn an_upgrade_holds_room_subscriptions_until_the_sessions_floors_arrive() {
+    local(async {
+        let hub = MemoryHub::default();
+        let a = TestNode::start(&hub, "a");
+        settle(2).await;
+        // A new process: sessions arrive and join before their floors are known.
+        a.cluster().resume_expected();
+        a.cluster().room_interest(0, "h", true);
+        settle(3).await;
+        assert!(!hub.channels().contains("ringside:room:h"), "subscribed before the floors");
+        // The floors (none here) end the hold: subscribed at once.
+        a.cluster().resume_floors(Vec::new());
+        settle(2).await;
+        assert!(hub.channels().contains("ringside:room:h"), "never subscribed after the floors");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn direct_reaches_the_target_node_or_says_unknown() {
     local(async {
         let hub = MemoryHub::default();
