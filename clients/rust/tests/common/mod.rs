@@ -71,7 +71,9 @@ impl Node {
         n
     }
 
-    /// (Re)starts the process on the same port and waits until `/health` answers.
+    /// (Re)starts the process on the same port and waits until `/health` answers
+    /// (and, with `--redis`, until `/ready` shows the cluster connected: a room
+    /// joined before that is answered epoch "none" and cannot be recovered).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "still running");
         let listen = self.addr.to_string();
@@ -92,7 +94,13 @@ impl Node {
         self.child = Some(child);
         let end = Instant::now() + Duration::from_secs(20);
         while Instant::now() < end {
-            if self.try_get("/health").is_some_and(|(s, _)| s == 200) {
+            let clustered = self.args.iter().any(|a| a == "--redis");
+            let up = if clustered {
+                self.try_get("/ready").is_some_and(|(s, body)| s == 200 && body.contains("\"redis\":\"closed\""))
+            } else {
+                self.try_get("/health").is_some_and(|(s, _)| s == 200)
+            };
+            if up {
                 return;
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
