@@ -702,6 +702,11 @@ pub struct ClusterConfig {
     /// A client asked to move that has not left after this is closed (1001).
     /// Default 5000 ms.
     pub migrate_grace_ms: u64,
+    /// After start, `/ready` answers 503 `connecting` until the cluster
+    /// thread has reached Redis once, for at most this long; then 200 even
+    /// without Redis (local traffic is served either way). 0 = never wait.
+    /// Default 5000 ms.
+    pub ready_wait_ms: u64,
 }
 
 /// `cluster.reconnect_via`.
@@ -738,6 +743,7 @@ impl Default for ClusterConfig {
             rebalance_low: 0.30,
             migrate_rate: 100,
             migrate_grace_ms: 5_000,
+            ready_wait_ms: 5_000,
         }
     }
 }

@@ -12,11 +12,11 @@ use serde_json::{json, Value};
 
 const QUIET: Duration = Duration::from_millis(600);
 
+/// redis-server must be there: `redis_available` installs it or panics (a
+/// cluster test never skips).
 macro_rules! need_redis {
     () => {
-        if !redis_available() {
-            return;
-        }
+        assert!(redis_available(), "redis-server is missing");
     };
 }
 
@@ -98,6 +98,32 @@ async fn direct_messages_cross_nodes_and_unknown_targets_are_reported() {
     assert_eq!(err["code"], "unknown_client", "{err}");
     assert!(t0.elapsed() < Duration::from_secs(2), "unknown answered in {:?}", t0.elapsed());
     assert!(bob.drain(QUIET).await.is_empty(), "no duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_waits_for_the_first_redis_connection_but_not_forever() {
+    need_redis!();
+    let redis = Redis::start();
+    // Connected: ready as soon as it reached Redis, long before its 30 s wait.
+    let a = Node::start_with("ra", &redis.url(), &["cluster.ready_wait_ms=30000"]);
+    let ready = eventually(Duration::from_secs(15), || async { a.get_status("/ready").0 == 200 }).await;
+    assert!(ready, "not ready though connected: {}", a.get("/ready"));
+    assert_eq!(a.get_status("/ready").1["status"], "ready");
+    // Nothing at its Redis address: "connecting" (503) until cluster.ready_wait_ms.
+    let dead = format!("redis://127.0.0.1:{}", free_port());
+    let started = Instant::now();
+    let b = Node::start_with("rb", &dead, &["cluster.ready_wait_ms=6000"]);
+    let (code, body) = b.get_status("/ready");
+    if started.elapsed() < Duration::from_millis(5500) {
+        assert_eq!((code, body["status"].as_str()), (503, Some("connecting")), "{body}");
+    }
+    let up = eventually(Duration::from_secs(10), || async { b.get_status("/ready").0 == 200 }).await;
+    assert!(up, "still not ready long after cluster.ready_wait_ms: {}", b.get("/ready"));
+    assert!(started.elapsed() >= Duration::from_millis(6000), "ready before the wait ran out without Redis");
+    // Local traffic is served either way.
+    let mut c = Client::connect(&b, "local").await;
+    c.send(json!({"type": "echo", "data": 1})).await;
+    assert_eq!(c.recv().await.expect("echo")["data"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

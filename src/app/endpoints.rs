@@ -105,10 +105,13 @@ impl<C: Conns<Edge>> Responder for View<'_, C> {
 fn ready<M>(node: &NodeState<M>, shared: &EdgeShared) -> (u16, &'static str, String) {
     let draining = node.is_draining();
     let full = node.all_full();
+    let connecting = !shared.broker.ready();
     let status = if draining {
         "draining"
     } else if full {
         "full"
+    } else if connecting {
+        "connecting"
     } else {
         "ready"
     };
@@ -129,7 +132,7 @@ fn ready<M>(node: &NodeState<M>, shared: &EdgeShared) -> (u16, &'static str, Str
     if let Some(c) = shared.broker.ready_json() {
         body["cluster"] = c;
     }
-    let code = if draining || full { 503 } else { 200 };
+    let code = if draining || full || connecting { 503 } else { 200 };
     (code, JSON, format!("{body}\n"))
 }
 

@@ -101,6 +101,13 @@ pub trait Broker: Send + Sync {
     /// id took the clients over; write nothing more about this node, and do
     /// not deregister it at the stop.
     fn handed_over(&self) {}
+    /// Whether the node is ready as far as the broker goes: a cluster node
+    /// that has not reached Redis yet since its start (within
+    /// `cluster.ready_wait_ms`) is not, so that a balancer does not send it
+    /// clients whose rooms it cannot serve across nodes yet.
+    fn ready(&self) -> bool {
+        true
+    }
     /// Zero-disconnect upgrade, new process, before the first handed-over
     /// session arrives: room subscriptions wait for [`Broker::resume_floors`]
     /// (sessions join their rooms as they arrive, and a room subscribed

@@ -264,6 +264,19 @@ impl Node {
         out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
     }
 
+    /// `GET path`: the status code and the body as JSON.
+    pub fn get_status(&self, path: &str) -> (u16, Value) {
+        use std::io::{Read, Write};
+        let Ok(mut s) = TcpStream::connect(self.addr) else { return (0, Value::Null) };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_string()).unwrap_or_default();
+        (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+    }
+
     /// `GET path` as JSON.
     pub fn get_json(&self, path: &str) -> Value {
         serde_json::from_str(self.get(path).trim()).unwrap_or(Value::Null)

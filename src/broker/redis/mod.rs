@@ -250,6 +250,8 @@ pub struct ClusterStatus {
     pub moves: Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
     /// Rebalances started by this node.
     pub rebalances: AtomicU64,
+    /// The cluster thread has reached Redis at least once.
+    pub connected_once: std::sync::atomic::AtomicBool,
 }
 
 /// The shards' side of the cluster thread.
@@ -258,6 +260,8 @@ pub struct RedisBroker {
     sample_size: usize,
     via: ReconnectVia,
     me: String,
+    /// `/ready` waits for the first connection until this instant at most.
+    ready_by: std::time::Instant,
     /// Shared status.
     pub status: Arc<ClusterStatus>,
 }
@@ -310,6 +314,7 @@ impl RedisBroker {
             sample_size: config.sample_size,
             via: config.reconnect_via,
             me: node_id.to_string(),
+            ready_by: std::time::Instant::now() + std::time::Duration::from_millis(config.ready_wait_ms),
             status: status.clone(),
         };
         let (config, me) = (config.clone(), node_id.to_string());
@@ -324,7 +329,8 @@ impl RedisBroker {
     pub fn detached(sample_size: usize) -> (Self, queue::Rx<ClusterCmd>) {
         let (tx, rx) = queue::queue(QUEUE_BYTES);
         let status = Arc::new(ClusterStatus::default());
-        (RedisBroker { tx, sample_size, via: ReconnectVia::Peer, me: "test".into(), status }, rx)
+        let ready_by = std::time::Instant::now();
+        (RedisBroker { tx, sample_size, via: ReconnectVia::Peer, me: "test".into(), ready_by, status }, rx)
     }
 
     /// Queues `cmd` for the cluster thread; false (counted) when refused.
@@ -409,6 +415,10 @@ impl Broker for RedisBroker {
 
     fn handed_over(&self) {
         let _ = self.tx.send(ClusterCmd::HandedOver, None);
+    }
+
+    fn ready(&self) -> bool {
+        self.status.connected_once.load(Ordering::Relaxed) || std::time::Instant::now() >= self.ready_by
     }
 
     fn resume_expected(&self) {

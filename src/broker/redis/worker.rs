@@ -1004,6 +1004,7 @@ impl<C: Connector> Worker<C> {
             tracing::info!("Redis is back; re-registering");
         }
         self.ever_connected = true;
+        self.status.connected_once.store(true, Ordering::Relaxed);
         self.on_tick().await;
     }
 
