@@ -25,6 +25,7 @@ use super::shard::Shard;
 use super::table::{Conn, ConnId, Phase};
 use super::{Answer, App};
 use crate::config::Class;
+use crate::transport::boundary::Boundary;
 use crate::transport::close;
 use crate::transport::deflate;
 use crate::transport::frame::{self, Io};
@@ -705,13 +706,26 @@ fn inflate_frames<A: App>(
 /// tungstenite, the rest waits in `c.partial`. Also says whether invalid
 /// UTF-8 arrived (then nothing from its frame on is kept or handed on).
 fn whole_frames<S>(c: &mut Conn<S>, data: &[u8], max_frame: u64) -> (Whole, bool) {
-    // On the stack while it works; kept (boxed) only if not at rest.
-    let mut boundary = c.boundary.take().map(|b| *b).unwrap_or_default();
-    let cut = boundary.feed(data, max_frame);
-    let failed = boundary.invalid_utf8();
-    if !boundary.at_rest() {
-        c.boundary = Some(Box::new(boundary));
-    }
+    // A boundary that is not at rest keeps its box across reads; a resting
+    // one works on the stack and is boxed only if it stops being at rest.
+    let step = |b: &mut Boundary| (b.feed(data, max_frame), b.invalid_utf8(), b.at_rest());
+    let (cut, failed) = match c.boundary.as_deref_mut() {
+        Some(b) => {
+            let (cut, failed, rest) = step(b);
+            if rest {
+                c.boundary = None;
+            }
+            (cut, failed)
+        }
+        None => {
+            let mut b = Boundary::default();
+            let (cut, failed, rest) = step(&mut b);
+            if !rest {
+                c.boundary = Some(Box::new(b));
+            }
+            (cut, failed)
+        }
+    };
     let mut stash = c.partial.take().map(|b| *b).unwrap_or_default();
     let whole = match (stash.is_empty(), cut) {
         (true, _) => {
