@@ -57,18 +57,23 @@ pub fn idle_waker(id: ConnId) -> Waker {
 /// The shard's dispatcher: starts a reader for every retired connection
 /// whose idle waker fired (data, EOF, a shutdown, a handover's detach).
 pub async fn dispatch<A: App>(shard: Rc<Shard<A>>) {
+    // Swapped with the ready list each round, so the two buffers keep their
+    // capacity instead of a new one growing per round. Each holds at most
+    // one entry per retired connection (an idle waker is woken once, then
+    // gone): 8 bytes per slot of the shard at worst.
+    let mut ready: Vec<u64> = Vec::new();
     loop {
-        let ready = poll_fn(|cx| {
-            let ready = READY.with(|r| std::mem::take(&mut *r.borrow_mut()));
+        poll_fn(|cx| {
+            READY.with(|r| std::mem::swap(&mut *r.borrow_mut(), &mut ready));
             if ready.is_empty() {
                 DISPATCHER.with(|d| *d.borrow_mut() = Some(cx.waker().clone()));
                 Poll::Pending
             } else {
-                Poll::Ready(ready)
+                Poll::Ready(())
             }
         })
         .await;
-        for raw in ready {
+        for raw in ready.drain(..) {
             let id = ConnId::from_raw(raw);
             let stream = {
                 let mut table = shard.table.borrow_mut();

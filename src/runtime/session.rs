@@ -518,7 +518,7 @@ fn retire<A: App>(shard: &Shard<A>, id: ConnId) -> bool {
         return false;
     }
     c.retire = false;
-    let ok = c.phase == Phase::Open && !c.writing && c.out.is_empty() && !shard.frozen.get();
+    let ok = c.open_and_flushed() && !shard.frozen.get();
     c.retired = ok;
     ok
 }

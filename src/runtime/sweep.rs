@@ -43,13 +43,7 @@ impl<A: App> Shard<A> {
                 readers += c.ctx.is_some() as usize;
                 // Quiet for a sweep interval on the direct path: its reader
                 // task ends at its next wait (see runtime/idle.rs).
-                if c.phase == Phase::Open
-                    && quiet >= w.sweep_interval_ms
-                    && !c.retired
-                    && !c.retire
-                    && !c.writing
-                    && c.out.is_empty()
-                {
+                if quiet >= w.sweep_interval_ms && !c.retired && !c.retire && c.open_and_flushed() {
                     if let Some(s) = c.stream.as_ref().filter(|s| s.can_retire()) {
                         c.retire = true;
                         retiring.push(s.clone());

@@ -261,6 +261,12 @@ impl<S> Conn<S> {
         std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0x0db8, 0, 0, seg(48), seg(32), seg(16), seg(0)))
     }
 
+    /// Open with nothing queued or being written: what a reader may retire
+    /// on (the sweep asks, the reader checks again when it would wait).
+    pub fn open_and_flushed(&self) -> bool {
+        self.phase == Phase::Open && !self.writing && self.out.is_empty()
+    }
+
     /// Bytes queued or in flight.
     pub fn queued(&self) -> usize {
         self.out.len() + self.inflight as usize
